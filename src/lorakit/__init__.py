@@ -1,0 +1,34 @@
+"""lorakit: fast LoRA fine-tuning that tells you what your adapters can and cannot do.
+
+    import lorakit
+    cfg = lorakit.LoraConfig(r=8, alpha=16, targets="attn-qv")
+    model = lorakit.attach(model, cfg)
+    lorakit.save_adapter(model, "out/")        # PEFT format
+    lorakit.load_adapter(model, "out/")        # ours or PEFT's
+    lorakit.merge(model); lorakit.unmerge(model); base = lorakit.unload(model, merge=True)
+    print(lorakit.summary(model))
+"""
+
+__version__ = "0.1.0"
+
+from lorakit.adapters import (  # noqa: E402
+    LoraConfig,
+    LoraLinear,
+    attach,
+    disabled,
+    is_attached,
+    load_adapter,
+    lora_layers,
+    merge,
+    read_config,
+    save_adapter,
+    summary,
+    unload,
+    unmerge,
+)
+from lorakit.errors import LorakitError  # noqa: E402
+
+__all__ = [
+    "LoraConfig", "LoraLinear", "LorakitError", "attach", "disabled", "is_attached", "load_adapter",
+    "lora_layers", "merge", "read_config", "save_adapter", "summary", "unload", "unmerge", "__version__",
+]

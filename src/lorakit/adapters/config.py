@@ -1,0 +1,234 @@
+"""LoraConfig: what to adapt and how, validated on construction, round-tripped to PEFT's JSON.
+
+A LoRA adapter replaces a frozen weight W (out x in) by W + s * B A with B (out x r),
+A (r x in) and scale s = alpha / r, or s = alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+PRESETS = ("attn-qv", "attn-qkv", "all-linear")
+INITS = ("kaiming", "gaussian", "pissa")
+BIASES = ("none", "all", "lora_only")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+# PEFT adapter_config.json fields lorakit understands; every other field is ignored with a
+# warning unless it asks for a feature lorakit does not implement (then loading refuses).
+_PEFT_UNSUPPORTED = {
+    "use_dora": False,
+    "lora_bias": False,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+}
+
+# Fields PEFT writes with these values by default; they ask for nothing.
+_PEFT_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+
+
+def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """The key of ``patterns`` that matches ``module_name`` the way PEFT matches rank_pattern.
+
+    PEFT treats a key as a regex that must match a dotted suffix of the module path:
+    ``re.match(rf"(.*\\.)?({key})$", module_name)``.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of a LoRA adapter.
+
+    Args:
+        r: adapter rank (r >= 1; at most min(in, out) of every target, checked at attach).
+        alpha: scale numerator; the adapter is multiplied by alpha / r (alpha / sqrt(r) with rslora).
+        targets: a preset ("attn-qv", "attn-qkv", "all-linear"), a regex string matched in full
+            against module paths, or a list of module paths or dotted suffixes.
+        dropout: dropout probability on the adapter's input (0 <= p < 1).
+        bias: which biases train: "none", "all", or "lora_only" (biases of adapted layers).
+        rslora: use alpha / sqrt(r) as the scale (rank-stabilised LoRA).
+        init: "kaiming" (A Kaiming-uniform, B = 0; PEFT's default), "gaussian"
+            (A ~ N(0, 1/r^2), B = 0) or "pissa" (A, B from the top-r singular triplets of W,
+            the residual W - s B A kept frozen; Meng et al. 2024).
+        modules_to_save: extra modules trained in full (e.g. a classifier head).
+        exclude: module paths, suffixes or a full-match regex never adapted.
+        rank_pattern / alpha_pattern: per-module rank / alpha overrides, keyed like PEFT
+            (a regex that must match a dotted suffix of the module path).
+        task_type: PEFT task type written to adapter_config.json (e.g. "SEQ_CLS", "CAUSAL_LM").
+        base_model: name or path of the base model, written to adapter_config.json.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    targets: str | list[str] = "attn-qv"
+    dropout: float = 0.0
+    bias: str = "none"
+    rslora: bool = False
+    init: str = "kaiming"
+    modules_to_save: list[str] | None = None
+    exclude: str | list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    task_type: str | None = None
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if isinstance(self.modules_to_save, (tuple, str)):
+            self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout!r} is not a probability in [0, 1); use e.g. dropout=0.05")
+        if self.bias not in BIASES:
+            raise ConfigError(f"bias={self.bias!r} is not one of {BIASES}")
+        if self.init not in INITS:
+            raise ConfigError(f"init={self.init!r} is not one of {INITS}")
+        if isinstance(self.targets, str):
+            if not self.targets.strip():
+                raise ConfigError("targets='' is empty; give a preset such as 'attn-qv', a regex, or module names")
+            if self.targets not in PRESETS:
+                try:
+                    re.compile(self.targets)
+                except re.error as exc:
+                    raise ConfigError(f"targets={self.targets!r} is neither a preset {PRESETS} nor a valid regex: {exc}") from None
+        elif isinstance(self.targets, list):
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                raise ConfigError(f"targets={self.targets!r} must be a non-empty list of module names")
+        else:
+            raise ConfigError(f"targets={self.targets!r} must be a preset name, a regex string or a list of module names")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type={self.task_type!r} is not one of {TASK_TYPES} or None")
+
+    # ------------------------------------------------------------------ per-module values
+    def rank_for(self, module_name: str) -> int:
+        key = pattern_key(self.rank_pattern, module_name)
+        return self.r if key is None else int(self.rank_pattern[key])
+
+    def alpha_for(self, module_name: str) -> float:
+        key = pattern_key(self.alpha_pattern, module_name)
+        return self.alpha if key is None else float(self.alpha_pattern[key])
+
+    def scale_for(self, module_name: str) -> float:
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ PEFT JSON
+    def to_peft(self, target_modules: list[str] | str, fan_in_fan_out: bool) -> dict[str, Any]:
+        """The adapter_config.json document PEFT reads (target_modules already resolved)."""
+        init: Any = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}[self.init]
+        return {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "use_rslora": self.rslora,
+            "target_modules": target_modules,
+            "exclude_modules": self.exclude,
+            "lora_dropout": self.dropout,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": self.bias,
+            "use_dora": False,
+            "init_lora_weights": init,
+            "modules_to_save": self.modules_to_save or None,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft(cls, doc: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+        """Read a PEFT adapter_config.json document; refuse features lorakit does not implement."""
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(doc).__name__}")
+        peft_type = doc.get("peft_type")
+        if peft_type != "LORA":
+            raise ConfigError(f"{source}: peft_type={peft_type!r}; lorakit reads LoRA adapters only (peft_type 'LORA')")
+        for key, neutral in _PEFT_UNSUPPORTED.items():
+            value = doc.get(key, neutral)
+            if value not in (neutral, [], {}, False, None):
+                raise ConfigError(f"{source}: {key}={value!r} is a PEFT feature lorakit does not implement")
+        init_value = doc.get("init_lora_weights", True)
+        if init_value in (True, False, None):
+            init = "kaiming"  # weights come from the file; the init only matters for PiSSA's residual
+        elif isinstance(init_value, str) and init_value.lower() == "gaussian":
+            init = "gaussian"
+        elif isinstance(init_value, str) and init_value.startswith("pissa"):
+            init = "pissa"
+        else:
+            raise ConfigError(f"{source}: init_lora_weights={init_value!r} is not supported (kaiming, gaussian, pissa)")
+        target_modules = doc.get("target_modules")
+        if target_modules in (None, [], ""):
+            raise ConfigError(f"{source}: target_modules is empty; the file does not say which modules it adapts")
+        if target_modules == "all-linear":
+            target_modules = "all-linear"
+        known = {
+            "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora",
+            "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out", "bias",
+            "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "inference_mode",
+            "revision", "peft_version", "auto_mapping",
+        } | set(_PEFT_UNSUPPORTED)
+        ignored = sorted(
+            k for k, v in doc.items() if k not in known and v not in (None, [], {}, False) and _PEFT_DEFAULTS.get(k) != v
+        )
+        if ignored:
+            warnings.warn(f"{source}: ignoring PEFT fields lorakit does not use: {ignored}", stacklevel=2)
+        try:
+            return cls(
+                r=doc.get("r", 8),
+                alpha=doc.get("lora_alpha", 8),
+                targets=target_modules if isinstance(target_modules, str) else list(target_modules),
+                dropout=float(doc.get("lora_dropout", 0.0) or 0.0),
+                bias=doc.get("bias", "none") or "none",
+                rslora=bool(doc.get("use_rslora", False)),
+                init=init,
+                # A file's null means "no modules to save", not "pick the task head automatically".
+                modules_to_save=list(doc.get("modules_to_save") or []),
+                exclude=doc.get("exclude_modules") or None,
+                rank_pattern=doc.get("rank_pattern") or {},
+                alpha_pattern=doc.get("alpha_pattern") or {},
+                task_type=doc.get("task_type"),
+                base_model=doc.get("base_model_name_or_path"),
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: malformed value: {exc}") from None
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive integer (e.g. 8)")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive number (commonly 2 * r)")

@@ -1,0 +1,274 @@
+"""Adapter files in PEFT's format, both ways.
+
+A directory with ``adapter_config.json`` (sorted keys) and ``adapter_model.safetensors``
+(metadata {"format": "pt"}), tensor keys "base_model.model." + parameter path, e.g.
+``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``. Because
+LoraLinear uses PEFT's in-memory names (base_layer, lora_A, lora_B), the parameter path is
+the model's own ``named_parameters`` name.
+
+Loading is strict where PEFT is not: a missing key, an unknown key or a wrong shape is an
+error naming the key, checked before the model is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lorakit.adapters.attach import AdapterState, attach, is_attached, lora_layers, state
+from lorakit.adapters.config import LoraConfig
+from lorakit.adapters.layer import linear_shape
+from lorakit.adapters.targets import Resolution, _under, compact_target_list, resolve
+from lorakit.errors import AdapterFileError, ConfigError, closest
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------- atomic file writes
+def write_atomic(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename onto ``path``: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ---------------------------------------------------------------------- what a model holds
+def adapter_tensors(model: nn.Module, *, convert_pissa: bool = True) -> dict[str, Tensor]:
+    """The tensors of the adapter, keyed by parameter path (no "base_model.model." prefix).
+
+    With PiSSA and ``convert_pissa`` the adapter is rewritten for the original base weight
+    W0 = W_res + s B0 A0: s B A on W_res equals s' [B, B0] [A; -A0] on W0 with rank 2r and
+    the same scale (PEFT's PiSSA conversion), so the file works on an unmodified base model.
+    """
+    st = state(model)
+    out: dict[str, Tensor] = {}
+    for name, layer in lora_layers(model):
+        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        if convert_pissa and hasattr(layer, "pissa_A0"):
+            a = torch.cat([a, -layer.pissa_A0], dim=0)
+            b = torch.cat([b, layer.pissa_B0], dim=1)
+        out[f"{name}.lora_A.weight"] = a
+        out[f"{name}.lora_B.weight"] = b
+    for pname, param in model.named_parameters():
+        if ".lora_A." in pname or ".lora_B." in pname:
+            continue
+        module_name = pname.rpartition(".")[0]
+        if st.modules_to_save and _under(module_name, st.modules_to_save):
+            out[pname] = param.detach()
+        elif pname.endswith("bias") and st.config.bias == "all":
+            out[pname] = param.detach()
+        elif pname.endswith("base_layer.bias") and st.config.bias == "lora_only":
+            out[pname] = param.detach()
+    return out
+
+
+def _converted_config(cfg: LoraConfig) -> LoraConfig:
+    """Config of a PiSSA adapter rewritten at rank 2r with the same scale (see adapter_tensors)."""
+    factor = math.sqrt(2.0) if cfg.rslora else 2.0
+    return cfg.replace(
+        r=2 * cfg.r,
+        alpha=cfg.alpha * factor,
+        rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
+        alpha_pattern={k: v * factor for k, v in cfg.alpha_pattern.items()},
+        init="kaiming",
+    )
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bool = True, metadata: dict[str, str] | None = None) -> Path:
+    """Write the adapter in PEFT's format to directory ``path`` (created if needed).
+
+    ``metadata`` (str -> str) is stored in the safetensors header next to {"format": "pt"}.
+    Each file is written to a temporary name and renamed, weights first, config last.
+    """
+    st = state(model)
+    path = Path(path)
+    cfg = st.config
+    pissa = cfg.init == "pissa"
+    if pissa and convert_pissa:
+        cfg = _converted_config(cfg)
+    tensors = {PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_tensors(model, convert_pissa=convert_pissa).items()}
+    fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model))
+    doc = cfg.to_peft(compact_target_list(st.targets, model), fan_in_fan_out)
+    meta = {"format": "pt", "lorakit_version": _version()}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    if path.exists() and not path.is_dir():
+        raise AdapterFileError(f"{path} exists and is not a directory; choose a directory for the adapter")
+    write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_json_atomic(path / CONFIG_NAME, doc)
+    return path
+
+
+def _version() -> str:
+    from lorakit import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------- reading
+def read_config(path: str | os.PathLike) -> LoraConfig:
+    """The LoraConfig stored in an adapter directory."""
+    cfg_path = _adapter_dir(path) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterFileError(f"{cfg_path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({exc}); the file is corrupt") from None
+    try:
+        return LoraConfig.from_peft(doc, source=str(cfg_path))
+    except ConfigError as exc:
+        raise AdapterFileError(str(exc)) from None
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors without the "base_model.model." prefix, safetensors metadata)."""
+    folder = _adapter_dir(path)
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+            raw = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise AdapterFileError(f"{weights} is corrupt or truncated ({exc}); save the adapter again") from None
+    elif (folder / "adapter_model.bin").is_file():
+        try:
+            raw = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a bad pickle
+            raise AdapterFileError(f"{folder / 'adapter_model.bin'} could not be read ({exc})") from None
+        meta = {}
+    else:
+        raise AdapterFileError(f"{weights} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    return {_normalise_key(k): v for k, v in raw.items()}, meta
+
+
+def _adapter_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_file() and p.name in (CONFIG_NAME, WEIGHTS_NAME):
+        p = p.parent
+    if not p.is_dir():
+        raise AdapterFileError(f"adapter directory {p} does not exist")
+    return p
+
+
+def _normalise_key(key: str) -> str:
+    if key.startswith(PREFIX):
+        key = key[len(PREFIX):]
+    # PEFT's in-memory names carry the adapter name ("lora_A.default.weight"); files do not.
+    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.").replace(".modules_to_save.default.", ".")
+
+
+def _expected_shapes(model: nn.Module, cfg: LoraConfig, res: Resolution) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    attached = is_attached(model)
+    for name in res.targets:
+        module = model.get_submodule(name)
+        if attached:
+            in_f, out_f, r = module.in_features, module.out_features, module.r
+            base = module.base_layer
+        else:
+            (in_f, out_f), r, base = linear_shape(module), cfg.rank_for(name), module
+        shapes[f"{name}.lora_A.weight"] = (r, in_f)
+        shapes[f"{name}.lora_B.weight"] = (out_f, r)
+        if cfg.bias == "lora_only" and base.bias is not None:
+            shapes[f"{name}.base_layer.bias"] = tuple(base.bias.shape)
+    targets = set(res.targets)
+    for pname, param in model.named_parameters():
+        if ".lora_A." in pname or ".lora_B." in pname:
+            continue
+        module_name = pname.rpartition(".")[0]
+        if res.modules_to_save and _under(module_name, res.modules_to_save):
+            shapes[pname] = tuple(param.shape)
+        elif cfg.bias == "all" and pname.endswith("bias"):
+            if not attached and module_name in targets:
+                pname = f"{module_name}.base_layer.bias"
+            shapes[pname] = tuple(param.shape)
+    return shapes
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter directory (ours or PEFT's) into ``model``; attach first if needed.
+
+    Every key, and every shape, is checked before the model is modified: a missing key, an
+    unknown key or a shape mismatch raises AdapterFileError naming the key.
+    """
+    folder = _adapter_dir(path)
+    cfg = read_config(folder)
+    tensors, _ = read_tensors(folder)
+    if is_attached(model):
+        st: AdapterState = state(model)
+        res = Resolution(st.targets, st.modules_to_save, st.notes)
+    else:
+        res = resolve(model, cfg, strict_entries=False)
+    expected = _expected_shapes(model, cfg, res)
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise AdapterFileError(
+            f"{folder}: {len(unknown)} key(s) in the file match nothing this model would hold, first {unknown[0]!r} "
+            f"(closest expected: {closest(unknown[0], expected)}); the adapter was made for a different model or targets"
+        )
+    if missing:
+        raise AdapterFileError(
+            f"{folder}: {len(missing)} expected key(s) missing from the file, first {missing[0]!r}; "
+            "the file is incomplete or was made for different targets"
+        )
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            raise AdapterFileError(
+                f"{folder}: {key} has shape {list(got)} but this model needs {list(shape)}; "
+                "the adapter was made for a different base model (or a different rank)"
+            )
+    if not is_attached(model):
+        attach(model, cfg, resolution=res)
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    _adopt_scales(model, cfg)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            target = params[key]
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+    for layer in merged:
+        layer.merge()
+    return model
+
+
+def _adopt_scales(model: nn.Module, cfg: LoraConfig) -> None:
+    """The model takes the file's alpha, rsLoRA and dropout (the scale is never stored; unmerged layers only)."""
+    for name, layer in lora_layers(model):
+        layer.set_scale(cfg.alpha_for(name), cfg.rslora)
+        layer.dropout_p = cfg.dropout
+    st = state(model)
+    st.config = st.config.replace(alpha=cfg.alpha, alpha_pattern=cfg.alpha_pattern, rslora=cfg.rslora, dropout=cfg.dropout)

