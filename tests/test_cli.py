@@ -1,0 +1,134 @@
+"""The command line, end to end, on tiny model directories and (marked real_model) the built-ins."""
+
+import os
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.cli import main
+
+
+@pytest.fixture
+def cli(capsys):
+    def call(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(tmp_path_factory, tiny_bert_dir, sentiment_csv):
+    out = tmp_path_factory.mktemp("cls")
+    assert main(["train", "--model", tiny_bert_dir, "--data", sentiment_csv, "--steps", "20", "--batch-size", "8",
+                 "--lr", "1e-2", "--out", str(out), "--quiet"]) == 0
+    return str(out)
+
+
+def test_train_eval_info_merge_classifier(cli, trained_classifier, tiny_bert_dir, sentiment_csv, tmp_path):
+    code, out, _ = cli("eval", "--adapter", trained_classifier, "--data", sentiment_csv)
+    assert code == 0 and "(240 rows): loss" in out and "accuracy" in out
+    code, out, _ = cli("info", trained_classifier)
+    assert code == 0 and "labels: ['neg', 'pos']" in out and "target_modules: ['query', 'value']" in out
+    merged = tmp_path / "merged"
+    code, out, _ = cli("merge", "--adapter", trained_classifier, "--out", merged)
+    assert code == 0 and (merged / "config.json").exists()
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert plain.config.id2label == {0: "neg", 1: "pos"}
+    tok = AutoTokenizer.from_pretrained(merged)
+    batch = tok(["a superb film", "boring plot and dull actor"], padding=True, return_tensors="pt")
+    from lorakit.train.apply import load_with_adapter
+
+    with_adapter = load_with_adapter(trained_classifier, tiny_bert_dir)[0].model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, with_adapter(**batch).logits, atol=1e-5, rtol=0)
+    code, _, err = cli("merge", "--adapter", trained_classifier, "--out", merged)
+    assert code == 2 and "not empty" in err
+
+
+def test_causal_lm_train_and_merge(cli, tiny_llama_dir, corpus_txt, tmp_path):
+    out = tmp_path / "lm"
+    code, stdout, _ = cli("train", "--model", tiny_llama_dir, "--data", corpus_txt, "--steps", "8", "--batch-size", "4",
+                          "--max-length", "32", "--targets", "all-linear", "--out", out, "--quiet")
+    assert code == 0 and "held-out loss:" in stdout
+    code, stdout, _ = cli("eval", "--adapter", out, "--data", corpus_txt, "--max-length", "32")
+    assert code == 0 and "perplexity" in stdout
+    code, _, _ = cli("merge", "--adapter", out, "--out", tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[5, 100, 200, 300]])
+    from lorakit.train.apply import load_with_adapter
+
+    ref = load_with_adapter(out)[0].model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rank", "0"], "rank=0 must be a positive integer"),
+    (["--alpha", "0"], "alpha=0.0 must be a positive number"),
+    (["--rank", "64"], "exceeds min(in, out) = 32"),
+    (["--targets", "qurey,value"], "'qurey' matches no module"),
+    (["--label-column", "stars"], "no column 'stars'"),
+    (["--data", "MISSING.csv"], "MISSING.csv does not exist"),
+    (["--model", "/no/such/model"], "lorakit does not download from a hub"),
+    (["--steps", "0"], "steps=0 must be a positive integer"),
+])
+def test_bad_train_input_is_a_clear_error_and_writes_nothing(cli, tiny_bert_dir, sentiment_csv, tmp_path, args, needle):
+    out = tmp_path / "out"
+    base = ["train", "--model", tiny_bert_dir, "--data", sentiment_csv, "--steps", "2", "--out", out, "--quiet"]
+    code, _, err = cli(*base, *args)
+    assert code == 2, err
+    assert err.startswith("lorakit: error:") and needle in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_empty_data_file(cli, tiny_bert_dir, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    code, _, err = cli("train", "--model", tiny_bert_dir, "--data", empty, "--out", tmp_path / "o", "--quiet")
+    assert code == 2 and "is empty" in err
+
+
+def test_eval_refuses_unknown_labels_and_corrupt_adapters(cli, trained_classifier, tmp_path):
+    data = tmp_path / "other.csv"
+    data.write_text("text,label\ngreat film,pos\ndull film,meh\n")
+    code, _, err = cli("eval", "--adapter", trained_classifier, "--data", data)
+    assert code == 2 and "['meh']" in err and "known labels: ['neg', 'pos']" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (broken / name).write_bytes((open(os.path.join(trained_classifier, name), "rb").read()))
+    (broken / "adapter_model.safetensors").write_bytes((broken / "adapter_model.safetensors").read_bytes()[:-100])
+    code, _, err = cli("info", broken)
+    assert code == 2 and "corrupt or truncated" in err
+
+
+def test_help_and_version(cli):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    code, out, _ = cli()
+    assert code == 2 and "train" in out and "merge" in out
+
+
+@pytest.mark.real_model
+def test_builtin_minilm_short_run(cli, tmp_path):
+    code, out, _ = cli("train", "--steps", "3", "--batch-size", "4", "--eval-limit", "64", "--out", tmp_path, "--quiet")
+    assert code == 0 and "held-out accuracy:" in out
+    assert lorakit.read_config(tmp_path).base_model == "builtin:minilm"
+
+
+@pytest.mark.real_model
+def test_builtin_smollm2_causal_lm_short_run(cli, tmp_path):
+    code, out, err = cli("train", "--model", "builtin:smollm2", "--steps", "2", "--batch-size", "2", "--max-length", "64",
+                         "--eval-limit", "8", "--out", tmp_path, "--quiet")
+    assert code == 0, err
+    assert "held-out loss:" in out
+    assert lorakit.read_config(tmp_path).targets == ["q_proj", "v_proj"]

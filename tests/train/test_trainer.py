@@ -1,0 +1,135 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.train import TrainConfig, run
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.trainer import linear_schedule
+
+
+def cfg_for(model_dir, data, out, **kw):
+    base = dict(model=model_dir, data=data, out=str(out), steps=12, batch_size=8, save_every=4, log_every=2,
+                eval_every=6, quiet=True, rank=4, alpha=8, lr=5e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def adapter_weights(out):
+    return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_classification_run_writes_everything(tiny_bert_dir, sentiment_csv, tmp_path):
+    report = run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path, steps=30, lr=1e-2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "checkpoints", "metrics.jsonl", "run.json", "training.png"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 6, 12, 18, 24, 30]
+    assert report["labels"] == ["neg", "pos"]
+    assert report["result"]["after"]["eval_loss"] < report["result"]["before"]["eval_loss"]
+    assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 2  # keep_checkpoints
+
+
+class CrashAt:
+    """Simulates an interruption right after optimizer step ``step`` (before it is checkpointed)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, step, model):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("task_dir,data_fixture,extra", [
+    ("tiny_bert_dir", "sentiment_csv", dict(dropout=0.1)),
+    ("tiny_llama_dir", "corpus_txt", dict(grad_accum=2, max_length=32)),
+])
+def test_resume_matches_uninterrupted_run(request, tmp_path, task_dir, data_fixture, extra):
+    """Acceptance 5: interrupted after a checkpoint, resumed: the same adapter weights."""
+    model_dir, data = request.getfixturevalue(task_dir), request.getfixturevalue(data_fixture)
+    full = tmp_path / "full"
+    run(cfg_for(model_dir, data, full, **extra))
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(model_dir, data, broken, **extra), hooks=[CrashAt(7)])
+    assert ckpt.latest(broken / "checkpoints").step == 4
+    report = run(cfg_for(model_dir, data, broken, resume=True, **extra))
+    assert report["result"]["resumed_from"].endswith("step-000004")  # not a silent restart from step 0
+    a, b = adapter_weights(full), adapter_weights(broken)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+
+
+def test_resume_with_different_length_is_refused(tiny_bert_dir, sentiment_csv, tmp_path):
+    run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path, steps=4))
+    with pytest.raises(ConfigError, match="run of 4 steps but this run has 8"):
+        run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path, steps=8, resume=True))
+
+
+def test_checkpoints_verify_and_skip_damaged(tmp_path):
+    def files(n):
+        return lambda d: (d / "a.bin").write_bytes(bytes([n]) * 10)
+
+    for step in (1, 2, 3):
+        ckpt.write(tmp_path, step, files(step))
+    assert ckpt.latest(tmp_path).step == 3
+    (tmp_path / "step-000003" / "a.bin").write_bytes(b"x")  # damaged after the fact
+    (tmp_path / "step-000004").mkdir()  # interrupted before its manifest
+    found = ckpt.latest(tmp_path)
+    assert found.step == 2 and len(found.skipped) == 2
+    ckpt.prune(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003", "step-000004"]
+
+
+def test_failed_checkpoint_write_leaves_previous_intact(tmp_path):
+    ckpt.write(tmp_path, 1, lambda d: (d / "a.bin").write_bytes(b"good"))
+
+    def fail(d):
+        (d / "a.bin").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ckpt.CheckpointError, match="No space left.*earlier checkpoints are untouched"):
+        ckpt.write(tmp_path, 2, fail)
+    assert ckpt.latest(tmp_path).step == 1 and [p.name for p in tmp_path.iterdir()] == ["step-000001"]
+
+
+def test_schedule_warms_up_then_decays():
+    f = linear_schedule(4, 10)
+    assert [round(f(s), 3) for s in range(10)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.833, 0.667, 0.5, 0.333, 0.167]
+
+
+def test_bad_training_options():
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        TrainConfig(batch_size=0).validate()
+    with pytest.raises(ConfigError, match="either --epochs or --steps"):
+        TrainConfig(epochs=1, steps=2).validate()
+    with pytest.raises(ConfigError, match="lr=-0.1"):
+        TrainConfig(lr=-0.1).validate()
+
+
+def test_hf_trainer_trains_an_attached_model(make_model, tmp_path):
+    """A user can hand an attached model to transformers' Trainer: only the adapter moves."""
+    from transformers import Trainer, TrainingArguments
+
+    model = lorakit.attach(make_model("bert-cls"), lorakit.LoraConfig(r=4, targets="attn-qkv"))
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 90, (12,), generator=g), "labels": torch.tensor(i % 2)} for i in range(32)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=6, learning_rate=1e-2,
+                             save_strategy="no", report_to=[], logging_steps=1, use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if n in adapters and "lora_B" in n)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
