@@ -132,3 +132,29 @@ def test_builtin_smollm2_causal_lm_short_run(cli, tmp_path):
     assert code == 0, err
     assert "held-out loss:" in out
     assert lorakit.read_config(tmp_path).targets == ["q_proj", "v_proj"]
+
+
+def test_train_with_celora_flags(cli, tiny_llama_dir, corpus_txt, tmp_path):
+    code, out, err = cli("train", "--model", tiny_llama_dir, "--data", corpus_txt, "--steps", "4", "--batch-size", "2",
+                         "--max-length", "32", "--targets", "all-linear", "--backward", "celora", "--keep-ratio",
+                         "v_proj=0.5,down_proj=0.6", "--refresh-every", "2", "--svd-rank", "balanced", "--selection", "weight",
+                         "--out", tmp_path, "--quiet")
+    assert code == 0, err
+    cfg = lorakit.read_config(tmp_path)
+    assert cfg.rank_pattern and set(cfg.rank_pattern.values()) == {7}
+    code, _, err = cli("train", "--model", tiny_llama_dir, "--data", corpus_txt, "--backward", "celora", "--keep-ratio", "v_proj=2",
+                       "--targets", "all-linear", "--out", tmp_path / "x", "--quiet")
+    assert code == 2 and "keep_ratio['v_proj']=2.0 must be in (0, 1]" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--keep-ratio", "lots"])
+
+
+@pytest.mark.real_model
+def test_reproduce_celora_smoke(cli, tmp_path):
+    code, out, err = cli("reproduce", "celora", "--parts", "minilm", "--seeds", "1", "--minilm-steps", "2",
+                         "--eval-limit", "32", "--out", tmp_path)
+    assert code == 0, err
+    import json
+
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]["minilm"]
+    assert 0 <= summary["accuracy_celora"] <= 1 and (tmp_path / "celora.png").exists()

@@ -22,6 +22,26 @@ def _targets(value: str) -> str | list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
 
 
+def _keep_ratio(value: str) -> float | dict[str, float]:
+    """0.6, or "v_proj=0.55,down_proj=0.65"."""
+    try:
+        if "=" not in value:
+            return float(value)
+        pairs = (item.split("=", 1) for item in value.split(",") if item.strip())
+        return {k.strip(): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor name=ratio pairs (v_proj=0.55,o_proj=0.55)") from None
+
+
+def _svd_rank(value: str) -> int | str:
+    if value == "balanced":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither an integer nor 'balanced'") from None
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a LoRA adapter", description="Fine-tune a LoRA adapter. "
                        "With no arguments: MiniLM on fresh-vs-rotten sentiment, 200 steps.")
@@ -39,6 +59,15 @@ def _add_train(sub) -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--init", choices=["kaiming", "gaussian", "pissa"], default="kaiming")
+    ce = p.add_argument_group("CE-LoRA (approximate frozen-weight backward)")
+    ce.add_argument("--backward", choices=["exact", "celora"], default="exact")
+    ce.add_argument("--keep-ratio", type=_keep_ratio, default=None,
+                    help="kept output features: one number (all but query/key/gate) or v_proj=0.55,down_proj=0.65 "
+                         "(default: the architecture's preset)")
+    ce.add_argument("--refresh-every", type=int, default=200, help="optimizer steps between feature re-selections")
+    ce.add_argument("--svd-rank", type=_svd_rank, default=None, help="Double-LoRA rank r0: an integer (0 = none) or "
+                    "'balanced' (default: the adapter rank)")
+    ce.add_argument("--selection", choices=["score", "weight", "sample"], default="score")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None)
     length.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200 when --epochs is not given)")
@@ -70,7 +99,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(
         model=a.model, data=data, task=a.task, eval_data=a.eval_data, text_column=a.text_column, label_column=a.label_column,
         skip_bad_rows=a.skip_bad_rows, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
-        init=a.init, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+        init=a.init, backward=a.backward, keep_ratio=a.keep_ratio, refresh_every=a.refresh_every, svd_rank=a.svd_rank,
+        selection=a.selection, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         weight_decay=a.weight_decay, warmup=a.warmup, max_grad_norm=a.max_grad_norm, max_length=a.max_length, bf16=a.bf16,
         seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit, save_every=a.save_every, out=a.out, resume=a.resume, quiet=a.quiet, device=a.device,
     )
@@ -139,11 +169,43 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="reproduce a paper's claim (writes JSON/CSV and a PNG)")
+    exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    c = exp.add_parser("celora", help="exact LoRA vs CE-LoRA on MiniLM sentiment and SmolLM2/Hamlet")
+    c.add_argument("--out", default="reproduce/celora")
+    c.add_argument("--full", action="store_true", help="longer runs (400 / 200 steps)")
+    c.add_argument("--parts", default="minilm,smollm2,errors", help="any of minilm, smollm2, errors")
+    c.add_argument("--seeds", type=int, default=None)
+    c.add_argument("--minilm-steps", type=int, default=None)
+    c.add_argument("--smollm2-steps", type=int, default=None)
+    c.add_argument("--eval-limit", type=int, default=None)
+    c.add_argument("--rank", type=int, default=8)
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    if a.experiment == "celora":
+        from lorakit.reproduce import celora as rc
+
+        budget = rc.Budget.full() if a.full else rc.Budget()
+        for field, value in (("seeds", a.seeds), ("minilm_steps", a.minilm_steps), ("smollm2_steps", a.smollm2_steps),
+                             ("eval_limit", a.eval_limit)):
+            if value is not None:
+                setattr(budget, field, value)
+        parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
+        unknown = set(parts) - {"minilm", "smollm2", "errors"}
+        if unknown:
+            raise LorakitError(f"--parts {sorted(unknown)} unknown; choose from minilm, smollm2, errors")
+        rc.run(a.out, budget=budget, parts=parts, rank=a.rank)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, cmd_train),
     "eval": (_add_eval, cmd_eval),
     "merge": (_add_merge, cmd_merge),
     "info": (_add_info, cmd_info),
+    "reproduce": (_add_reproduce, cmd_reproduce),
 }
 
 

@@ -71,6 +71,9 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, resolution: Re
     if is_attached(model):
         raise LorakitError("this model already has a lorakit adapter; call lorakit.unload(model) before attaching another")
     res = resolution or resolve(model, cfg)
+    celora_specs = None
+    if cfg.backward == "celora":
+        celora_specs, cfg = _plan_celora(model, cfg, res.targets)
     check_ranks(model, cfg, res.targets)
     for note in res.notes:
         warnings.warn(note, stacklevel=2)
@@ -96,8 +99,27 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, resolution: Re
         )
         setattr(parent, child, layer)
     _set_trainable(model, cfg, res.modules_to_save)
+    if celora_specs:
+        from lorakit import celora
+
+        celora.install(model, {n: model.get_submodule(n) for n in celora_specs}, celora_specs, cfg.refresh_every)
     setattr(model, _STATE_ATTR, AdapterState(cfg, list(res.targets), list(res.modules_to_save), list(res.notes)))
     return model
+
+
+def _plan_celora(model: nn.Module, cfg: LoraConfig, targets: list[str]):
+    """CE-LoRA's per-layer plan, validated before anything is modified; with svd_rank="balanced"
+    the approximated layers' trainable rank becomes int(7r/8) (recorded in rank_pattern)."""
+    from lorakit.celora import balanced_rank, plan_layers
+
+    shapes = {n: (*linear_shape(model.get_submodule(n)), cfg.rank_for(n)) for n in targets}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    specs = plan_layers(model_type, shapes, keep_ratio=cfg.keep_ratio, svd_rank=cfg.svd_rank, selection=cfg.selection)
+    if cfg.svd_rank == "balanced":
+        pattern = dict(cfg.rank_pattern)
+        pattern.update({name: balanced_rank(cfg.rank_for(name)) for name in specs})
+        cfg = cfg.replace(rank_pattern=pattern)
+    return specs, cfg
 
 
 def _infer_task_type(model: nn.Module) -> str | None:
@@ -150,6 +172,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     With ``merge=False`` and PiSSA, the base weights are restored to W0 (residual + s B0 A0).
     """
     state(model)
+    from lorakit import celora
+
+    celora.uninstall(model)
     for name, layer in list(lora_layers(model)):
         if merge:
             layer.merge()

@@ -18,6 +18,8 @@ from lorakit.errors import ConfigError
 PRESETS = ("attn-qv", "attn-qkv", "all-linear")
 INITS = ("kaiming", "gaussian", "pissa")
 BIASES = ("none", "all", "lora_only")
+BACKWARDS = ("exact", "celora")
+SELECTIONS = ("score", "weight", "sample")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # PEFT adapter_config.json fields lorakit understands; every other field is ignored with a
@@ -68,6 +70,17 @@ class LoraConfig:
             (a regex that must match a dotted suffix of the module path).
         task_type: PEFT task type written to adapter_config.json (e.g. "SEQ_CLS", "CAUSAL_LM").
         base_model: name or path of the base model, written to adapter_config.json.
+
+    CE-LoRA (Chen et al. 2025; training only, not written to adapter files):
+        backward: "exact", or "celora" to approximate the frozen-weight activation gradient
+            G W0 of chosen layers by Double-LoRA plus selected output features.
+        keep_ratio: None (the architecture's preset: value/output/up/down projections), one
+            float for every adapted layer but query/key/gate, or {module suffix: ratio}.
+        refresh_every: optimizer steps between re-selections of the kept features.
+        svd_rank: rank r0 of the frozen SVD part: None (= r), an int (0 = none) or "balanced"
+            (trainable rank and r0 both int(7r/8) on approximated layers).
+        selection: "score" (||G[:, i]|| * ||R[i, :]||), "weight" (||R[i, :]|| only) or
+            "sample" (unbiased sampling proportional to the score).
     """
 
     r: int = 8
@@ -83,6 +96,11 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     task_type: str | None = None
     base_model: str | None = None
+    backward: str = "exact"
+    keep_ratio: float | dict[str, float] | None = None
+    refresh_every: int = 200
+    svd_rank: int | str | None = None
+    selection: str = "score"
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -120,6 +138,22 @@ class LoraConfig:
                 raise ConfigError(f"targets={self.targets!r} must be a non-empty list of module names")
         else:
             raise ConfigError(f"targets={self.targets!r} must be a preset name, a regex string or a list of module names")
+        if self.backward not in BACKWARDS:
+            raise ConfigError(f"backward={self.backward!r} is not one of {BACKWARDS}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection={self.selection!r} is not one of {SELECTIONS}")
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every <= 0:
+            raise ConfigError(f"refresh_every={self.refresh_every!r} must be a positive number of optimizer steps")
+        if not (self.svd_rank is None or self.svd_rank == "balanced"
+                or (isinstance(self.svd_rank, int) and not isinstance(self.svd_rank, bool) and self.svd_rank >= 0)):
+            raise ConfigError(f"svd_rank={self.svd_rank!r} must be None, 'balanced' or an integer >= 0")
+        ratios = self.keep_ratio.items() if isinstance(self.keep_ratio, dict) else [("", self.keep_ratio)]
+        for key, value in ratios:
+            if value is None and key == "":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                where = f"keep_ratio[{key!r}]" if key else "keep_ratio"
+                raise ConfigError(f"{where}={value!r} must be in (0, 1]: the fraction of output features kept in the backward")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"task_type={self.task_type!r} is not one of {TASK_TYPES} or None")
 

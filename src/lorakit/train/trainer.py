@@ -56,6 +56,11 @@ class TrainConfig:
     dropout: float = 0.0
     rslora: bool = False
     init: str = "kaiming"
+    backward: str = "exact"
+    keep_ratio: float | dict[str, float] | None = None
+    refresh_every: int = 200
+    svd_rank: int | str | None = None
+    selection: str = "score"
     epochs: int | None = None
     steps: int | None = None
     batch_size: int = 32
@@ -103,7 +108,9 @@ class TrainConfig:
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
-                          rslora=self.rslora, init=self.init, base_model=self.model)
+                          rslora=self.rslora, init=self.init, base_model=self.model, backward=self.backward,
+                          keep_ratio=self.keep_ratio, refresh_every=self.refresh_every, svd_rank=self.svd_rank,
+                          selection=self.selection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,6 +251,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
+            "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if hasattr(h, "state_dict")},
         }
 
     def save_checkpoint(self) -> Path:
@@ -274,6 +282,10 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        saved_hooks = state.get("hooks", {})
+        for hook in self.hooks:
+            if type(hook).__name__ in saved_hooks and hasattr(hook, "load_state_dict"):
+                hook.load_state_dict(saved_hooks[type(hook).__name__])
         return found
 
     # ------------------------------------------------------------------ the loop
@@ -339,12 +351,16 @@ class Trainer:
                 loss_acc, tokens, window_steps, window_start = 0.0, 0, 0, now
             if record:
                 self.log.write({"event": "train", "step": self.step, **record})
+            t_aside = time.perf_counter()  # evaluation and checkpoints are not training time
             if self.step % self.eval_every == 0 and self.step < self.total_steps:
                 ev = self.evaluate()
                 self.log.write({"event": "eval", "step": self.step, **ev})
-                bar.write(f"step {self.step}: " + _fmt(ev))
+                self.say(f"step {self.step}: " + _fmt(ev))
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint()
+            aside = time.perf_counter() - t_aside
+            t_start += aside
+            window_start += aside
             if self.stop_requested():
                 bar.close()
                 self.save_checkpoint()
@@ -423,6 +439,11 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
         model.to("cuda")
     lora_cfg = cfg.lora_config()
     attach(model, lora_cfg)
+    from lorakit import celora
+
+    hooks = list(hooks or [])
+    if celora.controller(model) is not None:
+        hooks.append(celora.Refresher(model))
     meta = {"lorakit_task": data.task}
     if data.label_names:
         meta["lorakit_labels"] = json.dumps(data.label_names)
