@@ -1,0 +1,374 @@
+"""Almost-linear attention: exp replaced by its Taylor polynomial, written as a feature map.
+
+Softmax attention out_i = sum_j exp(s_ij) v_j / sum_j exp(s_ij), s_ij = beta q_i . k_j, costs
+O(L^2 d). With p_g(s) = sum_{n<=g} s^n / n!, the even-degree Taylor polynomial of exp
+(positive for every real s, so the normaliser never vanishes), and the feature map
+
+    phi_a(x) = x^a / sqrt(a_1! ... a_d!)   over all multi-indices |a| <= g,  x = sqrt(beta) q
+
+one has phi(q) . phi(k) = p_g(beta q . k) exactly (multinomial theorem), so
+
+    out = phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1)
+
+costs O(L k d) with k = C(d + g, g) features (d = 32, g = 2: 561). This is step 1 of the
+almost-linear LoRA-gradient algorithm of Hu et al. (ICLR 2025, the "Alman-Song polynomial
+method"); its backward, written out below, is the paper's chained low-rank gradient
+(steps 2-6): no L x L matrix is formed and the cost stays linear in L.
+
+Causal attention keeps prefix states S = sum_{j<c} phi(k_j) v_j^T (k x d) and
+z = sum_{j<c} phi(k_j) across chunks, and evaluates p_g(beta q . k) directly inside a chunk.
+The backward runs two sweeps over the chunks: forward (prefix states, for the query side)
+and reverse (suffix sums of phi(q)^T dN, for the key and value sides). Nothing of size
+O(L k) or O(L/C k d) is stored: memory is O(C k + k d) per batch and head.
+
+Error (Taylor remainder): for |s| <= G, |exp(s) - p_g(s)| <= G^(g+1) e^G / (g+1)!, so each
+unnormalised weight has relative error at most eps = G^(g+1) e^G / (g+1)! and, when eps < 1,
+each output entry is within 2 eps / (1 - eps) max|v| of softmax attention; always within
+2 max|v| (the weights stay a convex combination). See ``lorakit.limits.bounds``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+DEFAULT_CHUNK = 128
+
+
+# ---------------------------------------------------------------------- the feature map
+@functools.lru_cache(maxsize=64)
+def _plan(d: int, degree: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """Monomials of degree 1..g in d variables, each built from one of degree one less.
+
+    Returns [(parent, var)] per degree n >= 2 (monomial = previous-level[parent] * x[var],
+    var >= the parent's last variable, so every multiset appears once) and the coefficient
+    1 / sqrt(prod a_i!) of every feature (degree 0 first).
+    """
+    last = list(range(d))  # last variable of each degree-1 monomial
+    counts = [[1 if i == v else 0 for i in range(d)] for v in range(d)]
+    levels = []
+    coef = [1.0] + [1.0] * d
+    for _ in range(2, degree + 1):
+        parents, variables, new_last, new_counts = [], [], [], []
+        for p, (lv, cnt) in enumerate(zip(last, counts)):
+            for v in range(lv, d):
+                parents.append(p)
+                variables.append(v)
+                new_last.append(v)
+                c = list(cnt)
+                c[v] += 1
+                new_counts.append(c)
+                coef.append(1.0 / math.sqrt(math.prod(math.factorial(a) for a in c)))
+        levels.append((torch.tensor(parents), torch.tensor(variables)))
+        last, counts = new_last, new_counts
+    return levels, torch.tensor(coef, dtype=torch.float64)
+
+
+def num_features(d: int, degree: int) -> int:
+    """C(d + g, g): the distinct monomials of degree <= g in d variables."""
+    return math.comb(d + degree, degree)
+
+
+def feature_map(x: Tensor, degree: int) -> Tensor:
+    """phi(x) [..., k] with phi(x) . phi(y) = p_g(x . y) (see the module docstring)."""
+    d = x.shape[-1]
+    levels, coef = _plan(d, degree)
+    feats = [torch.ones_like(x[..., :1]), x]
+    prev = x
+    for parents, variables in levels:
+        prev = prev.index_select(-1, parents.to(x.device)) * x.index_select(-1, variables.to(x.device))
+        feats.append(prev)
+    return torch.cat(feats, dim=-1) * coef.to(device=x.device, dtype=x.dtype)
+
+
+def taylor_exp(s: Tensor, degree: int) -> Tensor:
+    """p_g(s) = sum_{n <= g} s^n / n! by Horner's rule."""
+    out = torch.full_like(s, 1.0 / math.factorial(degree))
+    for n in range(degree - 1, -1, -1):
+        out = out * s + 1.0 / math.factorial(n)
+    return out
+
+
+# ---------------------------------------------------------------------- masks
+def split_mask(mask: Tensor | None, causal: bool, batch: int, heads: int, lq: int, lk: int) -> tuple[Tensor | None, bool]:
+    """(key mask [B, Lk] bool or None, causal) from an sdpa-style mask.
+
+    Polynomial attention factorises only over keys: a mask must be a key-padding mask,
+    possibly combined with the causal pattern (rows with no allowed key are ignored: their
+    output is zero). bool masks: True = attend; additive masks: 0 = attend, -inf (or below
+    -1e4) = masked.
+    """
+    if mask is None:
+        return None, causal
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (batch, lk):
+            raise ValueError(f"a 2-D mask must be [batch, keys] = [{batch}, {lk}], got {list(mask.shape)}")
+        mask = mask[:, None, None, :]
+    if mask.dim() != 4:
+        raise ValueError(f"mask must be 2-D [batch, keys] or 4-D [batch, heads, queries, keys]; got {mask.dim()}-D")
+    b, h, q, k = mask.shape
+    if b not in (1, batch) or h not in (1, heads) or q not in (1, lq) or k != lk:
+        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to [{batch}, {heads}, {lq}, {lk}]")
+    if mask.dtype != torch.bool:
+        if not torch.isfinite(mask).any() and (mask == -math.inf).all():
+            allowed = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+        else:
+            masked = mask < -1e4
+            if ((mask != 0) & ~masked).any():
+                raise ValueError("an additive mask with values other than 0 and -inf is a bias, which polynomial "
+                                 "attention cannot factorise; use exact attention for this model")
+            allowed = ~masked
+    else:
+        allowed = mask
+    if h > 1 and not (allowed == allowed[:, :1]).all():
+        raise ValueError("the mask differs between heads; polynomial attention supports key-padding and causal masks only")
+    allowed = allowed[:, 0].expand(batch, lq, lk)
+    live = allowed.any(dim=2, keepdim=True)  # rows with no allowed key are "don't care"
+    key_mask = allowed.any(dim=1)  # [B, Lk]
+    if not causal and ((allowed == key_mask[:, None, :]) | ~live).all():
+        return (None if key_mask.all() else key_mask), False
+    if lq == lk:
+        tri = torch.ones(lq, lk, dtype=torch.bool, device=allowed.device).tril()
+        if causal:  # the causal flag masks above the diagonal anyway
+            allowed = allowed & tri
+        key_mask = (allowed | ~tri).all(dim=1)
+        if ((allowed == (tri & key_mask[:, None, :])) | ~live).all():
+            return (None if key_mask.all() else key_mask), True
+    raise ValueError("mask is neither a key-padding mask nor causal + key padding; polynomial attention "
+                     "cannot factorise it: use exact attention")
+
+
+# ---------------------------------------------------------------------- the autograd function
+def _check(q: Tensor, k: Tensor, v: Tensor, degree: int, scale: float) -> None:
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree <= 0 or degree % 2:
+        raise ValueError(f"degree={degree!r} must be a positive even integer (an odd Taylor polynomial of exp "
+                         "has a real root, so the normaliser could vanish)")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [batch, heads, length, head_dim]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"shapes do not fit: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale={scale!r} must be a positive finite number")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class PolyAttentionFunction(torch.autograd.Function):
+    """Forward and backward on grouped tensors: q [B, Hkv, G, L, d], k [B, Hkv, L, d], v [B, Hkv, L, e]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, scale, degree, causal, chunk):
+        root = math.sqrt(scale)
+        qs, ks = q * root, k * root
+        km = key_mask[:, None, :, None].to(q.dtype) if key_mask is not None else None  # [B, 1, L, 1]
+        B, H, G, L, _ = q.shape
+        e = v.shape[-1]
+        if not causal:
+            S, z = _kv_states(ks, v, km, degree, chunk)
+            out = torch.empty(B, H, G, L, e, dtype=q.dtype, device=q.device)
+            den = torch.empty(B, H, G, L, dtype=q.dtype, device=q.device)
+            for a in range(0, L, chunk):
+                fq = feature_map(qs[..., a : a + chunk, :], degree)  # [B, H, G, C, k]
+                den[..., a : a + chunk] = torch.einsum("bhgck,bhk->bhgc", fq, z)
+                out[..., a : a + chunk, :] = fq @ S[:, :, None]
+            den_safe = torch.where(den > 0, den, torch.ones_like(den))
+            out = out / den_safe[..., None]
+            ctx.save_for_backward(q, k, v, key_mask, out, den_safe, S, z)
+        else:
+            out, den_safe = _causal_forward(qs, ks, v, km, degree, chunk)
+            ctx.save_for_backward(q, k, v, key_mask, out, den_safe)
+        ctx.scale, ctx.degree, ctx.causal, ctx.chunk = scale, degree, causal, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        if ctx.causal:
+            q, k, v, key_mask, out, den = ctx.saved_tensors
+        else:
+            q, k, v, key_mask, out, den, S, z = ctx.saved_tensors
+        scale, degree, chunk = ctx.scale, ctx.degree, ctx.chunk
+        root = math.sqrt(scale)
+        qs, ks = q * root, k * root
+        km = key_mask[:, None, :, None].to(q.dtype) if key_mask is not None else None
+        d_out = d_out.to(q.dtype)
+        dN = d_out / den[..., None]  # d loss / d numerator
+        dD = -(d_out * out).sum(-1) / den  # d loss / d denominator
+        if ctx.causal:
+            dqs, dks, dv = _causal_backward(qs, ks, v, km, dN, dD, degree, chunk)
+        else:
+            dqs, dks, dv = _noncausal_backward(qs, ks, v, km, dN, dD, S, z, degree, chunk)
+        return dqs * root, dks * root, dv, None, None, None, None, None
+
+
+def _masked_features(x: Tensor, km: Tensor | None, degree: int) -> Tensor:
+    f = feature_map(x, degree)
+    return f * km if km is not None else f
+
+
+def _kv_states(ks: Tensor, v: Tensor, km: Tensor | None, degree: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """S = phi(K)^T V [B, H, k, e] and z = phi(K)^T 1 [B, H, k], accumulated over key chunks."""
+    S = z = None
+    for a in range(0, ks.shape[2], chunk):
+        fk = _masked_features(ks[:, :, a : a + chunk], km[:, :, a : a + chunk] if km is not None else None, degree)
+        s_c = fk.transpose(-1, -2) @ v[:, :, a : a + chunk]
+        z_c = fk.sum(-2)
+        S = s_c if S is None else S.add_(s_c)
+        z = z_c if z is None else z.add_(z_c)
+    return S, z
+
+
+def _feature_vjp(x: Tensor, degree: int, grad_features: Tensor, km: Tensor | None = None) -> Tensor:
+    """d/dx of <phi(x) (* key mask), grad_features>, by local autograd on the feature map."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        f = _masked_features(xg, km, degree)
+        (grad,) = torch.autograd.grad(f, xg, grad_features)
+    return grad
+
+
+def _noncausal_backward(qs, ks, v, km, dN, dD, S, z, degree, chunk):
+    L = qs.shape[3]
+    dqs = torch.empty_like(qs)
+    dS = torch.zeros_like(S)
+    dz = torch.zeros_like(z)
+    for a in range(0, L, chunk):  # query side: dphi(Q) = dN S^T + dD z^T, and the chained sums
+        sl = slice(a, a + chunk)
+        fq = feature_map(qs[..., sl, :], degree)  # [B, H, G, C, k]
+        grad_f = dN[..., sl, :] @ S[:, :, None].transpose(-1, -2) + dD[..., sl, None] * z[:, :, None, None, :]
+        dqs[..., sl, :] = _feature_vjp(qs[..., sl, :], degree, grad_f)
+        dS += torch.einsum("bhgck,bhgce->bhke", fq, dN[..., sl, :])
+        dz += torch.einsum("bhgck,bhgc->bhk", fq, dD[..., sl])
+    dks = torch.empty_like(ks)
+    dv = torch.empty_like(v)
+    for a in range(0, ks.shape[2], chunk):  # key side: dphi(K) = V dS^T + 1 dz^T, dV = phi(K) dS
+        sl = slice(a, a + chunk)
+        kmc = km[:, :, sl] if km is not None else None
+        fk = _masked_features(ks[:, :, sl], kmc, degree)
+        grad_f = v[:, :, sl] @ dS.transpose(-1, -2) + dz[:, :, None, :]
+        dks[:, :, sl] = _feature_vjp(ks[:, :, sl], degree, grad_f, kmc)
+        dv[:, :, sl] = fk @ dS
+    return dqs, dks, dv
+
+
+def _intra(qc, kc, kmc, degree, tri):
+    """Inside one chunk: P = p_g(q . k) masked (causal and key padding), and the logits."""
+    s = torch.einsum("bhgcd,bhjd->bhgcj", qc, kc)
+    p = taylor_exp(s, degree) * tri
+    if kmc is not None:
+        p = p * kmc[:, :, None, :, 0][:, :, :, None, :]
+    return s, p
+
+
+def _causal_forward(qs, ks, v, km, degree, chunk):
+    B, H, G, L, _ = qs.shape
+    e = v.shape[-1]
+    k_feat = num_features(qs.shape[-1], degree)
+    S = torch.zeros(B, H, k_feat, e, dtype=qs.dtype, device=qs.device)
+    z = torch.zeros(B, H, k_feat, dtype=qs.dtype, device=qs.device)
+    out = torch.empty(B, H, G, L, e, dtype=qs.dtype, device=qs.device)
+    den = torch.empty(B, H, G, L, dtype=qs.dtype, device=qs.device)
+    for a in range(0, L, chunk):
+        sl = slice(a, a + chunk)
+        n = min(chunk, L - a)
+        tri = torch.ones(n, n, dtype=qs.dtype, device=qs.device).tril()
+        kmc = km[:, :, sl] if km is not None else None
+        fq = feature_map(qs[..., sl, :], degree)
+        _, p = _intra(qs[..., sl, :], ks[:, :, sl], kmc, degree, tri)
+        out[..., sl, :] = fq @ S[:, :, None] + p @ v[:, :, None, sl]
+        den[..., sl] = torch.einsum("bhgck,bhk->bhgc", fq, z) + p.sum(-1)
+        fk = _masked_features(ks[:, :, sl], kmc, degree)
+        S += fk.transpose(-1, -2) @ v[:, :, sl]
+        z += fk.sum(-2)
+    den_safe = torch.where(den > 0, den, torch.ones_like(den))
+    return out / den_safe[..., None], den_safe
+
+
+def _causal_backward(qs, ks, v, km, dN, dD, degree, chunk):
+    B, H, G, L, _ = qs.shape
+    e = v.shape[-1]
+    k_feat = num_features(qs.shape[-1], degree)
+    dqs = torch.empty_like(qs)
+    dks = torch.zeros_like(ks)
+    dv = torch.zeros_like(v)
+    starts = list(range(0, L, chunk))
+    # forward sweep: prefix states, query-side gradient and the within-chunk terms
+    S = torch.zeros(B, H, k_feat, e, dtype=qs.dtype, device=qs.device)
+    z = torch.zeros(B, H, k_feat, dtype=qs.dtype, device=qs.device)
+    for a in starts:
+        sl = slice(a, a + chunk)
+        n = min(chunk, L - a)
+        tri = torch.ones(n, n, dtype=qs.dtype, device=qs.device).tril()
+        kmc = km[:, :, sl] if km is not None else None
+        qc, kc, vc = qs[..., sl, :], ks[:, :, sl], v[:, :, sl]
+        dNc, dDc = dN[..., sl, :], dD[..., sl]
+        grad_f = dNc @ S[:, :, None].transpose(-1, -2) + dDc[..., None] * z[:, :, None, None, :]
+        dq = _feature_vjp(qc, degree, grad_f)
+        s, p = _intra(qc, kc, kmc, degree, tri)
+        dv[:, :, sl] += torch.einsum("bhgcj,bhgce->bhje", p, dNc)
+        dp = dNc @ vc[:, :, None].transpose(-1, -2) + dDc[..., None]  # [B, H, G, C, C]
+        ds = dp * _masked_like(taylor_exp(s, degree - 1), tri, kmc)  # p_g' = p_{g-1}
+        dq = dq + torch.einsum("bhgcj,bhjd->bhgcd", ds, kc)
+        dks[:, :, sl] += torch.einsum("bhgcj,bhgcd->bhjd", ds, qc)
+        dqs[..., sl, :] = dq
+        fk = _masked_features(kc, kmc, degree)
+        S += fk.transpose(-1, -2) @ vc
+        z += fk.sum(-2)
+    # reverse sweep: suffix sums of phi(q)^T dN feed the key and value sides of earlier chunks
+    GS = torch.zeros(B, H, k_feat, e, dtype=qs.dtype, device=qs.device)
+    gz = torch.zeros(B, H, k_feat, dtype=qs.dtype, device=qs.device)
+    for a in reversed(starts):
+        sl = slice(a, a + chunk)
+        kmc = km[:, :, sl] if km is not None else None
+        kc, vc = ks[:, :, sl], v[:, :, sl]
+        if a != starts[-1]:
+            fk = _masked_features(kc, kmc, degree)
+            grad_f = vc @ GS.transpose(-1, -2) + gz[:, :, None, :]
+            dks[:, :, sl] += _feature_vjp(kc, degree, grad_f, kmc)
+            dv[:, :, sl] += fk @ GS
+        fq = feature_map(qs[..., sl, :], degree)
+        GS += torch.einsum("bhgck,bhgce->bhke", fq, dN[..., sl, :])
+        gz += torch.einsum("bhgck,bhgc->bhk", fq, dD[..., sl])
+    return dqs, dks, dv
+
+
+def _masked_like(x: Tensor, tri: Tensor, kmc: Tensor | None) -> Tensor:
+    x = x * tri
+    if kmc is not None:
+        x = x * kmc[:, :, None, :, 0][:, :, :, None, :]
+    return x
+
+
+def poly_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, degree: int = 2,
+                   causal: bool = False, mask: Tensor | None = None, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Polynomial (Taylor) attention in O(L k d), laid out like torch's scaled_dot_product_attention.
+
+    q: [B, Hq, Lq, d]; k: [B, Hkv, Lk, d]; v: [B, Hkv, Lk, e] with Hq a multiple of Hkv (grouped
+    query heads share a key/value head). scale defaults to 1/sqrt(d). mask: bool (True = attend)
+    or additive (0 / -inf), [B, Lk] or broadcastable to [B, Hq, Lq, Lk]; it must be key padding,
+    optionally with the causal pattern. Accumulates in float32 (float64 for float64 inputs).
+    Returns [B, Hq, Lq, e] in q's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    _check(q, k, v, degree, scale)
+    if chunk <= 0:
+        raise ValueError(f"chunk={chunk} must be positive")
+    B, Hq, Lq, d = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    key_mask, causal = split_mask(mask, causal, B, Hq, Lq, Lk)
+    if causal and Lq != Lk:
+        raise ValueError(f"causal polynomial attention needs as many queries as keys, got {Lq} and {Lk}")
+    cd = _compute_dtype(q)
+    G = Hq // Hkv
+    qg = q.to(cd).reshape(B, Hkv, G, Lq, d)
+    out = PolyAttentionFunction.apply(qg, k.to(cd), v.to(cd), key_mask, scale, degree, causal, chunk)
+    return out.reshape(B, Hq, Lq, v.shape[-1]).to(q.dtype)
