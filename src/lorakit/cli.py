@@ -68,6 +68,14 @@ def _add_train(sub) -> None:
     ce.add_argument("--svd-rank", type=_svd_rank, default=None, help="Double-LoRA rank r0: an integer (0 = none) or "
                     "'balanced' (default: the adapter rank)")
     ce.add_argument("--selection", choices=["score", "weight", "sample"], default="score")
+    lim = p.add_argument_group("computational limits (attention norms)")
+    lim.add_argument("--attention", choices=["poly", "auto", "softmax1", "exact"], default=None,
+                     help="lorakit attention: auto = polynomial where the certified logit bound allows it (default: the model's own)")
+    lim.add_argument("--attention-tolerance", type=float, default=1e-3,
+                     help="allowed attention-output error relative to max|v| for poly/auto")
+    lim.add_argument("--norm-cap", type=float, default=None, help="clip the spectral norm of (alpha/r) B A after every step")
+    lim.add_argument("--norm-every", type=int, default=None,
+                     help="measure the attention norms every N steps (metrics.jsonl, norms.png)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None)
     length.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200 when --epochs is not given)")
@@ -100,7 +108,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         model=a.model, data=data, task=a.task, eval_data=a.eval_data, text_column=a.text_column, label_column=a.label_column,
         skip_bad_rows=a.skip_bad_rows, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
         init=a.init, backward=a.backward, keep_ratio=a.keep_ratio, refresh_every=a.refresh_every, svd_rank=a.svd_rank,
-        selection=a.selection, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+        selection=a.selection, norm_cap=a.norm_cap, attention=a.attention, attention_tolerance=a.attention_tolerance,
+        norm_every=a.norm_every, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         weight_decay=a.weight_decay, warmup=a.warmup, max_grad_norm=a.max_grad_norm, max_length=a.max_length, bf16=a.bf16,
         seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit, save_every=a.save_every, out=a.out, resume=a.resume, quiet=a.quiet, device=a.device,
     )
@@ -169,6 +178,37 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_norms(sub) -> None:
+    p = sub.add_parser("norms", help="which side of the sqrt(log L) threshold each attention layer and head is on",
+                       description="One forward pass on a few rows: per layer and head, max |entry| of X W_Q, X W_K, X W_V "
+                       "(adapters included), the adapter's share, the max logit and its certified bound, against sqrt(log L).")
+    p.add_argument("--model", default=None, help="builtin:minilm | builtin:smollm2 | a local model directory (default: the adapter's base)")
+    p.add_argument("--adapter", default=None, help="an adapter directory (ours or PEFT's)")
+    p.add_argument("--data", default=None, help="default: the built-in set of the task")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--attention", choices=["poly", "auto", "softmax1", "exact"], default=None,
+                   help="measure with lorakit attention (shows its per-layer decision)")
+    p.add_argument("--tolerance", type=float, default=1e-3)
+    p.add_argument("--per-head", action="store_true", help="one row per head (default: per layer, worst head)")
+    p.add_argument("--out", default="norms", help="directory for norms.json and norms.png")
+
+
+def cmd_norms(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lorakit.train.apply import model_norms
+
+    report = model_norms(a.model, a.adapter, a.data, rows=a.rows, max_length=a.max_length, attention=a.attention,
+                         tolerance=a.tolerance)
+    print(report.table(by="head" if a.per_head else "layer"))
+    out = Path(a.out)
+    report.to_json(out / "norms.json")
+    report.plot(out / "norms.png")
+    print(f"wrote {out / 'norms.json'} and {out / 'norms.png'}")
+    return 0
+
+
 def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="reproduce a paper's claim (writes JSON/CSV and a PNG)")
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
@@ -205,6 +245,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "eval": (_add_eval, cmd_eval),
     "merge": (_add_merge, cmd_merge),
     "info": (_add_info, cmd_info),
+    "norms": (_add_norms, cmd_norms),
     "reproduce": (_add_reproduce, cmd_reproduce),
 }
 

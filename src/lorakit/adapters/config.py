@@ -81,6 +81,11 @@ class LoraConfig:
             (trainable rank and r0 both int(7r/8) on approximated layers).
         selection: "score" (||G[:, i]|| * ||R[i, :]||), "weight" (||R[i, :]|| only) or
             "sample" (unbiased sampling proportional to the score).
+
+    Norm control (Hu et al. 2025; training only, not written to adapter files):
+        norm_cap: after every optimizer step, the singular values of (alpha/r) B A above this
+            value are clipped to it (``lorakit.limits.cap_norms``), so the adapter cannot push a
+            layer's query/key norms past the almost-linear threshold by more than the cap.
     """
 
     r: int = 8
@@ -101,6 +106,7 @@ class LoraConfig:
     refresh_every: int = 200
     svd_rank: int | str | None = None
     selection: str = "score"
+    norm_cap: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -138,6 +144,10 @@ class LoraConfig:
                 raise ConfigError(f"targets={self.targets!r} must be a non-empty list of module names")
         else:
             raise ConfigError(f"targets={self.targets!r} must be a preset name, a regex string or a list of module names")
+        if self.norm_cap is not None and (isinstance(self.norm_cap, bool) or not isinstance(self.norm_cap, (int, float))
+                                          or not math.isfinite(self.norm_cap) or self.norm_cap <= 0):
+            raise ConfigError(f"norm_cap={self.norm_cap!r} must be a positive number: the largest spectral norm "
+                              "allowed for (alpha/r) B A, e.g. norm_cap=1.0")
         if self.backward not in BACKWARDS:
             raise ConfigError(f"backward={self.backward!r} is not one of {BACKWARDS}")
         if self.selection not in SELECTIONS:

@@ -35,7 +35,7 @@ import math
 import torch
 from torch import Tensor
 
-DEFAULT_CHUNK = 128
+DEFAULT_CHUNK = 256
 
 
 # ---------------------------------------------------------------------- the feature map
@@ -74,6 +74,8 @@ def num_features(d: int, degree: int) -> int:
 
 def feature_map(x: Tensor, degree: int) -> Tensor:
     """phi(x) [..., k] with phi(x) . phi(y) = p_g(x . y) (see the module docstring)."""
+    if degree == 2:
+        return _feature_map_2(x)
     d = x.shape[-1]
     levels, coef = _plan(d, degree)
     feats = [torch.ones_like(x[..., :1]), x]
@@ -84,11 +86,70 @@ def feature_map(x: Tensor, degree: int) -> Tensor:
     return torch.cat(feats, dim=-1) * coef.to(device=x.device, dtype=x.dtype)
 
 
+def _circulant(xt: Tensor, blocks: int) -> Tensor:
+    """[P, d, N] -> [P, blocks, d, N] with [p, o, i] = x_{(i + o) mod d} (a strided view of [x; x])."""
+    p, d, n = xt.shape
+    doubled = torch.cat([xt, xt], dim=1)
+    return doubled.as_strided((p, blocks, d, n), (2 * d * n, n, n, 1), doubled.storage_offset())
+
+
+def _feature_map_2(x: Tensor) -> Tensor:
+    """Degree 2 without a gather: [1, x, quadratic monomials], feature-major inside.
+
+    The d (d + 1) / 2 distinct pairs are enumerated by circular offsets, {i, (i + o) mod d} for
+    o = 0 .. floor(d / 2) and i = 0 .. d - 1, keeping the first d (d + 1) / 2 products (for even d
+    the last offset's second half repeats its first). So the products are one broadcast
+    multiply of x with a strided view of [x; x]; o = 0 is the diagonal, coefficient 1 / sqrt 2.
+    Returned as a transposed view of a [..., k, N] tensor (matrix products take it for free).
+    """
+    d = x.shape[-1]
+    lead, n = x.shape[:-2], x.shape[-2]
+    xt = x.transpose(-1, -2).reshape(-1, d, n).contiguous()  # [P, d, N]
+    blocks, pairs = d // 2 + 1, d * (d + 1) // 2
+    # one buffer: [1, x, all blocks * d products]; the features are its first 1 + d + pairs rows (no copy)
+    buf = torch.empty(xt.shape[0], 1 + d + blocks * d, n, dtype=x.dtype, device=x.device)
+    buf[:, 0] = 1.0
+    buf[:, 1 : d + 1] = xt
+    torch.mul(xt[:, None], _circulant(xt, blocks), out=buf[:, d + 1 :].view(-1, blocks, d, n))
+    buf[:, d + 1 : 2 * d + 1] *= 1 / math.sqrt(2)
+    return buf[:, : 1 + d + pairs].reshape(*lead, 1 + d + pairs, n).transpose(-1, -2)
+
+
+def feature_vjp(x: Tensor, degree: int, grad_features: Tensor) -> Tensor:
+    """d/dx <phi(x), grad_features>. Degree 2 in closed form: a pair feature c x_i x_j with gradient
+    g adds g c x_j to dx_i and g c x_i to dx_j; with the circular layout of ``_feature_map_2`` the
+    first is a product with the same strided view, the second the same product rolled back by o."""
+    if degree != 2:
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(feature_map(xg, degree), xg, grad_features)
+        return grad
+    d = x.shape[-1]
+    lead, n = x.shape[:-2], x.shape[-2]
+    blocks, pairs = d // 2 + 1, d * (d + 1) // 2
+    gt = grad_features.transpose(-1, -2).reshape(-1, 1 + d + pairs, n)
+    p = gt.shape[0]
+    g = torch.zeros(p, blocks * d, n, dtype=x.dtype, device=x.device)
+    g[:, :pairs] = gt[:, d + 1 :]
+    g[:, :d] *= 1 / math.sqrt(2)
+    g = g.view(p, blocks, d, n)
+    xt = x.transpose(-1, -2).reshape(-1, d, n).contiguous()
+    towards_i = (g * _circulant(xt, blocks)).sum(1)  # sum_o g[o, i] x_{i+o}
+    t = g * xt[:, None]  # t[o, i] = g[o, i] x_i, to be added at index i + o
+    doubled = torch.cat([t, t], dim=2)  # [P, blocks, 2d, N]; rolled[o, m] = t[o, m - o mod d]
+    rolled = doubled.as_strided((p, blocks, d, n), (blocks * 2 * d * n, 2 * d * n - n, n, 1),
+                                doubled.storage_offset() + d * n)
+    dxt = towards_i + rolled.sum(1) + gt[:, 1 : d + 1]
+    return dxt.reshape(*lead, d, n).transpose(-1, -2)
+
+
 def taylor_exp(s: Tensor, degree: int) -> Tensor:
     """p_g(s) = sum_{n <= g} s^n / n! by Horner's rule."""
-    out = torch.full_like(s, 1.0 / math.factorial(degree))
-    for n in range(degree - 1, -1, -1):
-        out = out * s + 1.0 / math.factorial(n)
+    if degree == 1:
+        return s + 1.0
+    out = s * (1.0 / math.factorial(degree)) + 1.0 / math.factorial(degree - 1)
+    for n in range(degree - 2, -1, -1):
+        out = out.mul_(s).add_(1.0 / math.factorial(n))
     return out
 
 
@@ -164,50 +225,47 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 class PolyAttentionFunction(torch.autograd.Function):
-    """Forward and backward on grouped tensors: q [B, Hkv, G, L, d], k [B, Hkv, L, d], v [B, Hkv, L, e]."""
+    """Forward and backward on grouped tensors: q [B, Hkv, G, L, d], k [B, Hkv, L, d], v [B, Hkv, L, e].
+
+    Values carry a column of ones, va = [V, 1], so one product gives numerator and normaliser:
+    phi(Q) (phi(K)^T va) = [N, D]; the backward works with d[N, D] = [dN, dD] the same way.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, key_mask, scale, degree, causal, chunk):
         root = math.sqrt(scale)
         qs, ks = q * root, k * root
         km = key_mask[:, None, :, None].to(q.dtype) if key_mask is not None else None  # [B, 1, L, 1]
-        B, H, G, L, _ = q.shape
-        e = v.shape[-1]
+        va = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
         if not causal:
-            S, z = _kv_states(ks, v, km, degree, chunk)
-            out = torch.empty(B, H, G, L, e, dtype=q.dtype, device=q.device)
-            den = torch.empty(B, H, G, L, dtype=q.dtype, device=q.device)
-            for a in range(0, L, chunk):
-                fq = feature_map(qs[..., a : a + chunk, :], degree)  # [B, H, G, C, k]
-                den[..., a : a + chunk] = torch.einsum("bhgck,bhk->bhgc", fq, z)
-                out[..., a : a + chunk, :] = fq @ S[:, :, None]
-            den_safe = torch.where(den > 0, den, torch.ones_like(den))
-            out = out / den_safe[..., None]
-            ctx.save_for_backward(q, k, v, key_mask, out, den_safe, S, z)
+            state = _kv_state(ks, va, km, degree, chunk)  # phi(K)^T va  [B, H, k, e + 1]
+            num = torch.cat([feature_map(qs[..., a : a + chunk, :], degree) @ state[:, :, None]
+                             for a in range(0, qs.shape[3], chunk)], dim=3)
         else:
-            out, den_safe = _causal_forward(qs, ks, v, km, degree, chunk)
-            ctx.save_for_backward(q, k, v, key_mask, out, den_safe)
+            num = _causal_forward(qs, ks, va, km, degree, chunk)
+        den = num[..., -1]
+        den = torch.where(den > 0, den, torch.ones_like(den))  # rows with no allowed key: output 0
+        out = num[..., :-1] / den[..., None]
+        ctx.save_for_backward(q, k, v, key_mask, out, den)
         ctx.scale, ctx.degree, ctx.causal, ctx.chunk = scale, degree, causal, chunk
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        if ctx.causal:
-            q, k, v, key_mask, out, den = ctx.saved_tensors
-        else:
-            q, k, v, key_mask, out, den, S, z = ctx.saved_tensors
+        q, k, v, key_mask, out, den = ctx.saved_tensors
         scale, degree, chunk = ctx.scale, ctx.degree, ctx.chunk
         root = math.sqrt(scale)
         qs, ks = q * root, k * root
         km = key_mask[:, None, :, None].to(q.dtype) if key_mask is not None else None
+        va = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
         d_out = d_out.to(q.dtype)
-        dN = d_out / den[..., None]  # d loss / d numerator
-        dD = -(d_out * out).sum(-1) / den  # d loss / d denominator
+        # d loss / d [N, D]: dN = d_out / D, dD = -<d_out, out> / D
+        d_num = torch.cat([d_out, -(d_out * out).sum(-1, keepdim=True)], dim=-1) / den[..., None]
         if ctx.causal:
-            dqs, dks, dv = _causal_backward(qs, ks, v, km, dN, dD, degree, chunk)
+            dqs, dks, dva = _causal_backward(qs, ks, va, km, d_num, degree, chunk)
         else:
-            dqs, dks, dv = _noncausal_backward(qs, ks, v, km, dN, dD, S, z, degree, chunk)
-        return dqs * root, dks * root, dv, None, None, None, None, None
+            dqs, dks, dva = _noncausal_backward(qs, ks, va, km, d_num, degree, chunk)
+        return dqs * root, dks * root, dva[..., :-1], None, None, None, None, None
 
 
 def _masked_features(x: Tensor, km: Tensor | None, degree: int) -> Tensor:
@@ -215,134 +273,100 @@ def _masked_features(x: Tensor, km: Tensor | None, degree: int) -> Tensor:
     return f * km if km is not None else f
 
 
-def _kv_states(ks: Tensor, v: Tensor, km: Tensor | None, degree: int, chunk: int) -> tuple[Tensor, Tensor]:
-    """S = phi(K)^T V [B, H, k, e] and z = phi(K)^T 1 [B, H, k], accumulated over key chunks."""
-    S = z = None
+def _kv_state(ks: Tensor, va: Tensor, km: Tensor | None, degree: int, chunk: int) -> Tensor:
+    """phi(K)^T va [B, H, k, e + 1], accumulated over key chunks."""
+    state = None
     for a in range(0, ks.shape[2], chunk):
         fk = _masked_features(ks[:, :, a : a + chunk], km[:, :, a : a + chunk] if km is not None else None, degree)
-        s_c = fk.transpose(-1, -2) @ v[:, :, a : a + chunk]
-        z_c = fk.sum(-2)
-        S = s_c if S is None else S.add_(s_c)
-        z = z_c if z is None else z.add_(z_c)
-    return S, z
+        part = fk.transpose(-1, -2) @ va[:, :, a : a + chunk]
+        state = part if state is None else state.add_(part)
+    return state
 
 
 def _feature_vjp(x: Tensor, degree: int, grad_features: Tensor, km: Tensor | None = None) -> Tensor:
-    """d/dx of <phi(x) (* key mask), grad_features>, by local autograd on the feature map."""
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        f = _masked_features(xg, km, degree)
-        (grad,) = torch.autograd.grad(f, xg, grad_features)
-    return grad
+    """d/dx of <phi(x) (* key mask), grad_features>."""
+    return feature_vjp(x, degree, grad_features * km if km is not None else grad_features)
 
 
-def _noncausal_backward(qs, ks, v, km, dN, dD, S, z, degree, chunk):
-    L = qs.shape[3]
+def _noncausal_backward(qs, ks, va, km, d_num, degree, chunk):
+    state = _kv_state(ks, va, km, degree, chunk)
     dqs = torch.empty_like(qs)
-    dS = torch.zeros_like(S)
-    dz = torch.zeros_like(z)
-    for a in range(0, L, chunk):  # query side: dphi(Q) = dN S^T + dD z^T, and the chained sums
+    d_state = torch.zeros_like(state)
+    for a in range(0, qs.shape[3], chunk):  # query side: dphi(Q) = d_num state^T; d_state = phi(Q)^T d_num
         sl = slice(a, a + chunk)
-        fq = feature_map(qs[..., sl, :], degree)  # [B, H, G, C, k]
-        grad_f = dN[..., sl, :] @ S[:, :, None].transpose(-1, -2) + dD[..., sl, None] * z[:, :, None, None, :]
-        dqs[..., sl, :] = _feature_vjp(qs[..., sl, :], degree, grad_f)
-        dS += torch.einsum("bhgck,bhgce->bhke", fq, dN[..., sl, :])
-        dz += torch.einsum("bhgck,bhgc->bhk", fq, dD[..., sl])
+        grad_f = (state[:, :, None] @ d_num[..., sl, :].transpose(-1, -2)).transpose(-1, -2)
+        dqs[..., sl, :] = feature_vjp(qs[..., sl, :], degree, grad_f)
+        d_state += (feature_map(qs[..., sl, :], degree).transpose(-1, -2) @ d_num[..., sl, :]).sum(2)
     dks = torch.empty_like(ks)
-    dv = torch.empty_like(v)
-    for a in range(0, ks.shape[2], chunk):  # key side: dphi(K) = V dS^T + 1 dz^T, dV = phi(K) dS
+    dva = torch.empty_like(va)
+    for a in range(0, ks.shape[2], chunk):  # key side: dphi(K) = va d_state^T, d va = phi(K) d_state
         sl = slice(a, a + chunk)
         kmc = km[:, :, sl] if km is not None else None
-        fk = _masked_features(ks[:, :, sl], kmc, degree)
-        grad_f = v[:, :, sl] @ dS.transpose(-1, -2) + dz[:, :, None, :]
+        grad_f = (d_state @ va[:, :, sl].transpose(-1, -2)).transpose(-1, -2)
         dks[:, :, sl] = _feature_vjp(ks[:, :, sl], degree, grad_f, kmc)
-        dv[:, :, sl] = fk @ dS
-    return dqs, dks, dv
+        dva[:, :, sl] = _masked_features(ks[:, :, sl], kmc, degree) @ d_state
+    return dqs, dks, dva
 
 
-def _intra(qc, kc, kmc, degree, tri):
+def _intra(qc, kc, kmc, degree):
     """Inside one chunk: P = p_g(q . k) masked (causal and key padding), and the logits."""
-    s = torch.einsum("bhgcd,bhjd->bhgcj", qc, kc)
-    p = taylor_exp(s, degree) * tri
-    if kmc is not None:
-        p = p * kmc[:, :, None, :, 0][:, :, :, None, :]
-    return s, p
+    s = qc @ kc[:, :, None].transpose(-1, -2)
+    return s, _masked_causal(taylor_exp(s, degree), kmc)
 
 
-def _causal_forward(qs, ks, v, km, degree, chunk):
+def _causal_forward(qs, ks, va, km, degree, chunk):
     B, H, G, L, _ = qs.shape
-    e = v.shape[-1]
-    k_feat = num_features(qs.shape[-1], degree)
-    S = torch.zeros(B, H, k_feat, e, dtype=qs.dtype, device=qs.device)
-    z = torch.zeros(B, H, k_feat, dtype=qs.dtype, device=qs.device)
-    out = torch.empty(B, H, G, L, e, dtype=qs.dtype, device=qs.device)
-    den = torch.empty(B, H, G, L, dtype=qs.dtype, device=qs.device)
+    state = torch.zeros(B, H, num_features(qs.shape[-1], degree), va.shape[-1], dtype=qs.dtype, device=qs.device)
+    num = torch.empty(B, H, G, L, va.shape[-1], dtype=qs.dtype, device=qs.device)
     for a in range(0, L, chunk):
         sl = slice(a, a + chunk)
-        n = min(chunk, L - a)
-        tri = torch.ones(n, n, dtype=qs.dtype, device=qs.device).tril()
         kmc = km[:, :, sl] if km is not None else None
-        fq = feature_map(qs[..., sl, :], degree)
-        _, p = _intra(qs[..., sl, :], ks[:, :, sl], kmc, degree, tri)
-        out[..., sl, :] = fq @ S[:, :, None] + p @ v[:, :, None, sl]
-        den[..., sl] = torch.einsum("bhgck,bhk->bhgc", fq, z) + p.sum(-1)
-        fk = _masked_features(ks[:, :, sl], kmc, degree)
-        S += fk.transpose(-1, -2) @ v[:, :, sl]
-        z += fk.sum(-2)
-    den_safe = torch.where(den > 0, den, torch.ones_like(den))
-    return out / den_safe[..., None], den_safe
+        _, p = _intra(qs[..., sl, :], ks[:, :, sl], kmc, degree)
+        num[..., sl, :] = feature_map(qs[..., sl, :], degree) @ state[:, :, None] + p @ va[:, :, None, sl]
+        state += _masked_features(ks[:, :, sl], kmc, degree).transpose(-1, -2) @ va[:, :, sl]
+    return num
 
 
-def _causal_backward(qs, ks, v, km, dN, dD, degree, chunk):
+def _causal_backward(qs, ks, va, km, d_num, degree, chunk):
     B, H, G, L, _ = qs.shape
-    e = v.shape[-1]
     k_feat = num_features(qs.shape[-1], degree)
     dqs = torch.empty_like(qs)
     dks = torch.zeros_like(ks)
-    dv = torch.zeros_like(v)
+    dva = torch.zeros_like(va)
     starts = list(range(0, L, chunk))
     # forward sweep: prefix states, query-side gradient and the within-chunk terms
-    S = torch.zeros(B, H, k_feat, e, dtype=qs.dtype, device=qs.device)
-    z = torch.zeros(B, H, k_feat, dtype=qs.dtype, device=qs.device)
+    state = torch.zeros(B, H, k_feat, va.shape[-1], dtype=qs.dtype, device=qs.device)
     for a in starts:
         sl = slice(a, a + chunk)
-        n = min(chunk, L - a)
-        tri = torch.ones(n, n, dtype=qs.dtype, device=qs.device).tril()
         kmc = km[:, :, sl] if km is not None else None
-        qc, kc, vc = qs[..., sl, :], ks[:, :, sl], v[:, :, sl]
-        dNc, dDc = dN[..., sl, :], dD[..., sl]
-        grad_f = dNc @ S[:, :, None].transpose(-1, -2) + dDc[..., None] * z[:, :, None, None, :]
-        dq = _feature_vjp(qc, degree, grad_f)
-        s, p = _intra(qc, kc, kmc, degree, tri)
-        dv[:, :, sl] += torch.einsum("bhgcj,bhgce->bhje", p, dNc)
-        dp = dNc @ vc[:, :, None].transpose(-1, -2) + dDc[..., None]  # [B, H, G, C, C]
-        ds = dp * _masked_like(taylor_exp(s, degree - 1), tri, kmc)  # p_g' = p_{g-1}
-        dq = dq + torch.einsum("bhgcj,bhjd->bhgcd", ds, kc)
-        dks[:, :, sl] += torch.einsum("bhgcj,bhgcd->bhjd", ds, qc)
+        qc, kc, vc, dc = qs[..., sl, :], ks[:, :, sl], va[:, :, sl], d_num[..., sl, :]
+        grad_f = (state[:, :, None] @ dc.transpose(-1, -2)).transpose(-1, -2)
+        dq = feature_vjp(qc, degree, grad_f)
+        s, p = _intra(qc, kc, kmc, degree)
+        dva[:, :, sl] += (p.transpose(-1, -2) @ dc).sum(2)
+        dp = dc @ vc[:, :, None].transpose(-1, -2)  # [B, H, G, C, C]
+        ds = dp * _masked_causal(taylor_exp(s, degree - 1), kmc)  # p_g' = p_{g-1}
+        dq = dq + ds @ kc[:, :, None]
+        dks[:, :, sl] += (ds.transpose(-1, -2) @ qc).sum(2)
         dqs[..., sl, :] = dq
-        fk = _masked_features(kc, kmc, degree)
-        S += fk.transpose(-1, -2) @ vc
-        z += fk.sum(-2)
-    # reverse sweep: suffix sums of phi(q)^T dN feed the key and value sides of earlier chunks
-    GS = torch.zeros(B, H, k_feat, e, dtype=qs.dtype, device=qs.device)
-    gz = torch.zeros(B, H, k_feat, dtype=qs.dtype, device=qs.device)
+        state += _masked_features(kc, kmc, degree).transpose(-1, -2) @ vc
+    # reverse sweep: suffix sums phi(Q)^T d_num feed the key and value sides of earlier chunks
+    d_state = torch.zeros_like(state)
     for a in reversed(starts):
         sl = slice(a, a + chunk)
         kmc = km[:, :, sl] if km is not None else None
-        kc, vc = ks[:, :, sl], v[:, :, sl]
+        kc, vc = ks[:, :, sl], va[:, :, sl]
         if a != starts[-1]:
-            fk = _masked_features(kc, kmc, degree)
-            grad_f = vc @ GS.transpose(-1, -2) + gz[:, :, None, :]
+            grad_f = (d_state @ vc.transpose(-1, -2)).transpose(-1, -2)
             dks[:, :, sl] += _feature_vjp(kc, degree, grad_f, kmc)
-            dv[:, :, sl] += fk @ GS
-        fq = feature_map(qs[..., sl, :], degree)
-        GS += torch.einsum("bhgck,bhgce->bhke", fq, dN[..., sl, :])
-        gz += torch.einsum("bhgck,bhgc->bhk", fq, dD[..., sl])
-    return dqs, dks, dv
+            dva[:, :, sl] += _masked_features(kc, kmc, degree) @ d_state
+        d_state += (feature_map(qs[..., sl, :], degree).transpose(-1, -2) @ d_num[..., sl, :]).sum(2)
+    return dqs, dks, dva
 
 
-def _masked_like(x: Tensor, tri: Tensor, kmc: Tensor | None) -> Tensor:
-    x = x * tri
+def _masked_causal(x: Tensor, kmc: Tensor | None) -> Tensor:
+    """Zero above the diagonal (in place) and at padded keys."""
+    x = x.tril_()
     if kmc is not None:
         x = x * kmc[:, :, None, :, 0][:, :, :, None, :]
     return x

@@ -38,7 +38,10 @@ from torch import Tensor
 
 def taylor_relative_error(gamma: float, degree: int) -> float:
     """eps: max over |s| <= gamma of |p_g(s) - e^s| / e^s <= gamma^(g+1) e^gamma / (g+1)!."""
-    return gamma ** (degree + 1) * math.exp(gamma) / math.factorial(degree + 1)
+    if gamma <= 0:
+        return 0.0
+    log_eps = (degree + 1) * math.log(gamma) + gamma - math.lgamma(degree + 2)
+    return math.exp(log_eps) if log_eps < 700 else math.inf
 
 
 def taylor_remainder(gamma: float, degree: int) -> float:
@@ -95,7 +98,7 @@ def gradient_bounds(weights: Tensor, q: Tensor, k: Tensor, v: Tensor, m_approx: 
     (already expanded to the query heads); m_approx: the upstream gradient the approximation used.
     """
     eps = taylor_relative_error(gamma, degree)
-    eps_d = gamma**degree * math.exp(gamma) / math.factorial(degree)
+    eps_d = taylor_relative_error(gamma, degree - 1) if degree > 1 else math.inf
     v_max = float(v.abs().max())
     out_b = output_error_bound(gamma, degree, v_max)
     full = lambda t: torch.full_like(t, math.inf)  # noqa: E731

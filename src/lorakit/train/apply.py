@@ -121,3 +121,41 @@ def describe(adapter: str | os.PathLike) -> str:
         if names:
             lines.append(f"  checkpoints: {', '.join(names)}")
     return "\n".join(lines)
+
+
+def model_norms(model: str | None = None, adapter: str | None = None, data: str | None = None, *, rows: int = 8,
+                max_length: int | None = None, attention: str | None = None, tolerance: float = 1e-3,
+                text_column: str = "text", label_column: str = "label"):
+    """``lorakit.limits.measure_norms`` on ``rows`` rows of data for a model (with an adapter, optionally).
+
+    model defaults to the adapter's base model; data to the built-in set of the task.
+    """
+    from lorakit.limits import measure_norms, use_attention
+    from lorakit.train.data import collate, infer_task
+    from lorakit.train.models import builtin_default_task
+
+    if rows <= 0:
+        raise LorakitError(f"rows={rows} must be positive")
+    if adapter is not None:
+        loaded, task, labels = load_with_adapter(adapter, model)
+    else:
+        if model is None:
+            raise LorakitError("give --model, --adapter, or both")
+        task = infer_task(data) if data else (builtin_default_task(model) or "causal-lm")
+        labels = None
+        loaded = load_model(model, task, tokenizer=load_tokenizer(model)) if task == "causal-lm" else None
+    if data is None:
+        data = next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
+    ds = load_data(data, task, load_tokenizer(loaded.name if loaded else model), max_length or DEFAULT_MAX_LENGTH[task],
+                   text_column=text_column, label_column=label_column, label_names=labels, split=data.startswith("builtin:"))
+    if loaded is None:
+        loaded = load_model(model, task, label_names=ds.label_names, tokenizer=load_tokenizer(model))
+    picked = (ds.eval or ds.train)[:rows]
+    if not picked:
+        raise LorakitError(f"{data} has no rows to measure on")
+    batch = {k: v for k, v in collate(picked, loaded.tokenizer.pad_token_id).items() if k in ("input_ids", "attention_mask")}
+    if attention is not None:
+        use_attention(loaded.model, attention, tolerance)
+    report = measure_norms(loaded.model, batch)
+    report.model = loaded.name + (f" + {adapter}" if adapter else "")
+    return report

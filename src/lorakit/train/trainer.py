@@ -61,6 +61,10 @@ class TrainConfig:
     refresh_every: int = 200
     svd_rank: int | str | None = None
     selection: str = "score"
+    norm_cap: float | None = None
+    attention: str | None = None  # None: the model's own; "poly" | "auto" | "softmax1" | "exact"
+    attention_tolerance: float = 1e-3
+    norm_every: int | None = None
     epochs: int | None = None
     steps: int | None = None
     batch_size: int = 32
@@ -90,7 +94,7 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        for name in ("epochs", "steps", "eval_every", "save_every", "max_length", "eval_limit"):
+        for name in ("epochs", "steps", "eval_every", "save_every", "max_length", "eval_limit", "norm_every"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
@@ -104,13 +108,17 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be > 0")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if self.attention is not None:
+            from lorakit.limits.attention import AttentionPolicy
+
+            AttentionPolicy(mode=self.attention, tolerance=self.attention_tolerance)  # fails on a bad mode or tolerance
         self.lora_config()  # LoRA options fail here, before any model is loaded
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
                           rslora=self.rslora, init=self.init, base_model=self.model, backward=self.backward,
                           keep_ratio=self.keep_ratio, refresh_every=self.refresh_every, svd_rank=self.svd_rank,
-                          selection=self.selection)
+                          selection=self.selection, norm_cap=self.norm_cap)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -428,6 +436,28 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _limits_hooks(cfg: TrainConfig, model: nn.Module, data, pad_id: int) -> list[StepHook]:
+    """Norm cap (after every step), lorakit attention with its decision log, and the norm monitor."""
+    hooks: list[StepHook] = []
+    if cfg.norm_cap is not None:
+        from lorakit.limits.norm_cap import NormCap
+
+        hooks.append(NormCap(cfg.norm_cap))
+    if cfg.attention is not None:
+        from lorakit.limits.attention import use_attention
+        from lorakit.limits.monitor import AttentionMonitor
+
+        use_attention(model, cfg.attention, cfg.attention_tolerance)
+        hooks.append(AttentionMonitor(cfg.log_every))
+    if cfg.norm_every:
+        from lorakit.limits.monitor import NormMonitor
+
+        rows = (data.eval or data.train)[: min(8, cfg.eval_batch_size)]
+        batch = {k: v for k, v in collate(rows, pad_id).items() if k in ("input_ids", "attention_mask")}
+        hooks.append(NormMonitor(batch, cfg.norm_every))
+    return hooks
+
+
 def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, Any]:
     """The whole job: load, attach, train, write the adapter and the report into cfg.out."""
     torch.manual_seed(cfg.seed)
@@ -444,6 +474,7 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
     hooks = list(hooks or [])
     if celora.controller(model) is not None:
         hooks.append(celora.Refresher(model))
+    hooks += _limits_hooks(cfg, model, data, loaded.tokenizer.pad_token_id)
     meta = {"lorakit_task": data.task}
     if data.label_names:
         meta["lorakit_labels"] = json.dumps(data.label_names)
@@ -460,6 +491,10 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
     save_adapter(model, out, metadata=meta)
     records = trainer.log.read()
     plot_metrics(records, out / "training.png", f"{loaded.name} on {data.source}")
+    if cfg.norm_every:
+        from lorakit.limits.monitor import plot_norm_trajectories
+
+        plot_norm_trajectories(records, out / "norms.png", f"{loaded.name} on {data.source}: attention logits during training")
     report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result,
               "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
               "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps}
