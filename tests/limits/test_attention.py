@@ -146,3 +146,22 @@ def test_poly_refuses_a_mask_it_cannot_factorise():
     out, _ = lorakit_attention_forward(module, q * 0.1, k * 0.1, v, bias)  # auto falls back to exact
     assert module.lorakit_attention.last["impl"] == "exact"
     torch.testing.assert_close(out.transpose(1, 2), torch.nn.functional.scaled_dot_product_attention(q * 0.1, k * 0.1, v, attn_mask=bias))
+
+
+def test_cli_train_with_attention_then_norms_of_the_adapter(tiny_llama_dir, corpus_txt, tmp_path, capsys):
+    from lorakit.cli import main
+
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", tiny_llama_dir, "--data", corpus_txt, "--steps", "2", "--batch-size", "4",
+                 "--max-length", "32", "--targets", "attn-qkv", "--attention", "exact", "--norm-every", "1",
+                 "--eval-limit", "8", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["norms", "--adapter", str(out), "--data", corpus_txt, "--rows", "2", "--per-head",
+                 "--attention", "auto", "--out", str(tmp_path / "n")]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("layer"))
+    assert "q_share" in header and "attention" in header
+    first = next(line for line in text.splitlines() if line.startswith("model.layers.0"))
+    assert " - " not in first  # every projection has an adapter share
+    assert main(["norms", "--model", tiny_llama_dir, "--data", corpus_txt, "--attention", "auto", "--tolerance", "0"]) == 2
+    assert "tolerance=0.0 must be a positive number" in capsys.readouterr().err

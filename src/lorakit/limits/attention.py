@@ -52,6 +52,7 @@ class AttentionPolicy:
     tolerance: float = 1e-3
     degree: int | None = None  # poly: a fixed degree; None = smallest meeting the tolerance
     max_degree: int = 8
+    max_features: int = 20_000  # degrees whose feature count C(d + g, g) exceeds this are not considered
     crossover_per_feature: float | None = None  # None: CROSSOVER_PER_FEATURE by causal or not
     decisions: Counter = field(default_factory=Counter)
     last: dict[str, Any] = field(default_factory=dict)
@@ -73,13 +74,16 @@ class AttentionPolicy:
         """(implementation, degree, reason) for one call with certified logit bound ``gamma``."""
         if self.mode in ("exact", "softmax1"):
             return self.mode, None, "fixed"
-        degree = self.degree or smallest_degree(gamma, self.tolerance, self.max_degree)
+        top = self.max_degree
+        while top > 2 and num_features(head_dim, top) > self.max_features:
+            top -= 2
+        degree = self.degree or smallest_degree(gamma, self.tolerance, top)
         if self.mode == "poly":
             if degree is None:
-                return "poly", self.max_degree, f"uncertified: G={gamma:.3g} needs a degree above {self.max_degree}"
+                return "poly", top, f"uncertified: G={gamma:.3g} needs a degree above {top}"
             return "poly", degree, "fixed degree" if self.degree else "certified"
         if degree is None or output_error_bound(gamma, degree) > self.tolerance:
-            return "exact", None, f"G={gamma:.3g}: no degree <= {self.max_degree} meets tolerance {self.tolerance:g}"
+            return "exact", None, f"G={gamma:.3g}: no degree <= {top} meets tolerance {self.tolerance:g}"
         per_feature = self.crossover_per_feature if self.crossover_per_feature is not None else CROSSOVER_PER_FEATURE[causal]
         needed = per_feature * num_features(head_dim, degree)
         if length < needed:
@@ -178,7 +182,8 @@ def lorakit_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     mask_4d = attention_mask is not None and attention_mask.dim() == 4
     causal = bool(causal_flag) and lq > 1 and not mask_4d
     dropout = dropout if module.training else 0.0
-    gamma = float(logit_bound(query.detach(), key.detach(), scale).max()) if policy.mode in ("poly", "auto") else math.nan
+    key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    gamma = float(logit_bound(query.detach(), key.detach(), scale, key_mask).max()) if policy.mode in ("poly", "auto") else math.nan
     impl, degree, reason = policy.choose(gamma, lk, query.shape[-1], causal or mask_4d)
     if impl == "poly":
         try:

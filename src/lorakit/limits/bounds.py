@@ -70,16 +70,22 @@ def smallest_degree(gamma: float, tolerance: float, max_degree: int = 8) -> int 
     return None
 
 
-def logit_bound(q: Tensor, k: Tensor, scale: float) -> Tensor:
+def logit_bound(q: Tensor, k: Tensor, scale: float, key_mask: Tensor | None = None) -> Tensor:
     """Certified G per batch and key/value head: beta max_i ||q_i|| max_j ||k_j||, in O(L d).
 
-    q: [B, Hq, Lq, d], k: [B, Hkv, Lk, d]; query heads sharing a key head are pooled. Returns [B, Hkv].
+    q: [B, Hq, Lq, d], k: [B, Hkv, Lk, d]; query heads sharing a key head are pooled. With a key
+    padding mask [B, Lk] (True = real token), padded keys are left out, and so are padded queries
+    when Lq == Lk (self-attention: their outputs are discarded). Returns [B, Hkv].
     """
-    b, hq, _, _ = q.shape
+    b, hq, lq, _ = q.shape
     hkv = k.shape[1]
-    qn = q.float().norm(dim=-1).amax(dim=-1).view(b, hkv, hq // hkv).amax(dim=-1)
-    kn = k.float().norm(dim=-1).amax(dim=-1)
-    return scale * qn * kn
+    qn, kn = q.float().norm(dim=-1), k.float().norm(dim=-1)
+    if key_mask is not None:
+        km = key_mask.bool()[:, None, :]
+        kn = kn * km
+        if lq == k.shape[2]:
+            qn = qn * km
+    return scale * qn.amax(dim=-1).view(b, hkv, hq // hkv).amax(dim=-1) * kn.amax(dim=-1)
 
 
 @dataclass

@@ -119,7 +119,7 @@ class NormReport:
 
         layers = list(dict.fromkeys(r.layer for r in self.rows))
         heads = max(r.head for r in self.rows) + 1
-        fig, axes = plt.subplots(1, 2, figsize=(min(4 + 0.5 * heads, 16) * 2, 1.5 + 0.3 * len(layers)), squeeze=False)
+        fig, axes = plt.subplots(1, 2, figsize=(min(4 + 0.5 * heads, 12) * 2, 2.5 + 0.3 * len(layers)), squeeze=False)
         for ax, col, title in zip(axes[0], ("max_logit", "logit_bound"), ("max |beta q.k|", "certified bound beta max||q|| max||k||")):
             grid = torch.full((len(layers), heads), math.nan)
             for r in self.rows:
