@@ -223,7 +223,35 @@ def _add_reproduce(sub) -> None:
     c.add_argument("--rank", type=int, default=8)
 
 
+    pt = exp.add_parser("phase-transition", help="poly attention's gradient error against G / sqrt(log L), and its "
+                        "time against exact attention (Hu et al. 2025)")
+    pt.add_argument("--out", default="reproduce/phase-transition")
+    pt.add_argument("--quick", action="store_true", help="a small grid (seconds), for a smoke test")
+    ns = exp.add_parser("norm-speed", help="the paper's Table 1 at CPU scale: standard vs norm-controlled, three sizes, "
+                        "time per epoch with attention auto")
+    ns.add_argument("--out", default="reproduce/norm-speed")
+    ns.add_argument("--quick", action="store_true", help="tiny models and short sequences, for a smoke test")
+    ns.add_argument("--length", type=int, default=None, help="tokens per sequence (default 4096)")
+    ns.add_argument("--sequences", type=int, default=None, help="sequences per epoch (default 8)")
+    ns.add_argument("--epochs", type=int, default=None)
+
+
 def cmd_reproduce(a: argparse.Namespace) -> int:
+    if a.experiment in ("phase-transition", "norm-speed"):
+        from lorakit.reproduce import limits as rl
+
+        if a.experiment == "phase-transition":
+            rl.phase_transition(a.out, rl.PhaseBudget.quick() if a.quick else rl.PhaseBudget())
+        else:
+            budget = rl.SpeedBudget.quick() if a.quick else rl.SpeedBudget()
+            for name in ("length", "sequences", "epochs"):
+                value = getattr(a, name)
+                if value is not None:
+                    if value <= 0:
+                        raise LorakitError(f"--{name} {value} must be positive")
+                    setattr(budget, name, value)
+            rl.norm_speed(a.out, budget)
+        return 0
     if a.experiment == "celora":
         from lorakit.reproduce import celora as rc
 

@@ -330,15 +330,16 @@ def _measure_attention(store, module, q, k, v, mask, kwargs, valid, chunk) -> No
 
 @torch.no_grad()
 def rescale_query_key(model: nn.Module, batch: dict[str, Tensor] | Tensor, max_logit_bound: float, *,
-                      rounds: int = 6) -> dict[str, float]:
+                      rounds: int = 6, match: bool = False) -> dict[str, float]:
     """Make a norm-controlled variant in place: scale each layer's query and key projections by
     sqrt(c_l) (c_l <= 1; weights, biases and adapters alike) so that the certified logit bound
     beta max||q|| max||k|| of every layer on ``batch`` is at most ``max_logit_bound``.
 
     Scaling q and k by sqrt(c) scales every logit by c (also after rotary embeddings). Earlier
     layers change later layers' inputs, so it measures and rescales up to ``rounds`` times.
-    Returns the product of the factors c_l applied per layer. This changes the model: it is how
-    lorakit builds the "norm-controlled" variants of its reproductions, not a training method.
+    With ``match=True`` layers below the bound are scaled up to it too (every layer ends at the
+    bound). Returns the product of the factors c_l applied per layer. This changes the model: it
+    is how lorakit builds the variants of its reproductions, not a training method.
     """
     if not max_logit_bound > 0:
         raise ValueError(f"max_logit_bound={max_logit_bound!r} must be > 0")
@@ -347,7 +348,8 @@ def rescale_query_key(model: nn.Module, batch: dict[str, Tensor] | Tensor, max_l
     for _ in range(rounds):
         report = measure_norms(model, batch)
         worst = {row["layer"]: row["logit_bound"] for row in report.layers()}
-        over = {name: g for name, g in worst.items() if g > max_logit_bound}
+        over = {name: g for name, g in worst.items()
+                if g > max_logit_bound * (1 + 1e-4) or (match and g < max_logit_bound * (1 - 1e-3))}
         if not over:
             return applied
         for name, g in over.items():
@@ -359,9 +361,10 @@ def rescale_query_key(model: nn.Module, batch: dict[str, Tensor] | Tensor, max_l
                 _scale_projection(*found[mu], math.sqrt(c))
             applied[name] = applied.get(name, 1.0) * c
     report = measure_norms(model, batch)
-    left = [row["layer"] for row in report.layers() if row["logit_bound"] > max_logit_bound * (1 + 1e-4)]
+    left = [row["layer"] for row in report.layers() if row["logit_bound"] > max_logit_bound * (1 + 1e-4)
+            or (match and row["logit_bound"] < max_logit_bound * (1 - 1e-2))]
     if left:
-        raise ModelError(f"after {rounds} rounds {len(left)} layers still exceed logit bound {max_logit_bound}: {left[:3]}")
+        raise ModelError(f"after {rounds} rounds {len(left)} layers still miss logit bound {max_logit_bound}: {left[:3]}")
     return applied
 
 
