@@ -4,7 +4,7 @@ Acceptance (issue 3): poly's log-log slope <= 1.15 over L = 1024..16384 at head 
 and not; poly faster than SDPA from L = 4096 at head dim 32; the crossover for head dims 32 and
 64. Writes benchmarks/results/poly_attention.json.
 
-    .venv/bin/python benchmarks/poly_attention.py [--steps 3] [--max-length 16384]
+    .venv/bin/python benchmarks/poly_attention.py [--steps 1] [--rounds 5] [--max-length 16384]
 """
 
 import argparse
@@ -15,7 +15,8 @@ from pathlib import Path
 from lorakit.bench import poly_bench
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--steps", type=int, default=3)
+parser.add_argument("--steps", type=int, default=1, help="timed steps per block")
+parser.add_argument("--rounds", type=int, default=5, help="rounds over all lengths (medians over rounds)")
 parser.add_argument("--max-length", type=int, default=16384)
 parser.add_argument("--head-dims", default="32,64")
 parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "poly_attention.json"))
@@ -25,7 +26,7 @@ lengths = [1024]
 while lengths[-1] < args.max_length:
     lengths.append(lengths[-1] * 2)
 head_dims = [int(d) for d in args.head_dims.split(",")]
-result = poly_bench.run(lengths, head_dims, steps=args.steps, progress=lambda m: print(m, file=sys.stderr, flush=True))
+result = poly_bench.run(lengths, head_dims, steps=args.steps, rounds=args.rounds, progress=lambda m: print(m, file=sys.stderr, flush=True))
 for c in result["curves"]:
     cross = c["crossover_length"]
     print(f"d={c['head_dim']} causal={c['causal']}: slope poly {c['slope_poly']:.3f}, sdpa {c['slope_sdpa']:.3f}; "

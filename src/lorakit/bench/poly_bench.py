@@ -1,7 +1,7 @@
 """Polynomial attention vs torch's scaled_dot_product_attention: fwd+bwd time against L.
 
-Both contenders run the same shapes [batch, heads, L, d] in float32 on the same machine,
-alternating (``harness.alternate``); the result has the median times, the log-log slope of each
+Both contenders run the same shapes [batch, heads, L, d] in float32 on the same machine in the
+same run (see ``run`` for the order); the result has the median times, the log-log slope of each
 curve (least squares over the lengths) and the crossover length from which poly attention is
 faster, interpolated in log-log between the two measured lengths around it.
 """
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from lorakit.bench.harness import Contender, alternate
+from lorakit.bench.harness import Contender, Timing, alternate
 from lorakit.bench.workloads import machine
 from lorakit.kernels.poly_attention import num_features, poly_attention
 
@@ -54,19 +54,38 @@ def crossover(lengths: list[int], exact: list[float], poly: list[float]) -> floa
 
 
 def run(lengths: list[int], head_dims: list[int], *, causal_modes=(False, True), degree: int = 2, batch: int = 1,
-        heads: int = 1, steps: int = 3, warmup: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        heads: int = 1, steps: int = 1, warmup: int = 1, rounds: int = 5, seed: int = 0,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Rounds are the outer loop: each round times every (head dim, mask, length) once per contender,
+    each contender in its own block (warm-up, then ``steps`` timed calls). A shared machine's slow
+    spells then land on every length alike instead of bending the curves, and SDPA's gigabytes at
+    large L are not freed in the middle of a poly measurement. Medians and minima over rounds."""
     torch.manual_seed(seed)
+    configs = [(d, causal, length) for d in head_dims for causal in causal_modes for length in lengths]
+    tensors = {}
+    for d, causal, length in configs:
+        if (d, length) not in tensors:
+            tensors[(d, length)] = [(0.3 * torch.randn(batch, heads, length, d)).requires_grad_(),
+                                    (0.3 * torch.randn(batch, heads, length, d)).requires_grad_(),
+                                    torch.randn(batch, heads, length, d).requires_grad_()]
+    seconds: dict[tuple, dict[str, list[float]]] = {c: {"sdpa": [], "poly": []} for c in configs}
+    for r in range(rounds):
+        for d, causal, length in configs:
+            q, k, v = tensors[(d, length)]
+            for name in ("sdpa", "poly"):
+                block = alternate([Contender(name, fwd_bwd(name, q, k, v, causal=causal, degree=degree))],
+                                  warmup=warmup, steps=steps)
+                seconds[(d, causal, length)][name] += block[name].seconds
+        if progress:
+            progress(f"round {r + 1}/{rounds} done")
     curves = []
     for d in head_dims:
         for causal in causal_modes:
             rows = []
             for length in lengths:
-                q, k, v = (0.3 * torch.randn(batch, heads, length, d)).requires_grad_(), \
-                    (0.3 * torch.randn(batch, heads, length, d)).requires_grad_(), torch.randn(batch, heads, length, d).requires_grad_()
-                contenders = [Contender("sdpa", fwd_bwd("sdpa", q, k, v, causal=causal, degree=degree)),
-                              Contender("poly", fwd_bwd("poly", q, k, v, causal=causal, degree=degree))]
-                t = alternate(contenders, warmup=warmup, steps=steps)
+                t = {name: Timing(name, values) for name, values in seconds[(d, causal, length)].items()}
                 rows.append({"length": length, "sdpa_s": t["sdpa"].median, "poly_s": t["poly"].median,
+                             "sdpa_min_s": min(t["sdpa"].seconds), "poly_min_s": min(t["poly"].seconds),
                              "poly_over_sdpa": t["poly"].median / t["sdpa"].median})
                 if progress:
                     progress(f"d={d} causal={causal} L={length}: sdpa {rows[-1]['sdpa_s']:.4f}s, poly {rows[-1]['poly_s']:.4f}s")
@@ -76,8 +95,13 @@ def run(lengths: list[int], head_dims: list[int], *, causal_modes=(False, True),
             curves.append({
                 "head_dim": d, "causal": causal, "degree": degree, "features": num_features(d, degree), "rows": rows,
                 "slope_poly": loglog_slope(ls, po), "slope_sdpa": loglog_slope(ls, ex),
+                "slope_poly_of_minima": loglog_slope(ls, [r["poly_min_s"] for r in rows]),
+                "slope_sdpa_of_minima": loglog_slope(ls, [r["sdpa_min_s"] for r in rows]),
                 "crossover_length": cross, "crossover_per_feature": None if cross is None else cross / num_features(d, degree),
             })
     return {"workload": {"batch": batch, "heads": heads, "degree": degree, "dtype": "float32", "steps": steps,
-                         "warmup": warmup, "what": "forward + backward of one attention call, all of q, k, v requiring grad"},
+                         "warmup": warmup, "rounds": rounds,
+                         "what": "forward + backward of one attention call, all of q, k, v requiring grad",
+                         "order": "rounds outermost; per round every length once per contender, each in its own "
+                                  "block (warm-up, then timed steps); medians over rounds (minima also given)"},
             "machine": machine(), "curves": curves}

@@ -39,8 +39,8 @@ from lorakit.limits.bounds import logit_bound, output_error_bound, smallest_degr
 MODES = ("poly", "auto", "softmax1", "exact")
 # auto predicts poly faster than exact attention when L >= crossover_per_feature * C(d + g, g).
 # From this project's CPU benchmark (benchmarks/results/poly_attention.json, fwd+bwd, degree 2):
-# crossover lengths / feature counts were 1638/561 = 2.9 and 4885/2145 = 2.3 without a causal mask,
-# 3184/561 = 5.7 and 9804/2145 = 4.6 with one; rounded up. Override with crossover_per_feature=.
+# crossover lengths / feature counts were 1617/561 = 2.9 and 3171/2145 = 1.5 without a causal mask,
+# 3265/561 = 5.8 and 8364/2145 = 3.9 with one; rounded up. Override with crossover_per_feature=.
 CROSSOVER_PER_FEATURE = {False: 3.0, True: 6.0}
 
 

@@ -74,7 +74,7 @@ class PhaseBudget:
     head_dim: int = 16
     timing_lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
     timing_head_dim: int = 32
-    timing_steps: int = 3
+    timing_steps: int = 1  # per round; poly_bench runs 5 rounds
 
     @classmethod
     def quick(cls) -> "PhaseBudget":
