@@ -1,0 +1,12 @@
+"""Expressive power of LoRA (Zeng & Lee, ICLR 2024): exact adapter constructions and their errors.
+
+    from lorakit import expressive as ex
+    c = ex.linear_adapters(frozen=[W1, W2], target=Wbar, rank=4)   # c.adapters = [(B_l, A_l)], layer 1 first
+    ex.linear_error(frozen, target, rank)                           # (sigma_{RL+1}(E), Frobenius form)
+    ex.min_rank(frozen, target, tol=0.0)                            # smallest uniform rank reaching tol
+"""
+
+from lorakit.expressive.linear import (LinearConstruction, SingularMatrixError, error_matrix, linear_adapters,
+                                       linear_error, min_rank)
+
+__all__ = ["LinearConstruction", "SingularMatrixError", "error_matrix", "linear_adapters", "linear_error", "min_rank"]
