@@ -4,9 +4,12 @@
     c = ex.linear_adapters(frozen=[W1, W2], target=Wbar, rank=4)   # c.adapters = [(B_l, A_l)], layer 1 first
     ex.linear_error(frozen, target, rank)                           # (sigma_{RL+1}(E), Frobenius form)
     ex.min_rank(frozen, target, tol=0.0)                            # smallest uniform rank reaching tol
+    adapted = ex.fnn_adapters(frozen=fnn, target=target, rank=8, input_bound=5.0)   # an FNN; exact at R >= ceil(D/M)
+    ex.fnn_error_bound(fnn, target, rank, input_cov)                # below the threshold
 """
 
+from lorakit.expressive.fnn import FNN, AdaptedFNN, fnn_adapters, fnn_error_bound, partition_groups
 from lorakit.expressive.linear import (LinearConstruction, SingularMatrixError, error_matrix, linear_adapters,
                                        linear_error, min_rank)
 
-__all__ = ["LinearConstruction", "SingularMatrixError", "error_matrix", "linear_adapters", "linear_error", "min_rank"]
+__all__ = ["FNN", "AdaptedFNN", "fnn_adapters", "fnn_error_bound", "partition_groups", "LinearConstruction", "SingularMatrixError", "error_matrix", "linear_adapters", "linear_error", "min_rank"]

@@ -147,7 +147,7 @@ def linear_adapters(frozen: list[Tensor], target: Tensor, rank: int | list[int],
 
     Any orthonormal basis of the kept singular subspace works (the blocks only have to add up to
     it); the partial products can be ill-conditioned for one basis and fine for another, so when the
-    SVD's own basis inverts a matrix with condition number above 1e6, up to ``tries`` random
+    SVD's own basis inverts a matrix with condition number above 1e3, up to ``tries`` random
     rotations of it are tried and the best conditioned is kept.
 
     Raises SingularMatrixError naming the singular W_l or partial product unless ``pinv``; with
@@ -168,7 +168,7 @@ def linear_adapters(frozen: list[Tensor], target: Tensor, rank: int | list[int],
     top = vh[:kept].T
     best = _build(frozen, e, top, ranks, pinv)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(tries if best[1] > 1e6 and kept > 1 else 0):
+    for _ in range(tries if best[1] > 1e3 and kept > 1 else 0):
         q, _ = torch.linalg.qr(torch.randn(kept, kept, generator=gen, dtype=e.dtype))
         candidate = _build(frozen, e, top @ q.to(e.device), ranks, pinv)
         if candidate[1] < best[1]:
