@@ -6,10 +6,12 @@
     ex.min_rank(frozen, target, tol=0.0)                            # smallest uniform rank reaching tol
     adapted = ex.fnn_adapters(frozen=fnn, target=target, rank=8, input_bound=5.0)   # an FNN; exact at R >= ceil(D/M)
     ex.fnn_error_bound(fnn, target, rank, input_cov)                # below the threshold
+    adapted_tfn = ex.tfn_adapters(frozen=tfn, target=other_tfn, rank=8)   # same depth; exact at R >= ceil(D/2)
 """
 
 from lorakit.expressive.fnn import FNN, AdaptedFNN, fnn_adapters, fnn_error_bound, partition_groups
+from lorakit.expressive.tfn import TFN, AdaptedTFN, tfn_adapters
 from lorakit.expressive.linear import (LinearConstruction, SingularMatrixError, error_matrix, linear_adapters,
                                        linear_error, min_rank)
 
-__all__ = ["FNN", "AdaptedFNN", "fnn_adapters", "fnn_error_bound", "partition_groups", "LinearConstruction", "SingularMatrixError", "error_matrix", "linear_adapters", "linear_error", "min_rank"]
+__all__ = ["TFN", "AdaptedTFN", "tfn_adapters", "FNN", "AdaptedFNN", "fnn_adapters", "fnn_error_bound", "partition_groups", "LinearConstruction", "SingularMatrixError", "error_matrix", "linear_adapters", "linear_error", "min_rank"]
