@@ -236,7 +236,23 @@ def _add_reproduce(sub) -> None:
     ns.add_argument("--epochs", type=int, default=None)
 
 
+    xp = exp.add_parser("expressive", help="the expressive power of LoRA on synthetic linear, ReLU and transformer "
+                        "models: constructions vs gradient descent (Zeng & Lee 2024)")
+    xp.add_argument("--experiment", dest="experiment_names", default="linear,fnn,flt,tfn,depth,bias",
+                    help="comma-separated: linear, fnn, flt, tfn, depth, bias (default: all)")
+    xp.add_argument("--out", default="reproduce/expressive")
+    size = xp.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="the paper's budget (5 seeds, 5000 epochs, full grid): hours on CPU")
+    size.add_argument("--quick", action="store_true", help="D = 8, 2 seeds, 30 epochs: a smoke test")
+
+
 def cmd_reproduce(a: argparse.Namespace) -> int:
+    if a.experiment == "expressive":
+        from lorakit.reproduce import expressive as rx
+
+        budget = rx.Budget.full() if a.full else rx.Budget.quick() if a.quick else rx.Budget()
+        rx.run(a.out, tuple(e.strip() for e in a.experiment_names.split(",") if e.strip()), budget)
+        return 0
     if a.experiment in ("phase-transition", "norm-speed"):
         from lorakit.reproduce import limits as rl
 

@@ -131,7 +131,8 @@ def _build(frozen: list[Tensor], e: Tensor, basis: Tensor, ranks: list[int], pin
             v_l = basis[:, cols]
             p_l = product(frozen[layer + 1:]) if layer + 1 < n else eye
             p_inv, u1 = _inverse(p_l, f"the suffix product W_{n}...W_{layer + 2}", pinv)
-            a_inv, u2 = _inverse(a_hat, f"the partial product (W_{layer} + Delta_{layer})...(W_1 + Delta_1)", pinv)
+            partial = "(W_1 + Delta_1)" if layer == 1 else f"(W_{layer} + Delta_{layer})...(W_1 + Delta_1)"
+            a_inv, u2 = _inverse(a_hat, f"the partial product {partial}", pinv)
             worst = max(worst, float(torch.linalg.cond(a_hat)), float(torch.linalg.cond(p_l)))
             used_pinv |= u1 or u2
             b[:, : len(cols)] = p_inv @ e @ v_l
