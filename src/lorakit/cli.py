@@ -42,6 +42,27 @@ def _svd_rank(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{value!r} is neither an integer nor 'balanced'") from None
 
 
+def _rank_pattern(value: str) -> dict[str, int]:
+    from pathlib import Path
+
+    if value.endswith(".json") or Path(value).is_file():
+        try:
+            doc = json.loads(Path(value).read_text())
+        except (OSError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {value}: {exc}") from exc
+        doc = doc.get("rank_pattern", doc) if isinstance(doc, dict) else doc
+        if not isinstance(doc, dict) or not all(isinstance(v, int) for v in doc.values()):
+            raise argparse.ArgumentTypeError(f"{value}: expected {{module: rank}} or an object with a rank_pattern")
+        return doc
+    out = {}
+    for part in value.split(","):
+        name, _, r = part.partition("=")
+        if not name or not r.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"--rank-pattern {value!r}: use name=r,name=r or a JSON file")
+        out[name.strip()] = int(r)
+    return out
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a LoRA adapter", description="Fine-tune a LoRA adapter. "
                        "With no arguments: MiniLM on fresh-vs-rotten sentiment, 200 steps.")
@@ -55,6 +76,8 @@ def _add_train(sub) -> None:
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows (counted in the report) instead of stopping")
     p.add_argument("--targets", type=_targets, default="attn-qv", help="attn-qv | attn-qkv | all-linear | a regex | comma-separated names")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank-pattern", type=_rank_pattern, default=None,
+                   help="per-module ranks: a JSON file (rank-advice's advice.json or {module: rank}) or name=r,name=r")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
@@ -107,7 +130,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(
         model=a.model, data=data, task=a.task, eval_data=a.eval_data, text_column=a.text_column, label_column=a.label_column,
         skip_bad_rows=a.skip_bad_rows, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
-        init=a.init, backward=a.backward, keep_ratio=a.keep_ratio, refresh_every=a.refresh_every, svd_rank=a.svd_rank,
+        init=a.init, rank_pattern=a.rank_pattern, backward=a.backward, keep_ratio=a.keep_ratio, refresh_every=a.refresh_every, svd_rank=a.svd_rank,
         selection=a.selection, norm_cap=a.norm_cap, attention=a.attention, attention_tolerance=a.attention_tolerance,
         norm_every=a.norm_every, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         weight_decay=a.weight_decay, warmup=a.warmup, max_grad_norm=a.max_grad_norm, max_length=a.max_length, bf16=a.bf16,
@@ -209,6 +232,54 @@ def cmd_norms(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rank_advice(sub) -> None:
+    p = sub.add_parser("rank-advice", help="per-module LoRA ranks from the spectrum of a full fine-tuning's weight change",
+                       description="From a fully fine-tuned checkpoint (--tuned) or a short full fine-tuning lorakit runs "
+                       "itself (--data), the singular spectrum of each target module's weight change and the smallest "
+                       "rank reaching --tol, or the best split of --budget parameters; prints a rank_pattern.")
+    p.add_argument("--model", required=True, help="the base model: builtin:minilm | builtin:smollm2 | a local directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tuned", help="a fully fine-tuned model directory of the same architecture")
+    src.add_argument("--data", help="data for a short full fine-tuning run (builtin:rotten-tomatoes, FILE.csv, ...)")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--tol", type=float, help="relative Frobenius error left per module, e.g. 0.5")
+    goal.add_argument("--budget", type=int, help="adapter parameters to split across modules")
+    p.add_argument("--targets", type=_targets, default="all-linear")
+    p.add_argument("--steps", type=int, default=100, help="full fine-tuning steps with --data")
+    p.add_argument("--lr", type=float, default=1e-4, help="full fine-tuning learning rate with --data")
+    p.add_argument("--out", default="rank-advice", help="directory for advice.json")
+
+
+def cmd_rank_advice(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lorakit.expressive import advice as ad
+
+    if a.tuned:
+        from lorakit.adapters.targets import resolve
+        from lorakit.adapters import LoraConfig
+        from lorakit.train.models import load_model, load_tokenizer
+
+        from lorakit.train.models import builtin_default_task
+
+        archs = json.loads((Path(a.tuned) / "config.json").read_text()).get("architectures") or [] \
+            if (Path(a.tuned) / "config.json").is_file() else []
+        task = builtin_default_task(a.model) or ("classify" if any("SequenceClassification" in x for x in archs) else "causal-lm")
+        base = load_model(a.model, task, tokenizer=load_tokenizer(a.model)).model
+        tuned = load_model(a.tuned, task, tokenizer=load_tokenizer(a.model)).model
+        names = resolve(base, LoraConfig(targets=a.targets)).targets
+        deltas = ad.weight_deltas(base, tuned, names)
+    else:
+        base, deltas, after = ad.full_finetune_deltas(a.model, a.data, a.targets, steps=a.steps, lr=a.lr,
+                                                      out=Path(a.out) / "full-finetune")
+        print("full fine-tuning, held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in after.items()))
+    advice = ad.advise(ad.spectra(base, deltas), tol=a.tol, budget=a.budget)
+    print(advice.table())
+    path = advice.to_json(Path(a.out) / "advice.json")
+    print(f"wrote {path}; train with: lorakit train --targets ... --rank-pattern {path}")
+    return 0
+
+
 def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="reproduce a paper's claim (writes JSON/CSV and a PNG)")
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
@@ -290,6 +361,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "merge": (_add_merge, cmd_merge),
     "info": (_add_info, cmd_info),
     "norms": (_add_norms, cmd_norms),
+    "rank-advice": (_add_rank_advice, cmd_rank_advice),
     "reproduce": (_add_reproduce, cmd_reproduce),
 }
 
