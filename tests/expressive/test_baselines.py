@@ -42,3 +42,18 @@ def test_grid_search_selects_on_validation():
     assert len(res.tried) == 2
     assert res.validation_mse == min(t["validation_mse"] for t in res.tried)
     assert res.lr == 1e-2 and res.test_mse > 0
+
+
+def test_tfn_lora_starts_at_the_frozen_model_and_learns():
+    from lorakit.expressive.baselines import TFNLoRA, tfn_grid_search
+    from lorakit.expressive.tfn import TFN
+
+    frozen, target = TFN.random(8, 2, 1, seed=0, dtype=torch.float32), TFN.random(8, 2, 1, seed=1, dtype=torch.float32)
+    net = TFNLoRA(frozen, rank=2)
+    x = torch.randn(4, 8, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), frozen(x))
+    res = tfn_grid_search(frozen, target, 2, epochs=60, lrs=(1e-2,), weight_decays=(0.0,), test=200)
+    with torch.no_grad():
+        start = float((frozen(x) - target(x)).pow(2).sum(1).mean())
+    assert 0 < res.test_mse < start

@@ -148,3 +148,88 @@ def grid_search(make: Callable[[], AdaptedNet], target: Target, *, epochs: int =
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+class TFNLoRA(nn.Module):
+    """Gradient-trained LoRA on a frozen TFN: rank-R updates on W_Q, W_K, W_V, W_O of every head and
+    layer, on the last FFN's W_2 and the output matrix (where the construction puts them), and tuned
+    FFN biases. x: [n, D, N]."""
+
+    def __init__(self, frozen, rank: int, seed: int = 0) -> None:
+        super().__init__()
+        from lorakit.expressive.tfn import TFN
+
+        self.net = TFN([{k: v.detach() for k, v in layer.items()} for layer in frozen.layers], frozen.w_out.detach())
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        d, gen = frozen.width, torch.Generator().manual_seed(seed)
+        self.factors = nn.ParameterDict()
+        self.keys: list[tuple[int, str, int | None]] = []
+        last = frozen.depth - 1
+        for li, layer in enumerate(self.net.layers):
+            for name in ("wq", "wk", "wv", "wo"):
+                for h in range(layer[name].shape[0]):
+                    self.keys.append((li, name, h))
+            if li == last:
+                self.keys.append((li, "w2", None))
+            layer["b1"].requires_grad_(True)
+            layer["b2"].requires_grad_(True)
+        self.keys.append((-1, "w_out", None))
+        dtype = frozen.w_out.dtype
+        for li, name, h in self.keys:
+            key = f"{li}_{name}_{h}"
+            self.factors[key + "_a"] = nn.Parameter(torch.randn(rank, d, generator=gen, dtype=dtype) / math.sqrt(d))
+            self.factors[key + "_b"] = nn.Parameter(torch.zeros(d, rank, dtype=dtype))
+
+    def _delta(self, li: int, name: str, h: int | None) -> Tensor:
+        key = f"{li}_{name}_{h}"
+        return self.factors[key + "_b"] @ self.factors[key + "_a"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = x
+        last = len(self.net.layers) - 1
+        for li, layer in enumerate(self.net.layers):
+            att = torch.zeros_like(z)
+            for h in range(layer["wq"].shape[0]):
+                wq, wk = layer["wq"][h] + self._delta(li, "wq", h), layer["wk"][h] + self._delta(li, "wk", h)
+                wv, wo = layer["wv"][h] + self._delta(li, "wv", h), layer["wo"][h] + self._delta(li, "wo", h)
+                weights = torch.softmax((wk @ z).transpose(-1, -2) @ (wq @ z), dim=-2)
+                att = att + wo @ ((wv @ z) @ weights)
+            hidden = torch.relu(layer["w1"] @ att + layer["b1"][:, None])
+            w2 = layer["w2"] + (self._delta(li, "w2", None) if li == last else 0)
+            z = w2 @ hidden + layer["b2"][:, None]
+        return (self.net.w_out + self._delta(-1, "w_out", None)) @ z
+
+
+def tfn_grid_search(frozen, target, rank: int, *, epochs: int = 300, lrs=(1e-2, 1e-3), weight_decays=(0.0, 1e-3),
+                    batch: int = 64, tokens: int = 10, validation: int = 500, test: int = 2000, seed: int = 0) -> GridResult:
+    """The baselines' protocol for a TFN: fresh N(0, I) [batch, D, tokens] inputs every epoch, best (lr, wd) on validation."""
+    d, dtype = frozen.width, frozen.w_out.dtype
+
+    def loss_of(model, n, s):
+        x = torch.randn(n, d, tokens, generator=torch.Generator().manual_seed(s), dtype=dtype)
+        with torch.no_grad():
+            return float((model(x) - target(x)).pow(2).sum(1).mean())
+
+    best, tried = None, []
+    with single_thread():
+        for lr in lrs:
+            for wd in weight_decays:
+                model = TFNLoRA(frozen, rank, seed=seed)
+                opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
+                gen = torch.Generator().manual_seed(seed)
+                for _ in range(epochs):
+                    x = torch.randn(batch, d, tokens, generator=gen, dtype=dtype)
+                    with torch.no_grad():
+                        y = target(x)
+                    loss = (model(x) - y).pow(2).sum(1).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                val = loss_of(model, validation, 10_000 + seed)
+                tried.append({"lr": lr, "weight_decay": wd, "validation_mse": val})
+                if best is None or val < best[0]:
+                    best = (val, lr, wd, model)
+    val, lr, wd, model = best
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return GridResult(loss_of(model, test, 20_000 + seed), lr, wd, val, trainable, tried)

@@ -8,7 +8,7 @@ models random and independent per seed, median over seeds, each writing NAME.csv
   weights trained on the target until the MSE is a third of where it started).
 - fnn: ReLU FNNs Lbar = 1, L = 2 and Lbar = 2, L = 4: construction vs gradient-trained LoRA (biases tuned).
 - flt: Lbar = 1, L = 8: LoRA of rank R against tuning the last k layers in full (equal parameters at R = k).
-- tfn: the simplified transformer (H = 2, N = 10 tokens), L in {1, 2}: the construction's error vs rank.
+- tfn: the simplified transformer (H = 2, N = 10 tokens), L in {1, 2}: construction vs gradient-trained LoRA.
 - depth: Lbar = 1, frozen depth L = 2..14: the smallest rank at which the construction is exact (relative MSE
   <= 1e-8 in float64), vs ceil(D / L); deep random stacks can be float64-limited (said per row).
 - bias: gradient-trained LoRA on the FNN (Lbar = 1, L = 2) with and without bias tuning.
@@ -187,19 +187,24 @@ def flt(budget: Budget, log) -> list[dict[str, Any]]:
 
 
 def tfn(budget: Budget, log) -> list[dict[str, Any]]:
+    from lorakit.expressive.baselines import tfn_grid_search
     from lorakit.expressive.tfn import TFN, tfn_adapters
 
     d, rows = budget.width, []
     for depth in (1, 2):
         for rank in range(1, d // 2 + 1):
-            errs = []
+            errs, gd = [], []
             for seed in range(budget.seeds):
                 frozen, target = TFN.random(d, 2, depth, seed=2 * seed), TFN.random(d, 2, depth, seed=2 * seed + 1)
                 x = torch.randn(200, d, 10, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
                 with torch.no_grad():
                     errs.append(float((tfn_adapters(frozen, target, rank)(x) - target(x)).pow(2).sum(1).mean()))
-            rows.append({"depth": depth, "rank": rank, "construction_mse": _median(errs)})
-            log(f"tfn L={depth} R={rank}: construction {rows[-1]['construction_mse']:.2e}")
+                f32 = TFN.random(d, 2, depth, seed=2 * seed, dtype=torch.float32)
+                t32 = TFN.random(d, 2, depth, seed=2 * seed + 1, dtype=torch.float32)
+                gd.append(tfn_grid_search(f32, t32, rank, epochs=budget.epochs, lrs=budget.lrs,
+                                          weight_decays=budget.weight_decays, test=min(budget.test, 2000), seed=seed).test_mse)
+            rows.append({"depth": depth, "rank": rank, "construction_mse": _median(errs), "gd_mse": _median(gd)})
+            log(f"tfn L={depth} R={rank}: construction {rows[-1]['construction_mse']:.2e}, GD {rows[-1]['gd_mse']:.2e}")
     return rows
 
 
@@ -329,6 +334,7 @@ def _plot(path: Path, name: str, rows: list[dict[str, Any]], budget: Budget) -> 
         for dep in (1, 2):
             mine = [r for r in rows if r["depth"] == dep]
             ax.plot([r["rank"] for r in mine], [max(r["construction_mse"], floor) for r in mine], "o-", label=f"construction, L={dep}")
+            ax.plot([r["rank"] for r in mine], [max(r["gd_mse"], floor) for r in mine], "s--", label=f"gradient descent, L={dep}")
         ax.axvline(math.ceil(budget.width / 2), color="gray", ls=":", label="ceil(D/2)")
         ax.set_xlabel("LoRA rank R")
     elif name == "depth":
