@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class RankAdvice:
     ranks: dict[str, int]
     mode: str
     value: float
-    notes: list[str] = field(default_factory=list)
 
     def rank_pattern(self) -> dict[str, int]:
         return dict(self.ranks)
@@ -76,14 +75,13 @@ class RankAdvice:
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         lines.append(f"{self.mode} = {self.value:g}: {self.parameters():,} adapter parameters in {len(self.spectra)} modules")
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+        return "\n".join(lines)
 
     def to_json(self, path: str | Path) -> Path:
         doc = {"mode": self.mode, "value": self.value, "rank_pattern": self.rank_pattern(), "parameters": self.parameters(),
                "modules": [{"name": s.name, "in": s.in_features, "out": s.out_features, "rank": self.ranks[s.name],
                             "relative_error": s.relative_error(self.ranks[s.name]),
-                            "singular_values": [float(v) for v in s.singular_values[:64]]} for s in self.spectra],
-               "notes": self.notes}
+                            "singular_values": [float(v) for v in s.singular_values[:64]]} for s in self.spectra]}
         path = Path(path)
         write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
         return path
@@ -127,7 +125,6 @@ def advise(modules: list[ModuleSpectrum], *, tol: float | None = None, budget: i
     if not modules:
         raise ConfigError("no modules to advise on")
     cap = {s.name: min(s.in_features, s.out_features, max_rank or 10**9) for s in modules}
-    notes = []
     if tol is not None:
         if not 0 <= tol < 1:
             raise ConfigError(f"tol={tol!r} must be in [0, 1): the relative error ||dW - dW_r||_F / ||dW||_F left per module")
@@ -137,7 +134,7 @@ def advise(modules: list[ModuleSpectrum], *, tol: float | None = None, budget: i
             while r < cap[s.name] and s.relative_error(r) > tol:
                 r += 1
             ranks[s.name] = r
-        return RankAdvice(modules, ranks, "tol", float(tol), notes)
+        return RankAdvice(modules, ranks, "tol", float(tol))
     minimum = sum(s.cost_per_rank for s in modules)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < minimum:
         raise ConfigError(f"budget={budget!r} adapter parameters is below {minimum:,}, the cost of rank 1 on every "
@@ -160,7 +157,7 @@ def advise(modules: list[ModuleSpectrum], *, tol: float | None = None, budget: i
         r = ranks[name]
         if r < cap[name] and r < s.singular_values.numel():
             heapq.heappush(heap, (-float(s.singular_values[r]) ** 2 / s.cost_per_rank, name))
-    return RankAdvice(modules, ranks, "budget", float(budget), notes)
+    return RankAdvice(modules, ranks, "budget", float(budget))
 
 
 def full_finetune_deltas(model_spec: str, data_spec: str, targets: str | list[str], *, steps: int = 100, lr: float = 1e-4,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -126,28 +125,32 @@ class GridResult:
     tried: list[dict] = field(default_factory=list)
 
 
+def _best_of_grid(lrs, weight_decays, train: Callable[[float, float], nn.Module],
+                  validate: Callable[[nn.Module], float]) -> tuple[float, float, float, nn.Module, list[dict]]:
+    """Train every (lr, wd); keep the one with the lowest validation MSE: (val, lr, wd, model, tried)."""
+    best, tried = None, []
+    for lr in lrs:
+        for wd in weight_decays:
+            model = train(lr, wd)
+            val = validate(model)
+            tried.append({"lr": lr, "weight_decay": wd, "validation_mse": val})
+            if best is None or val < best[0]:
+                best = (val, lr, wd, model)
+    return (*best, tried)
+
+
 def grid_search(make: Callable[[], AdaptedNet], target: Target, *, epochs: int = 300, lrs=(1e-2, 1e-3),
                 weight_decays=(0.0, 1e-3), batch: int = 256, validation: int = 1000, test: int = 5000,
                 seed: int = 0) -> GridResult:
     """Train every (lr, wd), keep the best on validation, report its test MSE."""
-    best = None
-    tried = []
-    for lr in lrs:
-        for wd in weight_decays:
-            model = fit(make(), target, epochs=epochs, lr=lr, weight_decay=wd, batch=batch, seed=seed)
-            dim, dtype = model.frozen[0].shape[0], model.frozen[0].dtype
-            val = mse(model, target, validation, dim, seed=10_000 + seed, dtype=dtype)
-            tried.append({"lr": lr, "weight_decay": wd, "validation_mse": val})
-            if best is None or val < best[0]:
-                best = (val, lr, wd, model)
-    val, lr, wd, model = best
-    dim, dtype = model.frozen[0].shape[0], model.frozen[0].dtype
-    return GridResult(mse(model, target, test, dim, seed=20_000 + seed, dtype=dtype), lr, wd, val,
-                      model.trainable_parameters(), tried)
+    def train(lr: float, wd: float) -> AdaptedNet:
+        return fit(make(), target, epochs=epochs, lr=lr, weight_decay=wd, batch=batch, seed=seed)
 
+    def score(model: AdaptedNet, n: int, offset: int) -> float:
+        return mse(model, target, n, model.frozen[0].shape[0], seed=offset + seed, dtype=model.frozen[0].dtype)
 
-def median(values: list[float]) -> float:
-    return float(statistics.median(values))
+    val, lr, wd, model, tried = _best_of_grid(lrs, weight_decays, train, lambda m: score(m, validation, 10_000))
+    return GridResult(score(model, test, 20_000), lr, wd, val, model.trainable_parameters(), tried)
 
 
 class TFNLoRA(nn.Module):
@@ -175,6 +178,7 @@ class TFNLoRA(nn.Module):
             layer["b1"].requires_grad_(True)
             layer["b2"].requires_grad_(True)
         self.keys.append((-1, "w_out", None))
+        self.adapted = set(self.keys)
         dtype = frozen.w_out.dtype
         for li, name, h in self.keys:
             key = f"{li}_{name}_{h}"
@@ -186,19 +190,7 @@ class TFNLoRA(nn.Module):
         return self.factors[key + "_b"] @ self.factors[key + "_a"]
 
     def forward(self, x: Tensor) -> Tensor:
-        z = x
-        last = len(self.net.layers) - 1
-        for li, layer in enumerate(self.net.layers):
-            att = torch.zeros_like(z)
-            for h in range(layer["wq"].shape[0]):
-                wq, wk = layer["wq"][h] + self._delta(li, "wq", h), layer["wk"][h] + self._delta(li, "wk", h)
-                wv, wo = layer["wv"][h] + self._delta(li, "wv", h), layer["wo"][h] + self._delta(li, "wo", h)
-                weights = torch.softmax((wk @ z).transpose(-1, -2) @ (wq @ z), dim=-2)
-                att = att + wo @ ((wv @ z) @ weights)
-            hidden = torch.relu(layer["w1"] @ att + layer["b1"][:, None])
-            w2 = layer["w2"] + (self._delta(li, "w2", None) if li == last else 0)
-            z = w2 @ hidden + layer["b2"][:, None]
-        return (self.net.w_out + self._delta(-1, "w_out", None)) @ z
+        return self.net.run(x, lambda li, name, h: self._delta(li, name, h) if (li, name, h) in self.adapted else None)
 
 
 def tfn_grid_search(frozen, target, rank: int, *, epochs: int = 300, lrs=(1e-2, 1e-3), weight_decays=(0.0, 1e-3),
@@ -211,25 +203,21 @@ def tfn_grid_search(frozen, target, rank: int, *, epochs: int = 300, lrs=(1e-2, 
         with torch.no_grad():
             return float((model(x) - target(x)).pow(2).sum(1).mean())
 
-    best, tried = None, []
-    with single_thread():
-        for lr in lrs:
-            for wd in weight_decays:
-                model = TFNLoRA(frozen, rank, seed=seed)
-                opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
-                gen = torch.Generator().manual_seed(seed)
-                for _ in range(epochs):
-                    x = torch.randn(batch, d, tokens, generator=gen, dtype=dtype)
-                    with torch.no_grad():
-                        y = target(x)
-                    loss = (model(x) - y).pow(2).sum(1).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                val = loss_of(model, validation, 10_000 + seed)
-                tried.append({"lr": lr, "weight_decay": wd, "validation_mse": val})
-                if best is None or val < best[0]:
-                    best = (val, lr, wd, model)
-    val, lr, wd, model = best
+    def train(lr: float, wd: float) -> TFNLoRA:
+        model = TFNLoRA(frozen, rank, seed=seed)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
+        gen = torch.Generator().manual_seed(seed)
+        with single_thread():
+            for _ in range(epochs):
+                x = torch.randn(batch, d, tokens, generator=gen, dtype=dtype)
+                with torch.no_grad():
+                    y = target(x)
+                loss = (model(x) - y).pow(2).sum(1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return model
+
+    val, lr, wd, model, tried = _best_of_grid(lrs, weight_decays, train, lambda m: loss_of(m, validation, 10_000 + seed))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return GridResult(loss_of(model, test, 20_000 + seed), lr, wd, val, trainable, tried)

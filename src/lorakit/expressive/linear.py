@@ -102,15 +102,16 @@ def min_rank(frozen: list[Tensor], target: Tensor, tol: float = 0.0) -> int:
     return max(1, math.ceil(needed / len(frozen)))
 
 
-def _inverse(m: Tensor, what: str, pinv: bool) -> tuple[Tensor, bool]:
-    cond = torch.linalg.cond(m)
-    if not torch.isfinite(cond) or cond > 1 / (torch.finfo(m.dtype).eps * 1e3):
+def _inverse(m: Tensor, what: str, pinv: bool) -> tuple[Tensor, bool, float]:
+    """(inverse or pseudo-inverse, whether the pseudo-inverse was used, condition number)."""
+    cond = float(torch.linalg.cond(m))
+    if not math.isfinite(cond) or cond > 1 / (torch.finfo(m.dtype).eps * 1e3):
         if not pinv:
-            raise SingularMatrixError(f"{what} is singular (condition number {float(cond):.3g}); the construction "
+            raise SingularMatrixError(f"{what} is singular (condition number {cond:.3g}); the construction "
                                       "assumes it is invertible. Pass pinv=True to use a pseudo-inverse and get the "
                                       "error actually reached")
-        return torch.linalg.pinv(m), True
-    return torch.linalg.inv(m), False
+        return torch.linalg.pinv(m), True, cond
+    return torch.linalg.inv(m), False, cond
 
 
 def _build(frozen: list[Tensor], e: Tensor, basis: Tensor, ranks: list[int], pinv: bool):
@@ -130,10 +131,10 @@ def _build(frozen: list[Tensor], e: Tensor, basis: Tensor, ranks: list[int], pin
         if cols:  # a layer past the kept directions needs no update (zeros keep the requested shape)
             v_l = basis[:, cols]
             p_l = product(frozen[layer + 1:]) if layer + 1 < n else eye
-            p_inv, u1 = _inverse(p_l, f"the suffix product W_{n}...W_{layer + 2}", pinv)
+            p_inv, u1, c1 = _inverse(p_l, f"the suffix product W_{n}...W_{layer + 2}", pinv)
             partial = "(W_1 + Delta_1)" if layer == 1 else f"(W_{layer} + Delta_{layer})...(W_1 + Delta_1)"
-            a_inv, u2 = _inverse(a_hat, f"the partial product {partial}", pinv)
-            worst = max(worst, float(torch.linalg.cond(a_hat)), float(torch.linalg.cond(p_l)))
+            a_inv, u2, c2 = _inverse(a_hat, f"the partial product {partial}", pinv)
+            worst = max(worst, c1, c2)
             used_pinv |= u1 or u2
             b[:, : len(cols)] = p_inv @ e @ v_l
             a[: len(cols)] = v_l.T @ a_inv

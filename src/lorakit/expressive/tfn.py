@@ -24,6 +24,7 @@ Rank ceil(D / 2) because every factor the target fixes is a product of two adapt
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -84,22 +85,29 @@ class TFN(nn.Module):
             layers.append(layer)
         return cls(layers, rnd(width, width) / math.sqrt(width))
 
-    def attention(self, layer: nn.ParameterDict, z: Tensor) -> Tensor:
-        out = torch.zeros_like(z)
-        for h in range(layer["wq"].shape[0]):
-            q, k, v = layer["wq"][h] @ z, layer["wk"][h] @ z, layer["wv"][h] @ z
-            weights = torch.softmax(k.transpose(-1, -2) @ q, dim=-2)  # [n, keys, queries]
-            out = out + layer["wo"][h] @ (v @ weights)
-        return out
-
-    def forward(self, x: Tensor) -> Tensor:
+    def run(self, x: Tensor, update: Callable[[int, str, int | None], Tensor | None] | None = None) -> Tensor:
+        """The forward pass with optional weight updates: ``update(layer, name, head)`` returns a delta to add
+        to that weight (layer -1 is the output matrix) or None. ``forward`` is ``run`` without updates."""
         if x.dim() != 3 or x.shape[1] != self.width:
             raise ConfigError(f"x must be [n, D={self.width}, N tokens], got {list(x.shape)}")
+
+        def weight(li: int, name: str, h: int | None = None) -> Tensor:
+            base = self.w_out if li < 0 else self.layers[li][name] if h is None else self.layers[li][name][h]
+            delta = update(li, name, h) if update is not None else None
+            return base if delta is None else base + delta
+
         z = x
-        for layer in self.layers:
-            hidden = torch.relu(layer["w1"] @ self.attention(layer, z) + layer["b1"][:, None])
-            z = layer["w2"] @ hidden + layer["b2"][:, None]
-        return self.w_out @ z
+        for li, layer in enumerate(self.layers):
+            att = torch.zeros_like(z)
+            for h in range(self.heads):
+                q, k, v = weight(li, "wq", h) @ z, weight(li, "wk", h) @ z, weight(li, "wv", h) @ z
+                att = att + weight(li, "wo", h) @ (v @ torch.softmax(k.transpose(-1, -2) @ q, dim=-2))  # softmax over keys
+            hidden = torch.relu(weight(li, "w1") @ att + layer["b1"][:, None])
+            z = weight(li, "w2") @ hidden + layer["b2"][:, None]
+        return weight(-1, "w_out") @ z
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x)
 
 
 class AdaptedTFN(TFN):

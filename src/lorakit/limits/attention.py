@@ -59,7 +59,7 @@ class AttentionPolicy:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ConfigError(f"attention={self.mode!r} is not one of {MODES}", )
+            raise ConfigError(f"attention={self.mode!r} is not one of {MODES}")
         if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance) and self.tolerance > 0):
             raise ConfigError(f"tolerance={self.tolerance!r} must be a positive number (e.g. 1e-3): the allowed "
                               "attention-output error relative to max|v|")
@@ -233,7 +233,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         if hasattr(module, "config") and (hasattr(module, "scaling") or hasattr(module, "is_causal")) \
-                and not isinstance(module, torch.nn.ModuleList) and not hasattr(module, "get_input_embeddings"):
+                and not hasattr(module, "get_input_embeddings"):
             found[name] = module
     return found
 

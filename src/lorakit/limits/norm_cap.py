@@ -16,17 +16,22 @@ Only B changes (A keeps its optimizer state meaning); afterwards ||s B A||_2 = m
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lorakit.adapters.attach import lora_layers, state
 from lorakit.adapters.layer import LoraLinear
 
 
+def _core(layer: LoraLinear) -> tuple[Tensor, Tensor, Tensor]:
+    """(Q_b, R_b, R_a) with B = Q_b R_b and A^T = Q_a R_a (thin QR): s B A = Q_b (s R_b R_a^T) Q_a^T."""
+    qb, rb = torch.linalg.qr(layer.lora_B.weight.detach().float())
+    ra = torch.linalg.qr(layer.lora_A.weight.detach().float().T, mode="r").R
+    return qb, rb, ra
+
+
 def adapter_spectral_norm(layer: LoraLinear) -> float:
     """||s B A||_2 from the r x r core (no m x n product)."""
-    b, a = layer.lora_B.weight.detach().float(), layer.lora_A.weight.detach().float()
-    rb = torch.linalg.qr(b, mode="r").R
-    ra = torch.linalg.qr(a.T, mode="r").R
+    _, rb, ra = _core(layer)
     return float(layer.scale * torch.linalg.matrix_norm(rb @ ra.T, ord=2))
 
 
@@ -37,15 +42,13 @@ def cap_adapter(layer: LoraLinear, cap: float) -> float:
         raise ValueError(f"cap={cap!r} must be > 0")
     if layer.merged:
         raise RuntimeError(f"{layer.name}: the adapter is merged into the base weight; unmerge before capping it")
-    w_b = layer.lora_B.weight
-    b, a = w_b.float(), layer.lora_A.weight.float()
-    qb, rb = torch.linalg.qr(b)
-    ra = torch.linalg.qr(a.T, mode="r").R
+    qb, rb, ra = _core(layer)
     u, sigma, _ = torch.linalg.svd(layer.scale * rb @ ra.T)
     before = float(sigma[0]) if sigma.numel() else 0.0
     if before <= cap:
         return before
     shrink = 1 - torch.clamp(cap / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), max=1.0)
+    w_b = layer.lora_B.weight
     w_b.sub_((qb @ (u * shrink) @ (u.T @ rb)).to(w_b.dtype))
     return before
 

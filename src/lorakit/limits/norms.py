@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lorakit.adapters.io import write_atomic
 from lorakit.adapters.layer import LoraLinear
-from lorakit.adapters.targets import _HEURISTIC, ATTENTION_PROJECTIONS, FUSED_QKV, leaf
+from lorakit.adapters.targets import _HEURISTIC, ATTENTION_PROJECTIONS, FUSED_QKV
 from lorakit.errors import ModelError
 from lorakit.limits.attention import attention_modules, key_padding_and_causal
 
@@ -216,8 +216,7 @@ def measure_norms(model: nn.Module, batch: dict[str, Tensor] | Tensor, *, chunk:
             h.remove()
     length = int(batch["input_ids"].shape[-1]) if "input_ids" in batch else max(s.get("length", 0) for s in stats.values())
     threshold = math.sqrt(math.log(length)) if length > 1 else math.nan
-    rows = []
-    notes = []
+    rows, notes, gqa = [], [], None
     for name, s in stats.items():
         if "logit" not in s:
             notes.append(f"{name} did not call the attention function in this pass")
@@ -236,10 +235,12 @@ def measure_norms(model: nn.Module, batch: dict[str, Tensor] | Tensor, *, chunk:
                     setattr(row, f"{mu}_share", float(s[f"{mu}_adapter"][idx] / per[idx].clamp_min(1e-30)))
             row.regime = BELOW if row.max_logit < threshold else ABOVE
             rows.append(row)
-        if kv_heads != heads and not notes:
-            notes.append(f"grouped-query attention: {heads} query heads share {kv_heads} key/value heads")
+        if kv_heads != heads:
+            gqa = f"grouped-query attention: {heads} query heads share {kv_heads} key/value heads"
     if not rows:
         raise ModelError(f"{type(model).__name__}: no attention call was observed; is the batch empty?")
+    if gqa:
+        notes.append(gqa)
     if not any(proj.values()):
         notes.append("no separate or fused q/k/v projections were found: q_max/k_max/v_max are not available")
     return NormReport(length, threshold, rows, getattr(model.config, "_name_or_path", "") or type(model).__name__, notes)

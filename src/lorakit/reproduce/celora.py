@@ -13,7 +13,6 @@ query/key/gate exact), Double-LoRA rank r0 = r, selection by score, refresh ever
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from lorakit.adapters.io import write_atomic
+from lorakit.reproduce import write_csv
 
 
 @dataclass
@@ -159,10 +159,7 @@ def run(out: str | Path = "reproduce/celora", *, budget: Budget | None = None, p
     if "errors" in parts:
         say("per-layer dX errors on real gradients ...")
         errors = _dx_errors("builtin:minilm", "classify", rank) + _dx_errors("builtin:smollm2", "causal-lm", rank)
-        with open(out / "dx_errors.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(errors[0]))
-            writer.writeheader()
-            writer.writerows(errors)
+        write_csv(out / "dx_errors.csv", errors)
         result["summary"]["dx_error_mean"] = {
             f"{m.split(':')[-1]} r0={'r' if r0 else 0} {sel}": statistics.mean(
                 e["relative_error"] for e in errors if e["model"] == m and (e["svd_rank"] > 0) == bool(r0) and e["selection"] == sel)

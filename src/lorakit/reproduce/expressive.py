@@ -19,8 +19,8 @@ Defaults finish in minutes on 2 cores (3 seeds, 300 epochs, lr {1e-2, 1e-3} x wd
 
 from __future__ import annotations
 
-import csv
 import math
+from statistics import median
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from lorakit.adapters.io import write_atomic
+from lorakit.reproduce import write_csv
 
 EXPERIMENTS = ("linear", "fnn", "flt", "tfn", "depth", "bias")
 
@@ -48,12 +49,6 @@ class Budget:
     @classmethod
     def quick(cls) -> "Budget":
         return cls(width=8, seeds=2, epochs=30, lrs=(1e-2,), weight_decays=(0.0,), test=500)
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    n = len(values)
-    return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
 
 
 def _grid(budget: Budget, make, target, seed: int):
@@ -79,8 +74,8 @@ def _test_inputs(d: int, n: int, seed: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- experiments
 def linear(budget: Budget, log) -> list[dict[str, Any]]:
-    from lorakit.expressive.baselines import AdaptedNet, fit, mse
-    from lorakit.expressive.linear import linear_adapters, product
+    from lorakit.expressive.baselines import AdaptedNet
+    from lorakit.expressive.linear import linear_adapters
 
     d, rows = budget.width, []
     for frozen_kind in ("random", "pretrained"):
@@ -98,7 +93,7 @@ def linear(budget: Budget, log) -> list[dict[str, Any]]:
                 g = _grid(budget, lambda: AdaptedNet([w.float() for w in frozen], None, rank=rank, relu=False, tune_bias=False,
                                                      seed=seed), lambda x: x @ t32.T, seed)
                 gd.append(g.test_mse)
-            rows.append({"frozen": frozen_kind, "rank": rank, "construction_mse": _median(cons), "gd_mse": _median(gd)})
+            rows.append({"frozen": frozen_kind, "rank": rank, "construction_mse": median(cons), "gd_mse": median(gd)})
             log(f"linear {frozen_kind} R={rank}: construction {rows[-1]['construction_mse']:.2e}, GD {rows[-1]['gd_mse']:.2e}")
     return rows
 
@@ -144,7 +139,7 @@ def fnn(budget: Budget, log) -> list[dict[str, Any]]:
                 g = _grid(budget, lambda: AdaptedNet(w, b, rank=rank, seed=seed), t32, seed)
                 gd.append(g.test_mse)
             rows.append({"target_depth": target_depth, "frozen_depth": frozen_depth, "rank": rank,
-                         "construction_mse": _median(cons), "gd_mse": _median(gd)})
+                         "construction_mse": median(cons), "gd_mse": median(gd)})
             log(f"fnn Lbar={target_depth} L={frozen_depth} R={rank}: construction {rows[-1]['construction_mse']:.2e}, "
                 f"GD {rows[-1]['gd_mse']:.2e}")
     return rows
@@ -178,8 +173,8 @@ def flt(budget: Budget, log) -> list[dict[str, Any]]:
             lora.append(g1.test_mse)
             tuned.append(g2.test_mse)
             params = {"lora_params": g1.trainable_parameters, "flt_params": g2.trainable_parameters}
-        rows.append({"rank_or_layers": k, "lora_mse": _median(lora), "flt_mse": _median(tuned),
-                     "lora_construction_mse": _median(cons), **params})
+        rows.append({"rank_or_layers": k, "lora_mse": median(lora), "flt_mse": median(tuned),
+                     "lora_construction_mse": median(cons), **params})
         log(f"flt k=R={k}: LoRA {rows[-1]['lora_mse']:.2e} ({params['lora_params']} params; construction "
             f"{rows[-1]['lora_construction_mse']:.2e}), "
             f"final {k} layers {rows[-1]['flt_mse']:.2e} ({params['flt_params']} params)")
@@ -203,7 +198,7 @@ def tfn(budget: Budget, log) -> list[dict[str, Any]]:
                 t32 = TFN.random(d, 2, depth, seed=2 * seed + 1, dtype=torch.float32)
                 gd.append(tfn_grid_search(f32, t32, rank, epochs=budget.epochs, lrs=budget.lrs,
                                           weight_decays=budget.weight_decays, test=min(budget.test, 2000), seed=seed).test_mse)
-            rows.append({"depth": depth, "rank": rank, "construction_mse": _median(errs), "gd_mse": _median(gd)})
+            rows.append({"depth": depth, "rank": rank, "construction_mse": median(errs), "gd_mse": median(gd)})
             log(f"tfn L={depth} R={rank}: construction {rows[-1]['construction_mse']:.2e}, GD {rows[-1]['gd_mse']:.2e}")
     return rows
 
@@ -246,9 +241,9 @@ def depth(budget: Budget, log) -> list[dict[str, Any]]:
                 else:
                     needed.append(found)
         rows.append({"frozen_depth": frozen_depth, "theory_ceil_D_over_L": theory,
-                     "required_rank": _median(needed) if len(needed) > budget.seeds // 2 else None,
-                     "float64_limited_seeds": limited, "relative_mse_at_theory_rank": _median(at_theory) if at_theory else None,
-                     "max_abs_bias_at_theory_rank": _median(biggest) if biggest else None})
+                     "required_rank": median(needed) if len(needed) > budget.seeds // 2 else None,
+                     "float64_limited_seeds": limited, "relative_mse_at_theory_rank": median(at_theory) if at_theory else None,
+                     "max_abs_bias_at_theory_rank": median(biggest) if biggest else None})
         at = rows[-1]["relative_mse_at_theory_rank"]
         log(f"depth L={frozen_depth}: required rank {rows[-1]['required_rank']} (theory {theory}); relative MSE at the "
             f"theory rank {'n/a (singular)' if at is None else f'{at:.1e}'}, biases up to {rows[-1]['max_abs_bias_at_theory_rank'] or 0:.1e}"
@@ -269,7 +264,7 @@ def bias(budget: Budget, log) -> list[dict[str, Any]]:
                 w, b = _as32(frozen)
                 g = _grid(budget, lambda: AdaptedNet(w, b, rank=rank, tune_bias=tune, seed=seed), _float_fnn(target), seed)
                 vals.append(g.test_mse)
-            result["with_bias_tuning_mse" if tune else "without_bias_tuning_mse"] = _median(vals)
+            result["with_bias_tuning_mse" if tune else "without_bias_tuning_mse"] = median(vals)
         rows.append({"rank": rank, **result})
         log(f"bias R={rank}: with {result['with_bias_tuning_mse']:.2e}, without {result['without_bias_tuning_mse']:.2e}")
     return rows
@@ -292,20 +287,11 @@ def run(out: str | Path, experiments: tuple[str, ...] = EXPERIMENTS, budget: Bud
     results = {}
     for name in experiments:
         rows = RUNNERS[name](budget, log)
-        _csv(out / f"{name}.csv", rows)
+        write_csv(out / f"{name}.csv", rows)
         _plot(out / f"{name}.png", name, rows, budget)
         results[name] = rows
         log(f"wrote {out / name}.csv and .png")
     return results
-
-
-def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    write_atomic(path, write)
 
 
 def _plot(path: Path, name: str, rows: list[dict[str, Any]], budget: Budget) -> None:

@@ -19,17 +19,17 @@ norm-speed
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorakit.adapters.io import write_atomic
+from lorakit.reproduce import write_csv
 
 # ---------------------------------------------------------------------- phase transition
 
@@ -178,13 +178,7 @@ def _write(out: Path, name: str, result: dict[str, Any], rows: list[dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=1, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v))
     write_atomic(out / f"{name}.json", lambda tmp: Path(tmp).write_text(text + "\n"))
-    if rows:
-        def write_csv(tmp):
-            with open(tmp, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
-        write_atomic(out / f"{name}.csv", write_csv)
+    write_csv(out / f"{name}.csv", rows)
 
 
 # ---------------------------------------------------------------------- norm-speed
@@ -204,7 +198,6 @@ class SpeedBudget:
     tolerance: float = 1e-3
     head_dim: int = 16
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def quick(cls) -> "SpeedBudget":

@@ -138,18 +138,19 @@ def model_norms(model: str | None = None, adapter: str | None = None, data: str 
         raise LorakitError(f"rows={rows} must be positive")
     if adapter is not None:
         loaded, task, labels = load_with_adapter(adapter, model)
+        tokenizer = loaded.tokenizer
+    elif model is None:
+        raise LorakitError("give --model, --adapter, or both")
     else:
-        if model is None:
-            raise LorakitError("give --model, --adapter, or both")
+        loaded, labels = None, None
         task = infer_task(data) if data else (builtin_default_task(model) or "causal-lm")
-        labels = None
-        loaded = load_model(model, task, tokenizer=load_tokenizer(model)) if task == "causal-lm" else None
+        tokenizer = load_tokenizer(model)
     if data is None:
         data = next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
-    ds = load_data(data, task, load_tokenizer(loaded.name if loaded else model), max_length or DEFAULT_MAX_LENGTH[task],
-                   text_column=text_column, label_column=label_column, label_names=labels, split=data.startswith("builtin:"))
+    ds = load_data(data, task, tokenizer, max_length or DEFAULT_MAX_LENGTH[task], text_column=text_column,
+                   label_column=label_column, label_names=labels, split=data.startswith("builtin:"))
     if loaded is None:
-        loaded = load_model(model, task, label_names=ds.label_names, tokenizer=load_tokenizer(model))
+        loaded = load_model(model, task, label_names=ds.label_names, tokenizer=tokenizer)
     picked = (ds.eval or ds.train)[:rows]
     if not picked:
         raise LorakitError(f"{data} has no rows to measure on")
