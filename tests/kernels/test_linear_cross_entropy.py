@@ -1,0 +1,79 @@
+"""The fused head + cross-entropy equals F.cross_entropy on the materialised logits, values and gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.kernels.linear_cross_entropy import linear_cross_entropy
+
+
+def reference(hidden, weight, labels, bias=None):
+    logits = hidden @ weight.t() + (bias if bias is not None else 0)
+    return F.cross_entropy(logits.reshape(-1, weight.shape[0]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_loss_and_all_gradients_match_reference(chunk, with_bias):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    bias = torch.randn(11, generator=g, dtype=torch.float64) if with_bias else None
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    labels[0, :3] = -100
+    h1, w1, b1 = leaves(hidden, weight, bias)
+    h2, w2, b2 = leaves(hidden, weight, bias)
+    ours = linear_cross_entropy(h1, w1, labels, b1, chunk=chunk)
+    ref = reference(h2, w2, labels, b2)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-6, atol=0)
+    (3.0 * ours).backward()
+    (3.0 * ref).backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-7)
+    if with_bias:
+        torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_weight_gets_no_gradient_and_float32_matches():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = torch.randn(300, 16, generator=g) * 0.1
+    labels = torch.randint(0, 300, (40,), generator=g)
+    loss = linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    ref_h = hidden.detach().clone().requires_grad_(True)
+    reference(ref_h, weight, labels).backward()
+    assert weight.grad is None
+    torch.testing.assert_close(loss, reference(hidden.detach(), weight, labels), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, ref_h.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_inputs_close_to_float32():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(64, 32, generator=g)
+    weight = torch.randn(500, 32, generator=g) * 0.2
+    labels = torch.randint(0, 500, (64,), generator=g)
+    exact = float(reference(hidden, weight, labels))
+    low = float(linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), labels))
+    assert abs(low - exact) / exact < 1e-2
+
+
+def test_no_labelled_row_gives_nan_like_torch():
+    hidden, weight = torch.randn(3, 4), torch.randn(6, 4)
+    labels = torch.full((3,), -100)
+    assert math.isnan(float(linear_cross_entropy(hidden, weight, labels)))
+    assert math.isnan(float(reference(hidden, weight, labels)))
+
+
+def test_shape_errors_name_the_shapes():
+    with pytest.raises(ValueError, match=r"labels of shape \[4\]"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(6, 4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"weight of shape \[6, 5\]"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(6, 5), torch.zeros(3, dtype=torch.long))
