@@ -6,6 +6,7 @@
     lorakit.save_adapter(model, "out/")        # PEFT format
     lorakit.load_adapter(model, "out/")        # ours or PEFT's
     lorakit.merge(model); lorakit.unmerge(model); base = lorakit.unload(model, merge=True)
+    lorakit.use_bf16(model)                    # frozen weights in bf16, adapters and optimizer in fp32
     print(lorakit.summary(model))
 """
 
@@ -26,9 +27,10 @@ from lorakit.adapters import (  # noqa: E402
     unload,
     unmerge,
 )
+from lorakit.adapters.precision import use_bf16  # noqa: E402
 from lorakit.errors import LorakitError  # noqa: E402
 
 __all__ = [
     "LoraConfig", "LoraLinear", "LorakitError", "attach", "disabled", "is_attached", "load_adapter",
-    "lora_layers", "merge", "read_config", "save_adapter", "summary", "unload", "unmerge", "__version__",
+    "lora_layers", "merge", "read_config", "save_adapter", "summary", "unload", "unmerge", "use_bf16", "__version__",
 ]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.cpu_attention import upcast_on_cpu
 from lorakit.errors import ConfigError, ModelError
 from lorakit.kernels.poly_attention import num_features, poly_attention
 from lorakit.limits.bounds import logit_bound, output_error_bound, smallest_degree
@@ -131,6 +132,15 @@ def _mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int
 
 # ---------------------------------------------------------------------- the attention functions
 def _exact(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, causal: bool, scale: float, dropout: float) -> Tensor:
+    """SDPA; 16-bit CPU inputs computed in float32 (see lorakit.adapters.precision)."""
+    dtype = q.dtype
+    q, k, v = upcast_on_cpu(q, k, v)
+    if allowed is not None and allowed.is_floating_point():
+        (allowed,) = upcast_on_cpu(allowed)
+    return _sdpa(q, k, v, allowed, causal, scale, dropout).to(dtype)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, causal: bool, scale: float, dropout: float) -> Tensor:
     if allowed is None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale,
                                                                 is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])

@@ -26,9 +26,12 @@ from tqdm.auto import tqdm
 
 from lorakit.adapters import LoraConfig, attach, save_adapter
 from lorakit.adapters.io import write_atomic
+from lorakit.adapters.cpu_attention import use_fast_attention
+from lorakit.adapters.precision import use_bf16
 from lorakit.errors import ConfigError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.data import Dataset, collate
+from lorakit.train.loss import training_loss
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
@@ -209,7 +212,8 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in collate(rows, self.pad_id).items()}
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        """bf16 autocast on GPUs; on CPU, bf16 means bf16 weights (use_bf16), which is faster than autocast."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16 and self.device.type != "cpu")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -332,7 +336,7 @@ class Trainer:
             idx = order[self.micro * cfg.batch_size : (self.micro + 1) * cfg.batch_size]
             b = self.batch([self.data.train[i] for i in idx])
             with self.autocast():
-                loss = self.model(**b).loss
+                loss = training_loss(self.model, b)
             (loss.float() / cfg.grad_accum).backward()
             loss_acc += loss.detach().float().item() / cfg.grad_accum
             tokens += int(b["attention_mask"].sum().item())
@@ -470,6 +474,10 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
         model.to("cuda")
     lora_cfg = cfg.lora_config()
     attach(model, lora_cfg)
+    if cfg.bf16 and next(model.parameters()).device.type == "cpu":
+        use_bf16(model)
+    else:
+        use_fast_attention(model)
     from lorakit import celora
 
     hooks = list(hooks or [])
