@@ -4,6 +4,7 @@
     lorakit eval  --adapter DIR [--model ...] [--data ...]
     lorakit merge --adapter DIR --out DIR [--model ...]
     lorakit info  DIR
+    lorakit bench [--model ...] [--modes exact,bf16,celora,poly] [--against peft]
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def _add_train(sub) -> None:
     p.add_argument("--warmup", type=float, default=0.06, help="a fraction of the steps (< 1) or a step count")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=None, help="tokens per row (default 128 classify, 256 causal-lm)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 training: frozen weights stored in bf16, adapters and optimizer in fp32 (CPU); bf16 autocast on GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: four times per run)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out rows only")
@@ -355,6 +357,42 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="our training step against PEFT's: time, memory, FLOP/s, same run",
+                       description="Time lorakit's training step against PEFT's on the same model, data, precision and "
+                       "batch, alternating steps so machine drift cancels. Writes bench.json, bench.md and bench.png.")
+    p.add_argument("--model", default="builtin:smollm2", help="builtin:minilm, builtin:smollm2 or a model directory")
+    p.add_argument("--task", choices=("causal-lm", "classify"), default=None, help="default: the model's kind")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per row (every row is full)")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per contender")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--modes", default="exact,bf16", help="comma-separated: exact, bf16, celora, poly")
+    p.add_argument("--against", default="peft")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--targets", type=_targets, default="all-linear")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--quality-steps", type=int, default=50,
+                   help="bf16 mode: held-out loss after this many bf16 and fp32 steps (0 skips it)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one fresh process each)")
+    p.add_argument("--out", default="bench")
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from lorakit.bench import versus_peft as vp
+
+    cfg = vp.BenchConfig(model=a.model, task=a.task, batch_size=a.batch_size, max_length=a.max_length, steps=a.steps,
+                         warmup=a.warmup, modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
+                         against=a.against, r=a.r, alpha=a.alpha, targets=a.targets, lr=a.lr,
+                         quality_steps=a.quality_steps, memory=not a.no_memory)
+    report = vp.run(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    paths = vp.write(report, a.out)
+    print(vp.markdown(report))
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, cmd_train),
     "eval": (_add_eval, cmd_eval),
@@ -363,6 +401,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "norms": (_add_norms, cmd_norms),
     "rank-advice": (_add_rank_advice, cmd_rank_advice),
     "reproduce": (_add_reproduce, cmd_reproduce),
+    "bench": (_add_bench, cmd_bench),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 
 import lorakit
 from lorakit.adapters.attach import lora_layers, state
-from lorakit.adapters.targets import compact_target_list
+from lorakit.bench import versus_peft
 
 CASES = [
     ("bert-cls", "attn-qv"),
@@ -30,23 +30,9 @@ def randomise_adapters(model, seed=0):
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.3)
 
 
-def peft_twin(base, ours, **extra):
+def peft_twin(base, ours):
     """A PEFT model on a copy of ``base`` with the same targets and the same adapter weights."""
-    st = state(ours)
-    cfg = st.config
-    pcfg = peft.LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, use_rslora=cfg.rslora, bias=cfg.bias,
-        target_modules=compact_target_list(st.targets, ours), modules_to_save=cfg.modules_to_save or None,
-        task_type=cfg.task_type, **extra,
-    )
-    twin = peft.get_peft_model(copy.deepcopy(base), pcfg)
-    ours_params = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, p in twin.named_parameters():
-            key = name.removeprefix("base_model.model.").replace(".default.", ".").replace(".modules_to_save.", ".")
-            if ".lora_" in name or ".modules_to_save." in name:
-                p.copy_(ours_params[key])
-    return twin
+    return versus_peft.peft_twin(base, ours, state(ours).config)
 
 
 def logits_of(model, ids, mask):

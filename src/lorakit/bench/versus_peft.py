@@ -1,0 +1,482 @@
+"""``lorakit bench``: our LoRA training step against PEFT's, same model, data, precision and batch, one run.
+
+For every mode the contenders start from the same base weights and the same adapter
+initialisation, train on the same sequence of fixed-shape batches of real text with AdamW, and
+take turns step by step after a warm-up (ours, PEFT, ours, PEFT, ...), so machine drift
+cancels (``harness.alternate``). Per contender: median step time, tokens/s, achieved GFLOP/s
+(FLOPs of one step counted from the shapes of the matrix products it runs, attention included)
+as a fraction of the peak GEMM throughput measured in the same run, the loss trajectory, and the
+peak resident memory of a fresh process that runs only that contender.
+
+Modes (ours / against):
+    exact   lorakit fp32 (fused LoRA kernel, fused head + cross-entropy,  vs PEFT fp32
+            ``use_fast_attention``; dropout is torch's, so the trajectories match)
+    bf16    lorakit ``use_bf16`` (bf16 frozen weights, fp32 adapters)       vs PEFT fp32 and PEFT under bf16 autocast
+    celora  lorakit CE-LoRA backward                                        vs PEFT fp32
+    poly    lorakit poly attention (degree 2, forced)                       vs PEFT fp32
+bf16 also reports the held-out loss after ``quality_steps`` steps of bf16 and of fp32 training.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.adapters import LoraConfig, attach
+from lorakit.adapters.cpu_attention import use_fast_attention
+from lorakit.adapters.precision import use_bf16
+from lorakit.adapters.targets import compact_target_list, resolve
+from lorakit.bench.harness import Contender, alternate
+from lorakit.bench.workloads import fixed_batches, labelled_batches, machine
+from lorakit.errors import LorakitError
+from lorakit.train.loss import training_loss
+
+MODES = ("exact", "bf16", "celora", "poly")
+AGAINST = ("peft",)
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet", "xlm-roberta")
+# copies of the fp32 weights the timing process holds at most (base, ours, PEFT fp32, PEFT autocast)
+WEIGHT_COPIES = 4
+
+
+class BenchError(LorakitError):
+    """The benchmark cannot run as asked (names what and how to fix it)."""
+
+
+@dataclass
+class BenchConfig:
+    model: str = "builtin:smollm2"
+    task: str | None = None  # "causal-lm" | "classify"; None: the model's kind
+    batch_size: int = 4
+    max_length: int = 256
+    steps: int = 20
+    warmup: int = 2
+    modes: tuple[str, ...] = ("exact", "bf16")
+    against: str = "peft"
+    r: int = 16
+    alpha: float = 32.0
+    targets: str | list[str] = "all-linear"
+    lr: float = 1e-4
+    quality_steps: int = 50  # bf16: held-out loss after this many steps of bf16 and fp32 training (0: skip)
+    memory: bool = True  # peak RSS of each contender, each in a fresh process
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            raise BenchError(f"unknown mode {unknown[0]!r}; modes are {', '.join(MODES)}" if unknown
+                             else f"give at least one mode of {', '.join(MODES)}")
+        if self.against not in AGAINST:
+            raise BenchError(f"--against {self.against!r}: lorakit benchmarks against {', '.join(AGAINST)}")
+        if importlib.util.find_spec(self.against) is None:
+            raise BenchError(f"{self.against} is not installed: pip install {self.against} (make test installs it)")
+        for name in ("batch_size", "max_length", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BenchError(f"{name}={value!r} must be a positive integer")
+        if self.warmup < 0 or self.quality_steps < 0:
+            raise BenchError(f"warmup={self.warmup} and quality_steps={self.quality_steps} must be >= 0")
+        if self.task not in (None, "causal-lm", "classify"):
+            raise BenchError(f"task={self.task!r} is not 'causal-lm' or 'classify'")
+
+
+# ---------------------------------------------------------------------------- the model and its size
+def model_task(spec: str, task: str | None) -> str:
+    from lorakit.train.models import builtin_default_task, model_dir
+
+    if task:
+        return task
+    if builtin_default_task(spec):
+        return builtin_default_task(spec)
+    from transformers import AutoConfig
+
+    folder, gguf = model_dir(spec)
+    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    return "classify" if config.model_type in ENCODER_TYPES else "causal-lm"
+
+
+def parameter_count(spec: str, task: str) -> int:
+    """Parameters of the model from its config alone (built on the meta device: nothing is allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lorakit.train.models import model_dir
+
+    folder, gguf = model_dir(spec)
+    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_fits(spec: str, task: str, available: int | None = None) -> int:
+    """Refuse, before loading, a model whose weight copies would not fit in memory; returns the estimate in bytes."""
+    import psutil
+
+    params = parameter_count(spec, task)
+    need = params * 4 * WEIGHT_COPIES
+    available = psutil.virtual_memory().available if available is None else available
+    if need > available:
+        raise BenchError(f"{spec} has {params / 1e9:.2f}B parameters: the benchmark holds up to {WEIGHT_COPIES} float32 "
+                         f"copies of them ({need / 2**30:.1f} GiB) and this machine has {available / 2**30:.1f} GiB "
+                         "available. Benchmark a smaller model or on a machine with more memory")
+    return need
+
+
+# ---------------------------------------------------------------------------- contenders
+def lora_config(cfg: BenchConfig, mode: str) -> LoraConfig:
+    return LoraConfig(r=cfg.r, alpha=cfg.alpha, targets=cfg.targets, backward="celora" if mode == "celora" else "exact")
+
+
+def peft_config(base: nn.Module, cfg: LoraConfig):
+    """PEFT's LoraConfig selecting exactly the modules lorakit adapts on ``base``."""
+    import peft
+
+    res = resolve(base, cfg)
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora, bias=cfg.bias,
+                           target_modules=compact_target_list(res.targets, base),
+                           modules_to_save=res.modules_to_save or None)
+
+
+def peft_twin(base: nn.Module, ours: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """PEFT's model on a copy of ``base``, with the same targets and the same adapter (and head) weights as ``ours``."""
+    import peft
+
+    twin = peft.get_peft_model(copy.deepcopy(base), peft_config(base, cfg))
+    ours_params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if ".lora_" in name or ".modules_to_save." in name:
+                key = name.removeprefix("base_model.model.").replace(".default.", ".").replace(".modules_to_save.", ".")
+                p.copy_(ours_params[key])
+    return twin
+
+
+def build_ours(base: nn.Module, cfg: BenchConfig, mode: str) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = attach(copy.deepcopy(base), lora_config(cfg, mode))
+    use_fast_attention(model)
+    if mode == "poly":
+        from lorakit.limits import use_attention
+
+        use_attention(model, "poly", degree=2)
+    return model
+
+
+@dataclass
+class Runner:
+    """One contender's training loop: AdamW over the trainable parameters, batches in a fixed cycle, the
+    random state reset at every step so that models with dropout see the same masks in every contender."""
+
+    name: str
+    model: nn.Module
+    batches: list[dict[str, torch.Tensor]]
+    lr: float
+    fused_loss: bool = True
+    autocast: bool = False
+    seed: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.model.train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
+        self._cycle = itertools.cycle(self.batches)
+
+    def step(self) -> None:
+        from lorakit import celora
+
+        batch = next(self._cycle)
+        torch.manual_seed(self.seed + len(self.losses))  # the same dropout masks for every contender at step i
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = training_loss(self.model, batch) if self.fused_loss else self.model(**batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.fused_loss:
+            celora.step(self.model)
+        self.losses.append(float(loss.detach()))
+
+    @torch.no_grad()
+    def eval_loss(self, batches) -> float:
+        self.model.eval()
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                return statistics.fmean(float(training_loss(self.model, b)) for b in batches)
+        finally:
+            self.model.train()
+
+
+def contender_names(mode: str) -> list[str]:
+    return [f"lorakit {mode}", "peft fp32"] + (["peft bf16 autocast"] if mode == "bf16" else [])
+
+
+def contenders(base: nn.Module, cfg: BenchConfig, mode: str, batches, only: str | None = None) -> list[Runner]:
+    """Ours first, then PEFT fp32 (and PEFT under bf16 autocast for the bf16 mode); ``only``: just that one."""
+    ours = build_ours(base, cfg, mode)
+    lcfg = lora_config(cfg, mode)
+    runners = []
+    for name in contender_names(mode):
+        if only not in (None, name):
+            continue
+        if name.startswith("lorakit"):
+            runners.append(Runner(name, use_bf16(ours) if mode == "bf16" else ours, batches, cfg.lr))
+        else:
+            runners.append(Runner(name, peft_twin(base, ours, lcfg), batches, cfg.lr, fused_loss=False,
+                                  autocast=name.endswith("autocast")))
+    return runners
+
+
+# ---------------------------------------------------------------------------- FLOPs and the machine's peak
+def _attention_flops(q_shape, k_shape, v_shape, causal: bool) -> int:
+    b, h, lq, d = q_shape
+    lk, dv = k_shape[-2], v_shape[-1]
+    full = 2 * b * h * lq * lk * (d + dv)
+    return full // 2 if causal and lq == lk else full
+
+
+def _sdpa_cpu_forward(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+    return _attention_flops(query, key, value, is_causal)
+
+
+def _sdpa_cpu_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *args,
+                       out_shape=None, **kwargs) -> int:
+    return 2 * _attention_flops(query, key, value, is_causal)  # dQ, dK, dV, dP: twice the forward's products
+
+
+def step_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one call of ``step`` from the shapes of its matrix products (torch's FlopCounterMode), with
+    CPU flash attention counted as 4 b h Lq Lk d forward and twice that backward (halved when causal)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_forward,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def peak_gemm(dtype: torch.dtype, sizes=(1024, 2048, 3072), repeats: int = 3) -> float:
+    """The best GEMM throughput (GFLOP/s) over square sizes on this machine, now."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# ---------------------------------------------------------------------------- memory: one fresh process a contender
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field_name):
+                return int(line.split()[1])
+    raise OSError(f"{field_name} missing from /proc/self/status")
+
+
+def _memory_probe(cfg: BenchConfig, mode: str, contender: str) -> dict[str, float]:
+    """Runs in a child process: build only ``contender``, warm it up, then peak RSS over two steps."""
+    import gc
+
+    base, _, batches = _load(cfg, count=2)
+    (runner,) = contenders(base, cfg, mode, batches, only=contender)
+    del base
+    gc.collect()
+    runner.step()
+    before = _rss_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM, the peak resident set size
+    except OSError:
+        pass
+    for _ in range(2):
+        runner.step()
+    return {"peak_rss_mb": _rss_kib("VmHWM") / 1024, "rss_before_steps_mb": before / 1024}
+
+
+def measure_memory(cfg: BenchConfig, mode: str, contender: str) -> dict[str, float] | None:
+    if not Path("/proc/self/status").exists():
+        return None
+    payload = json.dumps({"config": asdict(cfg), "mode": mode, "contender": contender})
+    done = subprocess.run([sys.executable, "-m", "lorakit.bench.versus_peft", payload], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"the memory probe for {contender} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- the run
+def _load(cfg: BenchConfig, count: int | None = None):
+    """(base model, tokenizer, the training batches): ``count`` batches, default warm-up + measured steps."""
+    from lorakit.train.models import load_model
+
+    task = model_task(cfg.model, cfg.task)
+    loaded = load_model(cfg.model, task, label_names=["negative", "positive"] if task == "classify" else None)
+    count = cfg.warmup + cfg.steps if count is None else count
+    return loaded.model, loaded.tokenizer, fixed_batches(loaded.tokenizer, task, cfg.batch_size, cfg.max_length, count)
+
+
+def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    cfg.validate()
+    task = model_task(cfg.model, cfg.task)
+    check_fits(cfg.model, task)
+    say = progress or (lambda _m: None)
+    base, tokenizer, batches = _load(cfg)
+    tokens = cfg.batch_size * cfg.max_length
+    report: dict[str, Any] = {
+        "benchmark": "lorakit-vs-peft", "model": cfg.model, "task": task, "config": asdict(cfg), "machine": machine(),
+        "peak_gemm_gflops": {"float32": peak_gemm(torch.float32), "bfloat16": peak_gemm(torch.bfloat16)},
+        "modes": {},
+    }
+    say(f"peak GEMM: fp32 {report['peak_gemm_gflops']['float32']:.0f} GFLOP/s, "
+        f"bf16 {report['peak_gemm_gflops']['bfloat16']:.0f} GFLOP/s")
+    for mode in cfg.modes:
+        runners = contenders(base, cfg, mode, batches)
+        timings = alternate([Contender(r.name, r.step) for r in runners], warmup=cfg.warmup, steps=cfg.steps,
+                            progress=lambda m, mode=mode: say(f"{mode}: {m}"))
+        entry: dict[str, Any] = {"contenders": {}}
+        for r in runners:
+            t = timings[r.name].summary()
+            precision = "bfloat16" if (r.autocast or r.name.endswith("bf16")) else "float32"
+            flops = step_flops(r.step)
+            t.update(tokens_per_s=tokens / t["median_s"], step_gflop=flops / 1e9, precision=precision,
+                     achieved_gflops=flops / t["median_s"] / 1e9,
+                     fraction_of_peak=flops / t["median_s"] / 1e9 / report["peak_gemm_gflops"][precision],
+                     losses=r.losses[: cfg.warmup + cfg.steps])
+            entry["contenders"][r.name] = t
+        ours, ref = runners[0], runners[1]
+        entry["ratio_to_peft_fp32"] = entry["contenders"][ours.name]["median_s"] / entry["contenders"][ref.name]["median_s"]
+        # the same from each round's pair of steps: robust to drift slower than a round
+        entry["median_round_ratio_to_peft_fp32"] = statistics.median(
+            a / b for a, b in zip(timings[ours.name].seconds, timings[ref.name].seconds))
+        diffs = [abs(a - b) / abs(b) for a, b in zip(ours.losses, ref.losses) if math.isfinite(b) and b != 0]
+        entry["loss_max_relative_difference"] = max(diffs) if diffs else None
+        if mode == "bf16":
+            entry["ratio_to_peft_bf16_autocast"] = (entry["contenders"][ours.name]["median_s"]
+                                                    / entry["contenders"]["peft bf16 autocast"]["median_s"])
+        del runners
+        if mode == "bf16" and cfg.quality_steps:
+            entry["quality"] = bf16_quality(base, cfg, tokenizer, task, batches, say)
+        if cfg.memory:
+            for name in entry["contenders"]:
+                say(f"{mode}: peak memory of {name} (fresh process)")
+                entry["contenders"][name].update(measure_memory(cfg, mode, name) or {})
+            mem = entry["contenders"]
+            if "peak_rss_mb" in mem[ours.name]:
+                entry["peak_rss_ratio_to_peft_fp32"] = mem[ours.name]["peak_rss_mb"] / mem[ref.name]["peak_rss_mb"]
+        report["modes"][mode] = entry
+        say(f"{mode}: {summary_line(mode, entry)}")
+    return report
+
+
+def bf16_quality(base, cfg: BenchConfig, tokenizer, task: str, batches, say) -> dict[str, float]:
+    """Held-out loss after ``quality_steps`` steps of lorakit bf16 and lorakit fp32 training from the same start:
+    the benchmark's text blocks (causal LM: the blocks after them are held out), or real labelled sentiment
+    snippets (classification: the benchmark's blocks carry arbitrary labels)."""
+    if task == "classify":
+        batches = labelled_batches(tokenizer, cfg.batch_size, cfg.max_length, cfg.quality_steps)
+        held_out = labelled_batches(tokenizer, cfg.batch_size, cfg.max_length, 4, held_out=True)
+    else:
+        held_out = fixed_batches(tokenizer, task, cfg.batch_size, cfg.max_length, 2, first=len(batches))
+    fp32 = Runner("fp32", build_ours(base, cfg, "exact"), batches, cfg.lr)
+    bf16 = Runner("bf16", use_bf16(build_ours(base, cfg, "exact")), batches, cfg.lr)
+    before = fp32.eval_loss(held_out)
+    for i in range(cfg.quality_steps):
+        fp32.step()
+        bf16.step()
+        if (i + 1) % 10 == 0:
+            say(f"bf16 quality: step {i + 1}/{cfg.quality_steps}: fp32 {fp32.losses[-1]:.4f}, bf16 {bf16.losses[-1]:.4f}")
+    a, b = fp32.eval_loss(held_out), bf16.eval_loss(held_out)
+    return {"steps": cfg.quality_steps, "eval_loss_before": before, "eval_loss_fp32": a, "eval_loss_bf16": b,
+            "relative_difference": abs(b - a) / a}
+
+
+# ---------------------------------------------------------------------------- report files
+def summary_line(mode: str, entry: dict[str, Any]) -> str:
+    parts = [f"{entry['ratio_to_peft_fp32']:.3f} x PEFT fp32 (median of round ratios {entry['median_round_ratio_to_peft_fp32']:.3f})"]
+    if "ratio_to_peft_bf16_autocast" in entry:
+        parts.append(f"{entry['ratio_to_peft_bf16_autocast']:.3f} x PEFT bf16 autocast")
+    if entry.get("loss_max_relative_difference") is not None:
+        parts.append(f"loss max rel. diff {entry['loss_max_relative_difference']:.1e}")
+    if "peak_rss_ratio_to_peft_fp32" in entry:
+        parts.append(f"peak RSS {entry['peak_rss_ratio_to_peft_fp32']:.3f} x PEFT")
+    return ", ".join(parts)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"# lorakit vs PEFT: {report['model']} ({report['task']}), batch {report['config']['batch_size']} x "
+             f"{report['config']['max_length']}, LoRA r={report['config']['r']} on {report['config']['targets']}",
+             "", f"Machine: {m.get('cpu')}, {m.get('threads')} threads, torch {m.get('torch')}"
+             f"{', ' + m['gpu'] if 'gpu' in m else ''}. Peak GEMM measured in this run: "
+             f"fp32 {report['peak_gemm_gflops']['float32']:.0f} GFLOP/s, bf16 {report['peak_gemm_gflops']['bfloat16']:.0f} GFLOP/s.",
+             "", "| mode | contender | median step (s) | tokens/s | GFLOP/step | GFLOP/s | of peak | peak RSS (MB) | vs PEFT fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mode, entry in report["modes"].items():
+        ref = entry["contenders"]["peft fp32"]["median_s"]
+        for name, c in entry["contenders"].items():
+            rss = f"{c['peak_rss_mb']:.0f}" if "peak_rss_mb" in c else "-"
+            lines.append(f"| {mode} | {name} | {c['median_s']:.3f} | {c['tokens_per_s']:.0f} | {c['step_gflop']:.1f} | "
+                         f"{c['achieved_gflops']:.0f} | {c['fraction_of_peak']:.0%} | {rss} | {c['median_s'] / ref:.3f} |")
+    lines.append("")
+    for mode, entry in report["modes"].items():
+        lines.append(f"- {mode}: {summary_line(mode, entry)}")
+        if "quality" in entry:
+            q = entry["quality"]
+            lines.append(f"  - held-out loss {q['eval_loss_before']:.4f} before, after {q['steps']} steps: fp32 {q['eval_loss_fp32']:.4f}, bf16 "
+                         f"{q['eval_loss_bf16']:.4f} ({q['relative_difference']:.2%} apart)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, colours = [], [], []
+    for mode, entry in report["modes"].items():
+        for name, c in entry["contenders"].items():
+            labels.append(f"{mode}\n{name}")
+            values.append(c["median_s"])
+            colours.append("tab:blue" if name.startswith("lorakit") else "tab:gray")
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
+    ax.bar(range(len(values)), values, color=colours)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylabel("median step time (s)")
+    ax.set_title(f"{report['model']}, {report['config']['batch_size']} x {report['config']['max_length']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "markdown": out / "bench.md", "png": out / "bench.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"].write_text(markdown(report))
+    plot(report, paths["png"])
+    return paths
+
+
+if __name__ == "__main__":  # the memory probe's child process
+    spec = json.loads(sys.argv[1])
+    config = BenchConfig(**{k: tuple(v) if k == "modes" else v for k, v in spec["config"].items()})
+    print(json.dumps(_memory_probe(config, spec["mode"], spec["contender"])))
