@@ -116,6 +116,8 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: four times per run)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out rows only")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     p.add_argument("--out", default="out")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT/checkpoints")
     p.add_argument("--quiet", action="store_true")
@@ -136,7 +138,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         selection=a.selection, norm_cap=a.norm_cap, attention=a.attention, attention_tolerance=a.attention_tolerance,
         norm_every=a.norm_every, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         weight_decay=a.weight_decay, warmup=a.warmup, max_grad_norm=a.max_grad_norm, max_length=a.max_length, bf16=a.bf16,
-        seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit, save_every=a.save_every, out=a.out, resume=a.resume, quiet=a.quiet, device=a.device,
+        seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit, save_every=a.save_every, max_bad_steps=a.max_bad_steps, out=a.out, resume=a.resume, quiet=a.quiet, device=a.device,
     )
     report = run(cfg)
     result = report["result"]

@@ -14,6 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,10 +32,14 @@ from lorakit.adapters import LoraConfig, attach, save_adapter
 from lorakit.adapters.io import write_atomic
 from lorakit.adapters.cpu_attention import use_fast_attention
 from lorakit.adapters.precision import use_bf16
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.data import Dataset, collate
 from lorakit.train.loss import training_loss
+
+class TrainingError(LorakitError):
+    """Training cannot go on (for example, non-finite losses step after step)."""
+
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
@@ -85,6 +93,7 @@ class TrainConfig:
     eval_every: int | None = None  # None: four evaluations per run
     save_every: int | None = 100
     keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # non-finite loss or gradients this many steps in a row stops the run
     log_every: int = 10
     out: str = "out"
     resume: bool = False
@@ -94,7 +103,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = {"rank": self.rank, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
-                    "grad_accum": self.grad_accum, "log_every": self.log_every, "keep_checkpoints": self.keep_checkpoints}
+                    "grad_accum": self.grad_accum, "log_every": self.log_every, "keep_checkpoints": self.keep_checkpoints,
+                    "max_bad_steps": self.max_bad_steps}
         for name, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
@@ -200,6 +210,7 @@ class Trainer:
         self.epoch = 0
         self.micro = 0
         self.skipped_steps = 0
+        self.bad_in_a_row = 0
         self.log = MetricsLog(self.out / "metrics.jsonl", fresh=not cfg.resume)
         self.stop_requested: Callable[[], bool] = lambda: False
 
@@ -346,6 +357,11 @@ class Trainer:
                 continue
             micro_in_step = 0
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            if not (math.isfinite(loss_acc) and math.isfinite(float(grad_norm))):
+                self.skip_bad_step(loss_acc, float(grad_norm))
+                loss_acc, tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+                continue
+            self.bad_in_a_row = 0
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -386,6 +402,21 @@ class Trainer:
         result.update(after=after, steps=self.step, train_seconds=time.perf_counter() - t_start)
         return result
 
+    def skip_bad_step(self, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm is not finite: no update, counted; too many in a row stop the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        self.log.write({"event": "skipped_step", "step": self.step, "loss": loss, "grad_norm": grad_norm,
+                        "in_a_row": self.bad_in_a_row})
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            last = ckpt.latest(self.checkpoint_root)
+            where = f"the last good checkpoint is {last.path} (step {last.step})" if last else "no checkpoint was written yet"
+            raise TrainingError(
+                f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient (last: loss {loss}, gradient norm "
+                f"{grad_norm}) after step {self.step}; stopping. {where}. Lower the learning rate, check the data, or "
+                "raise --max-bad-steps")
+
     def say(self, msg: str) -> None:
         if not self.cfg.quiet:
             tqdm.write(msg)
@@ -397,6 +428,43 @@ def _fmt(metrics: dict[str, float]) -> str:
         name = k.removeprefix("eval_")
         parts.append(f"{name} {v:.4f}" if name != "perplexity" else f"{name} {v:.2f}")
     return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------- interruption
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (it then writes a checkpoint);
+    a second signal stops at once. Only the main thread can install handlers; elsewhere this does nothing."""
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)) -> None:
+        self.signals = signals
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None:  # the second one: do not wait for the step
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line of this run with --resume added (what to type to continue it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return "lorakit " + shlex.join(argv)
 
 
 # ---------------------------------------------------------------------- the main job
@@ -495,7 +563,9 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
                 f"{s.adapter_params:,} adapter parameters in {len(s.rows)} modules, {s.trainable:,} trainable")
     for note in data.notes:
         trainer.say("note: " + note)
-    result = trainer.fit()
+    with StopOnSignal() as stop:
+        trainer.stop_requested = stop.requested
+        result = trainer.fit()
     out = Path(cfg.out)
     save_adapter(model, out, metadata=meta)
     records = trainer.log.read()
@@ -504,6 +574,10 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
         from lorakit.limits.monitor import plot_norm_trajectories
 
         plot_norm_trajectories(records, out / "norms.png", f"{loaded.name} on {data.source}: attention logits during training")
+    if "stopped_at" in result:
+        result["stopped_by"] = stop.signal_name
+        print(f"lorakit: stopped by {stop.signal_name} after step {result['stopped_at']}: the checkpoint is written and "
+              f"the adapter so far is in {out}/. Resume with: {resume_command()}", file=sys.stderr, flush=True)
     report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result,
               "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
               "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps}
