@@ -94,3 +94,50 @@ class TermAt:
     def after_step(self, step, model):
         if step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigkill_at_random_moments_never_loses_work(tiny_bert_dir, sentiment_csv, tmp_path):
+    """Acceptance 4 of the faults issue: 20 kills -9 at random moments (checkpoints are written after every step,
+    so many land inside a write); each restart resumes from a complete checkpoint, and the final adapter equals
+    the uninterrupted run's."""
+    import random
+
+    steps = 400
+    ref = tmp_path / "ref"
+    run(cfg_for(tiny_bert_dir, sentiment_csv, ref, steps=steps, save_every=1, eval_every=1000))
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "lorakit", "train", "--model", tiny_bert_dir, "--data", sentiment_csv, "--steps",
+            str(steps), "--batch-size", "8", "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--save-every", "1",
+            "--eval-every", "1000", "--quiet", "--resume", "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    rng = random.Random(0)
+    kills, progress = 0, []
+    while kills < 20:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        before = ckpt.latest(out / "checkpoints")
+        start = before.step if before else 0
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:  # wait until it has trained past its start
+            now = ckpt.latest(out / "checkpoints")
+            if now is not None and now.step > start:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.15))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read()[-2000:]
+            break  # it finished before this kill
+        proc.kill()
+        proc.wait()
+        kills += 1
+        found = ckpt.latest(out / "checkpoints")
+        assert found is not None and found.step >= start  # a complete, verified checkpoint; no work lost
+        progress.append(found.step)
+    if not (out / "adapter_model.safetensors").exists() or ckpt.latest(out / "checkpoints").step < steps:
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    a = load_file(str(ref / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert kills >= 10, f"only {kills} kills landed before the run finished: {progress}"
