@@ -12,17 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.train import TrainConfig, run
+from lorakit.train import run
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import trainer as trainer_module
 from lorakit.train.trainer import TrainingError, resume_command
-
-
-def cfg_for(model_dir, data, out, **kw):
-    base = dict(model=model_dir, data=data, out=str(out), steps=12, batch_size=8, save_every=4, log_every=2,
-                eval_every=6, quiet=True, rank=4, alpha=8, lr=5e-3)
-    base.update(kw)
-    return TrainConfig(**base)
+from test_trainer import cfg_for  # the same small runs as the trainer's tests
 
 
 def nan_on(calls):
