@@ -260,19 +260,7 @@ def cmd_rank_advice(a: argparse.Namespace) -> int:
     from lorakit.expressive import advice as ad
 
     if a.tuned:
-        from lorakit.adapters.targets import resolve
-        from lorakit.adapters import LoraConfig
-        from lorakit.train.models import load_model, load_tokenizer
-
-        from lorakit.train.models import builtin_default_task
-
-        archs = json.loads((Path(a.tuned) / "config.json").read_text()).get("architectures") or [] \
-            if (Path(a.tuned) / "config.json").is_file() else []
-        task = builtin_default_task(a.model) or ("classify" if any("SequenceClassification" in x for x in archs) else "causal-lm")
-        base = load_model(a.model, task, tokenizer=load_tokenizer(a.model)).model
-        tuned = load_model(a.tuned, task, tokenizer=load_tokenizer(a.model)).model
-        names = resolve(base, LoraConfig(targets=a.targets)).targets
-        deltas = ad.weight_deltas(base, tuned, names)
+        base, deltas = ad.tuned_deltas(a.model, a.tuned, a.targets)
     else:
         base, deltas, after = ad.full_finetune_deltas(a.model, a.data, a.targets, steps=a.steps, lr=a.lr,
                                                       out=Path(a.out) / "full-finetune")

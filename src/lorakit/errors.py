@@ -34,6 +34,10 @@ class ModelError(LorakitError):
     """A model could not be found or loaded."""
 
 
+class TrainingError(LorakitError):
+    """Training cannot go on (for example, non-finite losses step after step)."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> str:
     """A short, human-readable list of the candidates closest to ``name`` (for error messages)."""
     pool = sorted(set(candidates))

@@ -75,6 +75,23 @@ def test_cli_rank_advice_then_train_with_it(tiny_bert_dir, sentiment_csv, tmp_pa
     assert {k: v for k, v in saved["rank_pattern"].items()} == pattern
 
 
+def test_cli_rank_advice_from_a_tuned_checkpoint(tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+
+    tuned = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        q = tuned.model.layers[0].self_attn.q_proj.weight
+        q += torch.randn(q.shape[0], 2) @ torch.randn(2, q.shape[1])  # a rank-2 change in one module
+    tuned.save_pretrained(tmp_path / "tuned")
+    out = tmp_path / "advice"
+    assert main(["rank-advice", "--model", tiny_llama_dir, "--tuned", str(tmp_path / "tuned"), "--tol", "0.01",
+                 "--targets", "attn-qv", "--out", str(out)]) == 0
+    pattern = json.loads((out / "advice.json").read_text())["rank_pattern"]
+    assert max(pattern.values()) == 2 and max(pattern, key=pattern.get).endswith("layers.0.self_attn.q_proj")
+
+
 def test_bad_input():
     mods = synthetic()
     with pytest.raises(ConfigError, match="exactly one of tol"):

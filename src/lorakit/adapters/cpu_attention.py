@@ -106,7 +106,8 @@ def use_fast_attention(model: nn.Module, *, fast_dropout: bool = False) -> bool:
     model.set_attn_implementation(LORAKIT_SDPA)
     if model.config._attn_implementation != LORAKIT_SDPA:
         return False
-    for module in model.modules():
-        if hasattr(module, "config") and (hasattr(module, "scaling") or hasattr(module, "is_causal")):
-            setattr(module, FAST_DROPOUT_FLAG, fast_dropout)
+    from lorakit.limits.attention import attention_modules
+
+    for module in attention_modules(model).values():
+        setattr(module, FAST_DROPOUT_FLAG, fast_dropout)
     return True

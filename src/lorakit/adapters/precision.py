@@ -67,25 +67,22 @@ def use_bf16(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, fast_drop
                 f"{name} has both frozen and trainable parameters ({type(module).__name__}); use_bf16 keeps trainable "
                 "parameters in float32 and cannot mix them with bf16 weights in one layer. Use bias='none' or "
                 "'lora_only', or put the whole module in modules_to_save")
-    for module in model.modules():
-        if isinstance(module, LoraLinear):
-            continue
-        for p in module.parameters(recurse=False):
-            if not p.requires_grad and p.is_floating_point() and p.dtype == torch.float32:
-                p.data = p.data.to(dtype)
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
     covered: list[str] = []  # LoRA layers and hooked trainable modules: their sub-modules need nothing more
     for name, module in model.named_modules():
         if not name or any(name.startswith(f"{c}.") for c in covered):
             continue
-        params = list(module.parameters())
-        if isinstance(module, LoraLinear) or not params or not all(p.requires_grad for p in params):
-            if isinstance(module, LoraLinear):
-                covered.append(name)
+        if isinstance(module, LoraLinear):
+            covered.append(name)
             continue
-        module.register_forward_pre_hook(_cast_inputs(torch.float32), with_kwargs=True)
-        if name not in heads:
-            module.register_forward_hook(_cast_outputs(dtype))
-        covered.append(name)
+        params = list(module.parameters())
+        if params and all(p.requires_grad for p in params):  # a fully trainable module, e.g. a classifier head
+            module.register_forward_pre_hook(_cast_inputs(torch.float32), with_kwargs=True)
+            if name not in heads:
+                module.register_forward_hook(_cast_outputs(dtype))
+            covered.append(name)
     if fast_dropout:
         for module in model.modules():
             if type(module) is nn.Dropout:

@@ -47,7 +47,6 @@ from lorakit.train.loss import training_loss
 
 MODES = ("exact", "bf16", "celora", "poly")
 AGAINST = ("peft",)
-ENCODER_TYPES = ("bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet", "xlm-roberta")
 # copies of the fp32 weights the timing process holds at most (base, ours, PEFT fp32, PEFT autocast)
 WEIGHT_COPIES = 4
 
@@ -95,27 +94,20 @@ class BenchConfig:
 
 # ---------------------------------------------------------------------------- the model and its size
 def model_task(spec: str, task: str | None) -> str:
-    from lorakit.train.models import builtin_default_task, model_dir
+    from lorakit.train.models import ENCODERS, builtin_default_task, model_config
 
     if task:
         return task
-    if builtin_default_task(spec):
-        return builtin_default_task(spec)
-    from transformers import AutoConfig
-
-    folder, gguf = model_dir(spec)
-    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
-    return "classify" if config.model_type in ENCODER_TYPES else "causal-lm"
+    return builtin_default_task(spec) or ("classify" if model_config(spec).model_type in ENCODERS else "causal-lm")
 
 
 def parameter_count(spec: str, task: str) -> int:
     """Parameters of the model from its config alone (built on the meta device: nothing is allocated)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from lorakit.train.models import model_dir
+    from lorakit.train.models import model_config
 
-    folder, gguf = model_dir(spec)
-    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    config = model_config(spec)
     cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     with torch.device("meta"):
         model = cls.from_config(config)
@@ -205,8 +197,7 @@ class Runner:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.fused_loss:
-            celora.step(self.model)
+        celora.step(self.model)  # a no-op for models without CE-LoRA
         self.losses.append(float(loss.detach()))
 
     @torch.no_grad()
@@ -295,7 +286,7 @@ def _memory_probe(cfg: BenchConfig, mode: str, contender: str) -> dict[str, floa
     """Runs in a child process: build only ``contender``, warm it up, then peak RSS over two steps."""
     import gc
 
-    base, _, batches = _load(cfg, count=2)
+    base, _, batches = _load(cfg, model_task(cfg.model, cfg.task), count=2)
     (runner,) = contenders(base, cfg, mode, batches, only=contender)
     del base
     gc.collect()
@@ -322,11 +313,10 @@ def measure_memory(cfg: BenchConfig, mode: str, contender: str) -> dict[str, flo
 
 
 # ---------------------------------------------------------------------------- the run
-def _load(cfg: BenchConfig, count: int | None = None):
+def _load(cfg: BenchConfig, task: str, count: int | None = None):
     """(base model, tokenizer, the training batches): ``count`` batches, default warm-up + measured steps."""
     from lorakit.train.models import load_model
 
-    task = model_task(cfg.model, cfg.task)
     loaded = load_model(cfg.model, task, label_names=["negative", "positive"] if task == "classify" else None)
     count = cfg.warmup + cfg.steps if count is None else count
     return loaded.model, loaded.tokenizer, fixed_batches(loaded.tokenizer, task, cfg.batch_size, cfg.max_length, count)
@@ -337,7 +327,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
     task = model_task(cfg.model, cfg.task)
     check_fits(cfg.model, task)
     say = progress or (lambda _m: None)
-    base, tokenizer, batches = _load(cfg)
+    base, tokenizer, batches = _load(cfg, task)
     tokens = cfg.batch_size * cfg.max_length
     report: dict[str, Any] = {
         "benchmark": "lorakit-vs-peft", "model": cfg.model, "task": task, "config": asdict(cfg), "machine": machine(),
@@ -360,17 +350,17 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
                      fraction_of_peak=flops / t["median_s"] / 1e9 / report["peak_gemm_gflops"][precision],
                      losses=r.losses[: cfg.warmup + cfg.steps])
             entry["contenders"][r.name] = t
-        ours, ref = runners[0], runners[1]
-        entry["ratio_to_peft_fp32"] = entry["contenders"][ours.name]["median_s"] / entry["contenders"][ref.name]["median_s"]
+        ours, ref = runners[0].name, runners[1].name
+        entry["ratio_to_peft_fp32"] = entry["contenders"][ours]["median_s"] / entry["contenders"][ref]["median_s"]
         # the same from each round's pair of steps: robust to drift slower than a round
         entry["median_round_ratio_to_peft_fp32"] = statistics.median(
-            a / b for a, b in zip(timings[ours.name].seconds, timings[ref.name].seconds))
-        diffs = [abs(a - b) / abs(b) for a, b in zip(ours.losses, ref.losses) if math.isfinite(b) and b != 0]
+            a / b for a, b in zip(timings[ours].seconds, timings[ref].seconds))
+        diffs = [abs(a - b) / abs(b) for a, b in zip(runners[0].losses, runners[1].losses) if math.isfinite(b) and b != 0]
         entry["loss_max_relative_difference"] = max(diffs) if diffs else None
         if mode == "bf16":
-            entry["ratio_to_peft_bf16_autocast"] = (entry["contenders"][ours.name]["median_s"]
+            entry["ratio_to_peft_bf16_autocast"] = (entry["contenders"][ours]["median_s"]
                                                     / entry["contenders"]["peft bf16 autocast"]["median_s"])
-        del runners
+        del runners  # the models: the quality run and the memory probes need the memory
         if mode == "bf16" and cfg.quality_steps:
             entry["quality"] = bf16_quality(base, cfg, tokenizer, task, batches, say)
         if cfg.memory:
@@ -378,8 +368,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
                 say(f"{mode}: peak memory of {name} (fresh process)")
                 entry["contenders"][name].update(measure_memory(cfg, mode, name) or {})
             mem = entry["contenders"]
-            if "peak_rss_mb" in mem[ours.name]:
-                entry["peak_rss_ratio_to_peft_fp32"] = mem[ours.name]["peak_rss_mb"] / mem[ref.name]["peak_rss_mb"]
+            if "peak_rss_mb" in mem[ours]:
+                entry["peak_rss_ratio_to_peft_fp32"] = mem[ours]["peak_rss_mb"] / mem[ref]["peak_rss_mb"]
         report["modes"][mode] = entry
         say(f"{mode}: {summary_line(mode, entry)}")
     return report

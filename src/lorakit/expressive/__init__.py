@@ -11,9 +11,9 @@
 """
 
 from lorakit.expressive.fnn import FNN, AdaptedFNN, fnn_adapters, fnn_error_bound, partition_groups
-from lorakit.expressive.advice import RankAdvice, advise, full_finetune_deltas, spectra, weight_deltas
+from lorakit.expressive.advice import RankAdvice, advise, full_finetune_deltas, spectra, tuned_deltas, weight_deltas
 from lorakit.expressive.tfn import TFN, AdaptedTFN, tfn_adapters
 from lorakit.expressive.linear import (LinearConstruction, SingularMatrixError, error_matrix, linear_adapters,
                                        linear_error, min_rank)
 
-__all__ = ["RankAdvice", "advise", "full_finetune_deltas", "spectra", "weight_deltas", "TFN", "AdaptedTFN", "tfn_adapters", "FNN", "AdaptedFNN", "fnn_adapters", "fnn_error_bound", "partition_groups", "LinearConstruction", "SingularMatrixError", "error_matrix", "linear_adapters", "linear_error", "min_rank"]
+__all__ = ["RankAdvice", "advise", "full_finetune_deltas", "spectra", "tuned_deltas", "weight_deltas", "TFN", "AdaptedTFN", "tfn_adapters", "FNN", "AdaptedFNN", "fnn_adapters", "fnn_error_bound", "partition_groups", "LinearConstruction", "SingularMatrixError", "error_matrix", "linear_adapters", "linear_error", "min_rank"]

@@ -160,6 +160,24 @@ def advise(modules: list[ModuleSpectrum], *, tol: float | None = None, budget: i
     return RankAdvice(modules, ranks, "budget", float(budget))
 
 
+def tuned_deltas(model_spec: str, tuned_spec: str, targets: str | list[str]) -> tuple[nn.Module, dict[str, Tensor]]:
+    """(base model, dW per target module) from a fully fine-tuned checkpoint of ``model_spec``'s architecture.
+    The task is the base's built-in one, else classification if the checkpoint is a sequence classifier."""
+    from lorakit.adapters.targets import resolve
+    from lorakit.train.models import builtin_default_task, load_model, load_tokenizer, model_config
+
+    config = model_config(tuned_spec)
+    archs = getattr(config, "architectures", None) or []
+    task = builtin_default_task(model_spec) or ("classify" if any("SequenceClassification" in a for a in archs)
+                                                else "causal-lm")
+    # the head is not a target: its labels only have to exist (the checkpoint's own, when it has them)
+    labels = [str(config.id2label[i]) for i in sorted(config.id2label)] if task == "classify" else None
+    tokenizer = load_tokenizer(model_spec)
+    base = load_model(model_spec, task, tokenizer=tokenizer, label_names=labels).model
+    tuned = load_model(tuned_spec, task, tokenizer=tokenizer, label_names=labels).model
+    return base, weight_deltas(base, tuned, resolve(base, LoraConfig(targets=targets)).targets)
+
+
 def full_finetune_deltas(model_spec: str, data_spec: str, targets: str | list[str], *, steps: int = 100, lr: float = 1e-4,
                          batch_size: int = 32, seed: int = 0, out: str | Path = "rank-advice-run",
                          quiet: bool = True) -> tuple[nn.Module, dict[str, Tensor], dict[str, float]]:

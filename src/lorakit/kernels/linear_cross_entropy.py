@@ -29,10 +29,8 @@ def chunk_rows(vocab: int, rows: int) -> int:
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk):
+    def forward(ctx, hidden, weight, bias, labels, valid, count, chunk):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
-        valid = labels != ignore_index
-        count = int(valid.sum())
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = torch.empty_like(hidden) if need_x else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -82,7 +80,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         gx = dx * grad_loss.to(dx.dtype) if dx is not None else None
         gw = (dw * grad_loss).to(wd) if dw is not None else None
         gb = (db * grad_loss).to(bd) if db is not None else None
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
@@ -99,7 +97,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
     h = hidden.reshape(-1, hidden.shape[-1])
     w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
     b = bias if bias is None or bias.dtype == h.dtype else bias.to(h.dtype)
-    loss = LinearCrossEntropyFunction.apply(h, w, b, labels.reshape(-1), ignore_index, chunk)
-    if not bool((labels != ignore_index).any()):
-        return loss * float("nan")
-    return loss
+    labels = labels.reshape(-1)
+    valid = labels != ignore_index
+    count = int(valid.sum())
+    loss = LinearCrossEntropyFunction.apply(h, w, b, labels, valid, count, chunk)
+    return loss if count else loss * float("nan")

@@ -132,7 +132,7 @@ def _mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int
 
 # ---------------------------------------------------------------------- the attention functions
 def _exact(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, causal: bool, scale: float, dropout: float) -> Tensor:
-    """SDPA; 16-bit CPU inputs computed in float32 (see lorakit.adapters.precision)."""
+    """SDPA; 16-bit CPU inputs computed in float32 (see lorakit.adapters.cpu_attention)."""
     dtype = q.dtype
     q, k, v = upcast_on_cpu(q, k, v)
     if allowed is not None and allowed.is_floating_point():

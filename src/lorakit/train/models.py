@@ -148,6 +148,17 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
+def model_config(spec: str):
+    """The transformers config of a model spec (built-in, directory or .gguf), without loading weights."""
+    from transformers import AutoConfig
+
+    folder, gguf = model_dir(spec)
+    try:
+        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"could not read the config of {spec} from {folder}: {exc}") from None
+
+
 def load_model(
     spec: str,
     task: str,
@@ -160,7 +171,7 @@ def load_model(
     """Load a model (and its tokenizer, unless given) for ``task``; "classify" needs ``label_names``."""
     if task not in TASKS:
         raise ModelError(f"task {task!r} is not one of {TASKS}")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     folder, gguf = model_dir(spec)
@@ -173,7 +184,7 @@ def load_model(
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" report is expected here
     hf_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+        config = model_config(spec)
         if task == "classify":
             if not label_names:
                 raise ModelError("classification needs label names (from the training data)")

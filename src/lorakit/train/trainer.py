@@ -32,14 +32,10 @@ from lorakit.adapters import LoraConfig, attach, save_adapter
 from lorakit.adapters.io import write_atomic
 from lorakit.adapters.cpu_attention import use_fast_attention
 from lorakit.adapters.precision import use_bf16
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import ConfigError, TrainingError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.data import Dataset, collate
 from lorakit.train.loss import training_loss
-
-class TrainingError(LorakitError):
-    """Training cannot go on (for example, non-finite losses step after step)."""
-
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
