@@ -1,12 +1,10 @@
-"""Attention for training on CPU: transformers' SDPA attention with three changes measured on this CPU.
+"""Attention for training on CPU: transformers' SDPA attention with two changes measured on this CPU.
 
 ``use_fast_attention(model)`` registers ``lorakit_sdpa`` with transformers' AttentionInterface
 and switches a model that uses "sdpa" to it. On CPU tensors it
-- gives grouped-query attention repeated key/value heads instead of ``enable_gqa``: torch's CPU
-  flash kernel runs the repeated form faster (SmolLM2, 4 x 256, forward + backward: 26 vs 34 ms
-  a layer), with the same result;
-- computes 16-bit inputs in float32: the CPU flash-attention backward is about 3x slower in bf16
-  than in float32 (MiniLM, 16 x 128: 30 vs 9 ms a layer);
+- computes 16-bit inputs in float32: torch's CPU flash attention is 2.5-3x slower in bf16 than in
+  float32 (a MiniLM layer at 16 x 128, forward + backward: 49-61 vs 19-23 ms;
+  ``benchmarks/profile_step.py --micro``);
 - with attention dropout in training, where SDPA falls back to its unfused path anyway, runs that
   path itself without SDPA's extra passes (separate q and k scaling, the fully-masked-row guard):
   products in the input dtype, softmax in float32, then torch's dropout drawn as SDPA draws it (the
@@ -77,8 +75,6 @@ def lorakit_sdpa_attention(module, query, key, value, attention_mask, dropout: f
                                   getattr(module, FAST_DROPOUT_FLAG, False))
     dtype = query.dtype
     q, k, v = upcast_on_cpu(query, key, value)
-    if attention_mask is None:  # with a mask, transformers repeats the heads itself
-        k, v = _repeat_heads(k, v, q.shape[1])
     mask = attention_mask
     if mask is not None and mask.is_floating_point():
         (mask,) = upcast_on_cpu(mask)

@@ -14,7 +14,7 @@ weights are cast once, not at every forward.
 
 Attention goes through ``cpu_attention.lorakit_sdpa_attention`` (float32 SDPA on CPU, bf16 products
 with fast dropout when training with attention dropout). By default the model's nn.Dropout
-layers also switch to ``kernels.dropout.fast_dropout`` (3x faster masks on CPU; the drop
+layers also switch to ``kernels.dropout.fast_dropout`` (3-5x faster masks on CPU; the drop
 probability rounded to a multiple of 1/65536); ``fast_dropout=False`` keeps torch's.
 """
 

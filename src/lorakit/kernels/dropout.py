@@ -1,8 +1,9 @@
-"""Dropout with a mask drawn from random bits, about 3x faster than torch's on CPU.
+"""Dropout with a mask drawn from random bits, 3-5x faster than torch's on CPU.
 
-torch's CPU dropout draws one Bernoulli sample per element (``bernoulli_``: 31 ms for the
+torch's CPU dropout draws one Bernoulli sample per element (``bernoulli_``: 29-41 ms for the
 16 x 12 x 128 x 128 attention probabilities of a MiniLM layer at batch 16 x 128); here one
-64-bit random integer gives four 16-bit uniforms, compared against a threshold (10 ms):
+64-bit random integer gives four 16-bit uniforms, compared against a threshold (7-10 ms;
+``benchmarks/profile_step.py --micro``):
 
     keep_i = u_i >= t,  u_i uniform on {0, ..., 65535},  t = round(p * 65536)
     y = x * keep / (1 - t / 65536)

@@ -1,0 +1,97 @@
+"""What dominates a training step, and the micro-measurements behind the CPU choices in lorakit.
+
+    .venv/bin/python benchmarks/profile_step.py --model builtin:smollm2 --batch-size 4 --max-length 256   # ~1 min
+    .venv/bin/python benchmarks/profile_step.py --model builtin:minilm --batch-size 16 --max-length 128
+    .venv/bin/python benchmarks/profile_step.py --micro                                                  # ~30 s
+
+Step profile: one torch.profiler step of each `lorakit bench` contender of --mode (after two warm-up
+steps), grouped as matrix products (mm/addmm/bmm), attention kernels, dropout masks (bernoulli_ / the
+bit-based masks' randint) and the rest, as shares of the step's self CPU time, plus the top operators.
+--micro: medians of torch's dropout vs kernels.dropout masks on MiniLM's attention probabilities,
+CPU flash attention with enable_gqa vs repeated heads (SmolLM2 shapes), and its bf16 vs float32 backward
+(MiniLM shapes).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", default="builtin:smollm2")
+parser.add_argument("--batch-size", type=int, default=4)
+parser.add_argument("--max-length", type=int, default=256)
+parser.add_argument("--mode", default="exact")
+parser.add_argument("--micro", action="store_true")
+args = parser.parse_args()
+
+GROUPS = {"matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_", "aten::baddbmm"),
+          "attention kernels": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+          "dropout masks": ("aten::bernoulli_", "aten::random_")}
+
+
+def median_ms(fn, repeats=9):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def micro():
+    probs = torch.rand(16, 12, 128, 128)
+    from lorakit.kernels.dropout import fast_dropout
+
+    print(f"dropout masks, [16, 12, 128, 128]: torch {median_ms(lambda: F.dropout(probs, 0.1, True)):.1f} ms, "
+          f"kernels.dropout {median_ms(lambda: fast_dropout(probs, 0.1)):.1f} ms")
+
+    def attention(dtype, heads, kv_heads, length, d, batch, repeat):
+        q = torch.randn(batch, heads, length, d, dtype=dtype, requires_grad=True)
+        k = torch.randn(batch, kv_heads, length, d, dtype=dtype, requires_grad=True)
+        v = torch.randn(batch, kv_heads, length, d, dtype=dtype, requires_grad=True)
+        g = heads // kv_heads
+
+        def step():
+            kk, vv = (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)) if repeat else (k, v)
+            out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=not repeat and g > 1)
+            out.sum().backward()
+
+        return median_ms(step)
+
+    print(f"flash attention fwd+bwd, SmolLM2 layer (4 x 9 heads / 3 kv, L 256, d 64): enable_gqa "
+          f"{attention(torch.float32, 9, 3, 256, 64, 4, False):.1f} ms, repeated heads "
+          f"{attention(torch.float32, 9, 3, 256, 64, 4, True):.1f} ms")
+    print(f"flash attention fwd+bwd, MiniLM layer (16 x 12 heads, L 128, d 32): float32 "
+          f"{attention(torch.float32, 12, 12, 128, 32, 16, False):.1f} ms, bf16 "
+          f"{attention(torch.bfloat16, 12, 12, 128, 32, 16, False):.1f} ms")
+
+
+def profile():
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from lorakit.bench import versus_peft as vp
+
+    cfg = vp.BenchConfig(model=args.model, batch_size=args.batch_size, max_length=args.max_length, steps=3, warmup=0)
+    task = vp.model_task(cfg.model, cfg.task)
+    base, _, batches = vp._load(cfg, task)
+    for runner in vp.contenders(base, cfg, args.mode, batches):
+        runner.step()
+        runner.step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            runner.step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        shares = {group: sum(e.self_cpu_time_total for e in events if e.key in names) / total
+                  for group, names in GROUPS.items()}
+        shares["the rest"] = 1 - sum(shares.values())
+        print(f"\n{runner.name}: {total / 1e6:.3f} s self CPU; " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+micro() if args.micro else profile()
