@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 
 
 def _targets(value: str) -> str | list[str]:
@@ -116,16 +116,23 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: four times per run)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out rows only")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps (metrics.jsonl)")
     p.add_argument("--max-bad-steps", type=int, default=5,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     p.add_argument("--out", default="out")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT/checkpoints")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    dp = p.add_argument_group("several processes (torch.distributed)")
+    dp.add_argument("--nproc", type=int, default=None,
+                    help="train on N processes of this machine (torchrun; gloo on CPU, nccl on CUDA); --batch-size is the "
+                         "global batch. On several machines run torchrun ... -m lorakit train instead")
+    dp.add_argument("--shard", action="store_true",
+                    help="FSDP2: split the frozen base across the processes (for a model too big for one process)")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from lorakit.train import TrainConfig, run
+    from lorakit.train import TrainConfig, distributed, run
     from lorakit.train.models import builtin_default_task
 
     data = a.data
@@ -138,11 +145,19 @@ def cmd_train(a: argparse.Namespace) -> int:
         selection=a.selection, norm_cap=a.norm_cap, attention=a.attention, attention_tolerance=a.attention_tolerance,
         norm_every=a.norm_every, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         weight_decay=a.weight_decay, warmup=a.warmup, max_grad_norm=a.max_grad_norm, max_length=a.max_length, bf16=a.bf16,
-        seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit, save_every=a.save_every, max_bad_steps=a.max_bad_steps, out=a.out, resume=a.resume, quiet=a.quiet, device=a.device,
+        seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit, save_every=a.save_every, max_bad_steps=a.max_bad_steps,
+        log_every=a.log_every, out=a.out, resume=a.resume, quiet=a.quiet, device=a.device, shard=a.shard,
     )
+    if a.nproc is not None and not distributed.launched_by_torchrun():
+        if a.nproc < 1:
+            raise ConfigError(f"--nproc {a.nproc} must be >= 1")
+        cfg.validate()  # bad options fail here, once, before any process starts
+        distributed.rank_batch_size(cfg.batch_size, distributed.Dist(world=a.nproc))
+        if a.nproc > 1:
+            return distributed.launch(a.nproc, _without_nproc(a.argv))
     report = run(cfg)
     result = report["result"]
-    if "after" in result:
+    if "after" in result and int(os.environ.get("RANK", "0")) == 0:
         before, after = result.get("before", {}), result["after"]
         key = "eval_accuracy" if "eval_accuracy" in after else "eval_loss"
         if key in before:
@@ -150,6 +165,19 @@ def cmd_train(a: argparse.Namespace) -> int:
         else:
             print(f"held-out {key.removeprefix('eval_')}: {after[key]:.4f}")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The train arguments minus --nproc (torchrun's workers must not launch again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _add_eval(sub) -> None:
@@ -409,7 +437,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1 :] if args.command in argv else []
     if args.command is None:
         parser().print_help()
         return 2

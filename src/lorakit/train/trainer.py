@@ -11,7 +11,9 @@ method, ``after_step(step, model) -> dict | None``; what they return is logged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import json
 import math
 import shlex
@@ -34,8 +36,9 @@ from lorakit.adapters.cpu_attention import use_fast_attention
 from lorakit.adapters.precision import use_bf16
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed
+from lorakit.train.distributed import Dist
 from lorakit.train.data import Dataset, collate
-from lorakit.train.loss import training_loss
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
@@ -85,6 +88,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int | None = None
     bf16: bool = False
+    shard: bool = False  # FSDP2: split the frozen base across the processes (torchrun / --nproc)
     seed: int = 0
     eval_every: int | None = None  # None: four evaluations per run
     save_every: int | None = 100
@@ -122,6 +126,14 @@ class TrainConfig:
             from lorakit.limits.attention import AttentionPolicy
 
             AttentionPolicy(mode=self.attention, tolerance=self.attention_tolerance)  # fails on a bad mode or tolerance
+        if self.shard:
+            needs_whole = {"--norm-cap": self.norm_cap is not None, "--attention": self.attention is not None,
+                           "--norm-every": self.norm_every is not None, "--backward celora": self.backward == "celora"}
+            bad = [name for name, used in needs_whole.items() if used]
+            if bad:
+                raise ConfigError(f"{', '.join(bad)} cannot be used with --shard: it needs the whole frozen weights between "
+                                  "steps and --shard keeps a slice in each process; drop --shard (DDP keeps a whole copy "
+                                  "per process) or the option")
         self.lora_config()  # LoRA options fail here, before any model is loaded
 
     def lora_config(self) -> LoraConfig:
@@ -146,15 +158,20 @@ def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], floa
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per event, appended and flushed (survives a crash)."""
+    """metrics.jsonl, one JSON object per event, appended and flushed (survives a crash).
+    ``writes=False`` (ranks other than 0) reads but never writes."""
 
-    def __init__(self, path: Path, *, fresh: bool) -> None:
-        self.path = path
+    def __init__(self, path: Path, *, fresh: bool, writes: bool = True) -> None:
+        self.path, self.writes = path, writes
+        if not writes:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if fresh and path.exists():
             path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -165,7 +182,11 @@ class MetricsLog:
 
 
 class Trainer:
-    """The loop. ``model`` must already carry an adapter (lorakit.attach)."""
+    """The loop. ``model`` must already carry an adapter (lorakit.attach).
+
+    ``dist`` places this process in a torchrun run (lorakit.train.distributed): the model is then
+    trained under DDP, or FSDP2 with ``dist.shard``; ``cfg.batch_size`` is the global batch.
+    """
 
     def __init__(
         self,
@@ -176,18 +197,23 @@ class Trainer:
         pad_id: int,
         hooks: list[StepHook] | None = None,
         checkpoint_meta: dict[str, str] | None = None,
+        dist: Dist | None = None,
     ) -> None:
         cfg.validate()
         if not data.train:
             raise ConfigError(f"{data.source}: no training rows")
         self.model, self.data, self.cfg, self.pad_id = model, data, cfg, pad_id
+        self.dist = dist or Dist()
+        self.rank_batch = distributed.rank_batch_size(cfg.batch_size, self.dist)
+        self.real_rows = distributed.real_rows(len(data.train), self.dist)
         self.hooks = list(hooks or [])
         self.device = next(model.parameters()).device
         self.out = Path(cfg.out)
         self.checkpoint_meta = checkpoint_meta or {}
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no trainable parameters; attach an adapter first")
+        self.engine = distributed.wrap(model, self.dist)  # FSDP2 replaces the parameters: before the optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[data.task]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=cfg.weight_decay)
         self.micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
@@ -207,13 +233,20 @@ class Trainer:
         self.micro = 0
         self.skipped_steps = 0
         self.bad_in_a_row = 0
-        self.log = MetricsLog(self.out / "metrics.jsonl", fresh=not cfg.resume)
+        self.log = MetricsLog(self.out / "metrics.jsonl", fresh=not cfg.resume, writes=self.dist.is_main)
         self.stop_requested: Callable[[], bool] = lambda: False
+        if self.dist.active:
+            torch.manual_seed(distributed.per_rank_seed(cfg.seed, self.dist.rank, 0))  # own dropout masks per rank
 
     # ------------------------------------------------------------------ data order
     def epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.data.train), generator=g).tolist()
+        """This process's rows of ``epoch`` (all of them on one process), in order."""
+        return distributed.epoch_indices(len(self.data.train), self.cfg.seed * 1_000_003, epoch, self.dist)
+
+    def loss_targets(self, b: dict[str, torch.Tensor]) -> int:
+        """What the batch loss is a mean over: rows (classification) or labelled next tokens (causal LM)."""
+        labels = b["labels"]
+        return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum().item())
 
     def batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in collate(rows, self.pad_id).items()}
@@ -232,12 +265,18 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         ordered = sorted(rows, key=lambda r: len(r["input_ids"]))  # less padding; order does not matter
+        d, size = self.dist, self.cfg.eval_batch_size
+        mine = ordered[d.rank :: d.world]
+        n_batches = math.ceil(math.ceil(len(ordered) / d.world) / size)  # the same on every rank (FSDP2 gathers in forward)
         loss_sum = weight = correct = 0.0
         try:
-            for i in range(0, len(ordered), self.cfg.eval_batch_size):
-                b = self.batch(ordered[i : i + self.cfg.eval_batch_size])
+            for i in range(n_batches):
+                chunk = mine[i * size : (i + 1) * size]
+                b = self.batch(chunk or ordered[:1])
                 with self.autocast():
-                    out = self.model(**b)
+                    out = self.engine(b, outputs=True) if d.shard else self.model(**b)
+                if not chunk:  # this rank ran out of rows: it only takes part in the gathers
+                    continue
                 if self.data.task == "classify":
                     n = b["labels"].numel()
                     loss_sum += out.loss.float().item() * n
@@ -248,6 +287,7 @@ class Trainer:
                 weight += n
         finally:
             self.model.train(was_training)
+        loss_sum, weight, correct = distributed.sum_across(d, [loss_sum, weight, correct], self.device)
         result = {"eval_loss": loss_sum / max(weight, 1)}
         if self.data.task == "classify":
             result["eval_accuracy"] = correct / max(weight, 1)
@@ -261,13 +301,14 @@ class Trainer:
         return self.out / "checkpoints"
 
     def state_dict(self) -> dict[str, Any]:
+        """Position, optimizer (whole tensors), scheduler, RNG and hooks: the same format on any process count."""
         return {
             "step": self.step,
             "epoch": self.epoch,
             "micro": self.micro,
             "skipped_steps": self.skipped_steps,
             "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": distributed.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
@@ -275,32 +316,45 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        def files(tmp: Path) -> None:
-            save_adapter(self.model, tmp, convert_pissa=False, metadata=self.checkpoint_meta)
-            torch.save(self.state_dict(), tmp / ckpt.STATE)
+        """Rank 0 writes (sharded tensors are gathered first, by every rank); a failed write fails every rank."""
+        with distributed.whole_trainable(self.model):
+            state = self.state_dict()
 
-        path = ckpt.write(self.checkpoint_root, self.step, files)
-        ckpt.prune(self.checkpoint_root, self.cfg.keep_checkpoints)
-        return path
+            def files(tmp: Path) -> None:
+                save_adapter(self.model, tmp, convert_pissa=False, metadata=self.checkpoint_meta)
+                torch.save(state, tmp / ckpt.STATE)
+
+            def write() -> Path:
+                path = ckpt.write(self.checkpoint_root, self.step, files)
+                ckpt.prune(self.checkpoint_root, self.cfg.keep_checkpoints)
+                return path
+
+            return distributed.on_main(self.dist, write, ckpt.CheckpointError)
 
     def restore(self) -> ckpt.Found | None:
         """Continue from the newest complete checkpoint, if any."""
         from lorakit.adapters.io import load_adapter
 
-        found = ckpt.latest(self.checkpoint_root)
+        found = distributed.on_main(self.dist, lambda: ckpt.latest(self.checkpoint_root), ckpt.CheckpointError)
         if found is None:
             return None
+        if not found.path.is_dir():
+            raise ckpt.CheckpointError(f"process {self.dist.rank} cannot see checkpoint {found.path} that process 0 found; "
+                                       "on several machines put --out on a filesystem they all share")
         state = ckpt.load_state(found.path)
         if state["total_steps"] != self.total_steps:
             raise ConfigError(
                 f"{found.path} belongs to a run of {state['total_steps']} steps but this run has {self.total_steps}; "
                 "resume with the same --steps/--epochs, --batch-size and --grad-accum"
             )
-        load_adapter(self.model, found.path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        with distributed.whole_trainable(self.model):
+            load_adapter(self.model, found.path)
+        distributed.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+        if self.dist.active:
+            torch.manual_seed(distributed.per_rank_seed(self.cfg.seed, self.dist.rank, self.step))
         self.skipped_steps = state.get("skipped_steps", 0)
         saved_hooks = state.get("hooks", {})
         for hook in self.hooks:
@@ -330,7 +384,7 @@ class Trainer:
             self.say("held-out before training: " + _fmt(before))
 
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=cfg.quiet, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=cfg.quiet or not self.dist.is_main, desc="train", unit="step", dynamic_ncols=True)
         loss_acc, tokens, window_start = 0.0, 0, time.perf_counter()
         window_steps = 0
         micro_in_step = 0
@@ -340,21 +394,30 @@ class Trainer:
             if self.micro >= self.micro_per_epoch:
                 self.epoch, self.micro = self.epoch + 1, 0
                 order = self.epoch_order(self.epoch)
-            idx = order[self.micro * cfg.batch_size : (self.micro + 1) * cfg.batch_size]
-            b = self.batch([self.data.train[i] for i in idx])
-            with self.autocast():
-                loss = training_loss(self.model, b)
-            (loss.float() / cfg.grad_accum).backward()
-            loss_acc += loss.detach().float().item() / cfg.grad_accum
+            start = self.micro * self.rank_batch
+            idx = order[start : start + self.rank_batch]
+            real = idx[: max(0, self.real_rows - start)]  # the sampler's padding rows carry no weight
+            b = self.batch([self.data.train[i] for i in (real or idx)])
+            last_micro = micro_in_step + 1 == cfg.grad_accum
+            with contextlib.nullcontext() if last_micro or not self.dist.active else distributed.no_gradient_sync(self.engine):
+                with self.autocast():
+                    loss = self.engine(b)
+                # a mean over this rank's targets, weighted so that the ranks' average is the global batch's mean
+                weight = distributed.loss_weight(self.dist, self.loss_targets(b) if real else 0, self.device) / cfg.grad_accum
+                (loss.float() * weight).backward()
+            loss_acc += loss.detach().float().item() * weight
             tokens += int(b["attention_mask"].sum().item())
             self.micro += 1
             micro_in_step += 1
-            if micro_in_step < cfg.grad_accum:
+            if not last_micro:
                 continue
             micro_in_step = 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            if not (math.isfinite(loss_acc) and math.isfinite(float(grad_norm))):
-                self.skip_bad_step(loss_acc, float(grad_norm))
+            grad_norm = float(distributed.full(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)))
+            if self.dist.active:
+                loss_acc, tokens = distributed.sum_across(self.dist, [loss_acc, tokens], self.device)
+                loss_acc /= self.dist.world
+            if not (math.isfinite(loss_acc) and math.isfinite(grad_norm)):
+                self.skip_bad_step(loss_acc, grad_norm)
                 loss_acc, tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
                 continue
             self.bad_in_a_row = 0
@@ -371,7 +434,7 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 tps = tokens / max(now - window_start, 1e-9)
                 record.update(loss=loss_acc / window_steps, lr=self.scheduler.get_last_lr()[0],
-                              grad_norm=float(grad_norm), tokens_per_s=tps, epoch=self.epoch)
+                              grad_norm=grad_norm, tokens_per_s=tps, epoch=self.epoch)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
                 loss_acc, tokens, window_steps, window_start = 0.0, 0, 0, now
             if record:
@@ -386,7 +449,7 @@ class Trainer:
             aside = time.perf_counter() - t_aside
             t_start += aside
             window_start += aside
-            if self.stop_requested():
+            if self.stop_everywhere():
                 bar.close()
                 self.save_checkpoint()
                 result.update(stopped_at=self.step)
@@ -397,6 +460,13 @@ class Trainer:
         self.say("held-out after training: " + _fmt(after))
         result.update(after=after, steps=self.step, train_seconds=time.perf_counter() - t_start)
         return result
+
+    def stop_everywhere(self) -> bool:
+        """A stop asked of any process (each gets the signal at its own moment) stops them all after this step."""
+        stop = self.stop_requested()
+        if self.dist.active:
+            stop = distributed.sum_across(self.dist, [float(stop)], self.device)[0] > 0
+        return bool(stop)
 
     def skip_bad_step(self, loss: float, grad_norm: float) -> None:
         """A step whose loss or gradient norm is not finite: no update, counted; too many in a row stop the run."""
@@ -414,7 +484,7 @@ class Trainer:
                 "raise --max-bad-steps")
 
     def say(self, msg: str) -> None:
-        if not self.cfg.quiet:
+        if not self.cfg.quiet and self.dist.is_main:
             tqdm.write(msg)
 
 
@@ -456,10 +526,19 @@ class StopOnSignal:
 
 
 def resume_command(argv: list[str] | None = None) -> str:
-    """The command line of this run with --resume added (what to type to continue it)."""
+    """The command line of this run with --resume added (what to type to continue it).
+
+    Under ``lorakit train --nproc N`` it is that command (the launcher passes it down); under a
+    torchrun the user started, the same torchrun line with --resume, on any number of processes.
+    """
+    launched = os.environ.get(distributed.RESUME_ARGV_ENV)
+    if argv is None and launched:
+        argv = launched.split("\x1f")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--resume" not in argv:
         argv.append("--resume")
+    if not launched and distributed.launched_by_torchrun():
+        return "your torchrun command with: " + shlex.join(argv) + " (on any number of processes)"
     return "lorakit " + shlex.join(argv)
 
 
@@ -528,17 +607,33 @@ def _limits_hooks(cfg: TrainConfig, model: nn.Module, data, pad_id: int) -> list
 
 
 def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, Any]:
-    """The whole job: load, attach, train, write the adapter and the report into cfg.out."""
+    """The whole job: load, attach, train, write the adapter and the report into cfg.out.
+
+    Under torchrun (or ``lorakit train --nproc N``) every process runs this; rank 0 writes.
+    """
+    cfg.validate()
+    d = distributed.from_environment(shard=cfg.shard, device=cfg.device)
+    try:
+        return _run(cfg, d, hooks)
+    finally:
+        distributed.shutdown(d)
+
+
+def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     loaded, data = prepare(cfg)
     model = loaded.model
-    if cfg.device:
+    if cfg.device and not (d.active and cfg.device == "cuda"):
         model.to(cfg.device)
-    elif torch.cuda.is_available():
-        model.to("cuda")
+    elif torch.cuda.is_available() and cfg.device in (None, "cuda"):
+        model.to(f"cuda:{d.local_rank}" if d.active else "cuda")
     lora_cfg = cfg.lora_config()
     attach(model, lora_cfg)
-    if cfg.bf16 and next(model.parameters()).device.type == "cpu":
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if cfg.bf16 and on_cpu and cfg.shard:
+        raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) needs one "
+                          "dtype per sharded block; on CPU use --shard without --bf16, or --bf16 without --shard")
+    if cfg.bf16 and on_cpu:
         use_bf16(model)
     else:
         use_fast_attention(model)
@@ -551,32 +646,44 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
     meta = {"lorakit_task": data.task}
     if data.label_names:
         meta["lorakit_labels"] = json.dumps(data.label_names)
-    trainer = Trainer(model, data, cfg, pad_id=loaded.tokenizer.pad_token_id, hooks=hooks, checkpoint_meta=meta)
+    trainer = Trainer(model, data, cfg, pad_id=loaded.tokenizer.pad_token_id, hooks=hooks, checkpoint_meta=meta, dist=d)
     from lorakit.adapters import summary
 
     s = summary(model)
     trainer.say(f"{loaded.name} on {data.source} ({data.task}): {len(data.train):,} training rows, {len(data.eval):,} held out; "
                 f"{s.adapter_params:,} adapter parameters in {len(s.rows)} modules, {s.trainable:,} trainable")
+    if d.active:
+        how = "FSDP2, base sharded" if d.shard else "DDP over the adapter"
+        trainer.say(f"{d.world} processes ({how}, {'nccl' if trainer.device.type == 'cuda' else 'gloo'}): "
+                    f"{trainer.rank_batch} rows each of the global batch of {cfg.batch_size}")
     for note in data.notes:
         trainer.say("note: " + note)
     with StopOnSignal() as stop:
         trainer.stop_requested = stop.requested
         result = trainer.fit()
     out = Path(cfg.out)
-    save_adapter(model, out, metadata=meta)
+    if "stopped_at" in result:
+        result["stopped_by"] = stop.signal_name or "a signal to another process"
+    report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result,
+              "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
+              "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps, "processes": d.world,
+              "sharded": d.shard}
+    with distributed.whole_trainable(model):
+        if d.is_main:
+            save_adapter(model, out, metadata=meta)
+    if not d.is_main:
+        distributed.barrier(d)  # return once rank 0 has written everything
+        return report
     records = trainer.log.read()
     plot_metrics(records, out / "training.png", f"{loaded.name} on {data.source}")
     if cfg.norm_every:
         from lorakit.limits.monitor import plot_norm_trajectories
 
         plot_norm_trajectories(records, out / "norms.png", f"{loaded.name} on {data.source}: attention logits during training")
-    if "stopped_at" in result:
-        result["stopped_by"] = stop.signal_name
-        print(f"lorakit: stopped by {stop.signal_name} after step {result['stopped_at']}: the checkpoint is written and "
-              f"the adapter so far is in {out}/. Resume with: {resume_command()}", file=sys.stderr, flush=True)
-    report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result,
-              "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
-              "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps}
     write_atomic(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, default=str)))
+    if "stopped_at" in result:
+        print(f"lorakit: stopped by {result['stopped_by']} after step {result['stopped_at']}: the checkpoint is written and "
+              f"the adapter so far is in {out}/. Resume with: {resume_command()}", file=sys.stderr, flush=True)
     trainer.say(f"wrote the adapter, metrics.jsonl, training.png and run.json to {out}/")
+    distributed.barrier(d)
     return report
