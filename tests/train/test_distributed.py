@@ -109,6 +109,7 @@ def test_two_processes_train_the_one_process_adapter(one_process, two_processes)
     report = json.loads((out / "run.json").read_text())
     expected = json.loads((one_process / "run.json").read_text())
     assert report["processes"] == 2 and report["sharded"] is False
+    assert len(report["memory_per_process"]) == 2 and all(m["peak_rss_mib"] > 0 for m in report["memory_per_process"])
     assert report["result"]["after"]["eval_loss"] == pytest.approx(expected["result"]["after"]["eval_loss"], rel=1e-5)
     assert proc.stdout.count("held-out loss") == 1  # printed by rank 0 only
     assert len(train_losses(out)) == 20  # one line per step, not one per rank

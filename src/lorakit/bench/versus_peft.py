@@ -44,6 +44,7 @@ from lorakit.bench.harness import Contender, alternate
 from lorakit.bench.workloads import fixed_batches, labelled_batches, machine
 from lorakit.errors import LorakitError
 from lorakit.train.loss import training_loss
+from lorakit.train.memory import reset_peak, rss_kib
 
 MODES = ("exact", "bf16", "celora", "poly")
 AGAINST = ("peft",)
@@ -274,14 +275,6 @@ def peak_gemm(dtype: torch.dtype, sizes=(1024, 2048, 3072), repeats: int = 3) ->
 
 
 # ---------------------------------------------------------------------------- memory: one fresh process a contender
-def _rss_kib(field_name: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field_name):
-                return int(line.split()[1])
-    raise OSError(f"{field_name} missing from /proc/self/status")
-
-
 def _memory_probe(cfg: BenchConfig, mode: str, contender: str) -> dict[str, float]:
     """Runs in a child process: build only ``contender``, warm it up, then peak RSS over two steps."""
     import gc
@@ -291,15 +284,11 @@ def _memory_probe(cfg: BenchConfig, mode: str, contender: str) -> dict[str, floa
     del base
     gc.collect()
     runner.step()
-    before = _rss_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM, the peak resident set size
-    except OSError:
-        pass
+    before = rss_kib("VmRSS")
+    reset_peak()
     for _ in range(2):
         runner.step()
-    return {"peak_rss_mb": _rss_kib("VmHWM") / 1024, "rss_before_steps_mb": before / 1024}
+    return {"peak_rss_mb": rss_kib("VmHWM") / 1024, "rss_before_steps_mb": before / 1024}
 
 
 def measure_memory(cfg: BenchConfig, mode: str, contender: str) -> dict[str, float] | None:

@@ -55,6 +55,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     shard: bool = False
+    device: str = "cpu"  # this process's device: cuda:LOCAL_RANK under nccl
 
     @property
     def active(self) -> bool:
@@ -83,7 +84,28 @@ def from_environment(*, shard: bool = False, device: str | None = None) -> Dist:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return Dist(rank=rank, world=world, local_rank=local_rank, shard=shard)
+    if shard and not cuda:
+        return_freed_memory_to_the_system()
+    return Dist(rank=rank, world=world, local_rank=local_rank, shard=shard, device=f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def return_freed_memory_to_the_system(threshold: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap threshold so that freed large blocks go back to the system.
+
+    FSDP2 on CPU gathers each block's weights before its forward and backward and frees them after;
+    glibc raises its mmap threshold on such frees and then serves the blocks from a heap that does not
+    shrink, so the resident set grows back to the whole model. Measured on SmolLM2, 2 processes: peak
+    RSS 3.56 GB a process with the dynamic threshold, 1.30 GB with this (DDP: 1.92 GB). Returns whether
+    it took effect (False off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def shutdown(d: Dist) -> None:
@@ -163,6 +185,15 @@ def on_main(d: Dist, fn: Callable[[], Any], error_type: type[Exception]) -> Any:
     return result
 
 
+def gather(d: Dist, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not d.active:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()
@@ -202,12 +233,11 @@ def wrap(model: nn.Module, d: Dist) -> nn.Module:
     engine = LossOf(model)
     if not d.active:
         return engine
-    device = next(model.parameters()).device
-    if d.shard:
+    if d.shard:  # the model may still be on the CPU: fully_shard moves each process's slice to its device
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(device.type, (d.world,))
+        mesh = init_device_mesh(torch.device(d.device).type, (d.world,))
         for block in decoder_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(engine, mesh=mesh)
@@ -217,7 +247,7 @@ def wrap(model: nn.Module, d: Dist) -> nn.Module:
     frozen = [f"model.{name}" for name, p in model.named_parameters() if not p.requires_grad]
     frozen += [f"model.{name}" for name, _ in model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(engine, frozen)  # the base is identical everywhere: no broadcast
-    ids = [d.local_rank] if device.type == "cuda" else None
+    ids = [d.local_rank] if torch.device(d.device).type == "cuda" else None
     return DDP(engine, device_ids=ids)
 
 

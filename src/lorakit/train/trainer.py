@@ -36,7 +36,7 @@ from lorakit.adapters.cpu_attention import use_fast_attention
 from lorakit.adapters.precision import use_bf16
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.train import checkpoint as ckpt
-from lorakit.train import distributed
+from lorakit.train import distributed, memory
 from lorakit.train.distributed import Dist
 from lorakit.train.data import Dataset, collate
 
@@ -207,12 +207,12 @@ class Trainer:
         self.rank_batch = distributed.rank_batch_size(cfg.batch_size, self.dist)
         self.real_rows = distributed.real_rows(len(data.train), self.dist)
         self.hooks = list(hooks or [])
-        self.device = next(model.parameters()).device
         self.out = Path(cfg.out)
         self.checkpoint_meta = checkpoint_meta or {}
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no trainable parameters; attach an adapter first")
         self.engine = distributed.wrap(model, self.dist)  # FSDP2 replaces the parameters: before the optimizer
+        self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[data.task]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=cfg.weight_decay)
@@ -623,13 +623,15 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
     torch.manual_seed(cfg.seed)
     loaded, data = prepare(cfg)
     model = loaded.model
-    if cfg.device and not (d.active and cfg.device == "cuda"):
-        model.to(cfg.device)
-    elif torch.cuda.is_available() and cfg.device in (None, "cuda"):
-        model.to(f"cuda:{d.local_rank}" if d.active else "cuda")
+    if d.active:  # under --shard, FSDP2 moves only this process's slice of the weights to its device
+        device = d.device
+    else:
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not d.shard:
+        model.to(device)
     lora_cfg = cfg.lora_config()
     attach(model, lora_cfg)
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    on_cpu = torch.device(device).type == "cpu"
     if cfg.bf16 and on_cpu and cfg.shard:
         raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) needs one "
                           "dtype per sharded block; on CPU use --shard without --bf16, or --bf16 without --shard")
@@ -667,7 +669,7 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
     report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result,
               "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
               "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps, "processes": d.world,
-              "sharded": d.shard}
+              "sharded": d.shard, "memory_per_process": distributed.gather(d, memory.usage(trainer.device))}
     with distributed.whole_trainable(model):
         if d.is_main:
             save_adapter(model, out, metadata=meta)
