@@ -359,8 +359,14 @@ def launch(nproc: int, train_argv: list[str]) -> int:
 
     def forward(signum, frame):
         signalled.append(signum)
-        # torchrun sends the signal it gets to its workers: SIGTERM to each for a clean stop
-        proc.send_signal(signal.SIGTERM)
+        # straight to the workers: they stop cleanly and torchrun exits 0 with them; torchrun itself only
+        # where its workers cannot be listed (it passes SIGTERM on, then exits non-zero with a traceback)
+        workers = _children(proc.pid)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if not workers:
+            proc.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -372,6 +378,19 @@ def launch(nproc: int, train_argv: list[str]) -> int:
         # torchrun exits non-zero after a signal even when every worker stopped cleanly
         return 0 if _workers_stopped_cleanly(train_argv, started) else code
     return code
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc; [] elsewhere)."""
+    from pathlib import Path
+
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        return []
+    return out
 
 
 def _workers_stopped_cleanly(train_argv: list[str], started: float) -> bool:
