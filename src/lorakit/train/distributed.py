@@ -108,24 +108,6 @@ def return_freed_memory_to_the_system(threshold: int = 128 * 1024) -> bool:
         return False
 
 
-def in_turn(d: Dist, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on the processes of each machine one after another (by LOCAL_RANK), all machines at once.
-
-    Under --shard each process loads the whole base and keeps only its slice: taking turns bounds a
-    machine's memory by one whole model plus the slices, instead of one whole model a process.
-    Every rank must call; ``fn`` must not use collectives (FSDP2's fully_shard does not).
-    """
-    if not d.active:
-        return fn()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
-    result = None
-    for turn in range(local_world):
-        if d.local_rank == turn:
-            result = fn()
-        dist.barrier()
-    return result
-
-
 def shutdown(d: Dist) -> None:
     if d.active and dist.is_initialized():
         dist.destroy_process_group()

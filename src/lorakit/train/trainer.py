@@ -186,7 +186,6 @@ class Trainer:
 
     ``dist`` places this process in a torchrun run (lorakit.train.distributed): the model is then
     trained under DDP, or FSDP2 with ``dist.shard``; ``cfg.batch_size`` is the global batch.
-    ``engine`` is ``distributed.wrap(model, dist)`` when the caller has made it already.
     """
 
     def __init__(
@@ -199,7 +198,6 @@ class Trainer:
         hooks: list[StepHook] | None = None,
         checkpoint_meta: dict[str, str] | None = None,
         dist: Dist | None = None,
-        engine: nn.Module | None = None,
     ) -> None:
         cfg.validate()
         if not data.train:
@@ -213,8 +211,7 @@ class Trainer:
         self.checkpoint_meta = checkpoint_meta or {}
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no trainable parameters; attach an adapter first")
-        # DDP or FSDP2 (FSDP2 replaces the parameters: before the optimizer); ``engine`` if the caller wrapped already
-        self.engine = engine if engine is not None else distributed.wrap(model, self.dist)
+        self.engine = distributed.wrap(model, self.dist)  # FSDP2 replaces the parameters: before the optimizer
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[data.task]
@@ -622,8 +619,7 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
         distributed.shutdown(d)
 
 
-def _prepared_model(cfg: TrainConfig, d: Dist):
-    """Model (adapter attached, on its device) and data; under --shard also the FSDP2-wrapped loss module."""
+def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     loaded, data = prepare(cfg)
     model = loaded.model
@@ -633,7 +629,8 @@ def _prepared_model(cfg: TrainConfig, d: Dist):
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not d.shard:
         model.to(device)
-    attach(model, cfg.lora_config())
+    lora_cfg = cfg.lora_config()
+    attach(model, lora_cfg)
     on_cpu = torch.device(device).type == "cpu"
     if cfg.bf16 and on_cpu and cfg.shard:
         raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) needs one "
@@ -642,15 +639,6 @@ def _prepared_model(cfg: TrainConfig, d: Dist):
         use_bf16(model)
     else:
         use_fast_attention(model)
-    engine = distributed.wrap(model, d) if d.shard else None
-    return loaded, data, model, engine
-
-
-def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, Any]:
-    if d.shard:  # the processes of a machine load the whole base one after another, each keeping its slice
-        loaded, data, model, engine = distributed.in_turn(d, lambda: _prepared_model(cfg, d))
-    else:
-        loaded, data, model, engine = _prepared_model(cfg, d)
     from lorakit import celora
 
     hooks = list(hooks or [])
@@ -660,8 +648,7 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
     meta = {"lorakit_task": data.task}
     if data.label_names:
         meta["lorakit_labels"] = json.dumps(data.label_names)
-    trainer = Trainer(model, data, cfg, pad_id=loaded.tokenizer.pad_token_id, hooks=hooks, checkpoint_meta=meta, dist=d,
-                      engine=engine)
+    trainer = Trainer(model, data, cfg, pad_id=loaded.tokenizer.pad_token_id, hooks=hooks, checkpoint_meta=meta, dist=d)
     from lorakit.adapters import summary
 
     s = summary(model)
