@@ -212,6 +212,7 @@ def test_resume_command_of_a_launched_run_keeps_nproc(monkeypatch):
     (["--shard"], "--shard splits the model across processes, but this is one process"),
     (["--nproc", "2", "--shard", "--norm-cap", "1.0"], "--norm-cap cannot be used with --shard"),
     (["--nproc", "2", "--shard", "--backward", "celora"], "--backward celora cannot be used with --shard"),
+    (["--nproc", "2", "--shard", "--bf16", "--device", "cpu"], "--bf16 on CPU keeps frozen weights in bf16"),
 ])
 def test_bad_distributed_options_fail_before_anything_starts(tiny_llama_dir, corpus_txt, tmp_path, capsys, args, message):
     from lorakit.cli import main

@@ -34,7 +34,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -251,9 +250,9 @@ def wrap(model: nn.Module, d: Dist) -> nn.Module:
     return DDP(engine, device_ids=ids)
 
 
-def no_gradient_sync(engine: nn.Module):
-    """DDP's no_sync for the micro-batches before the last of an accumulated step (FSDP2 syncs each one)."""
-    return engine.no_sync() if hasattr(engine, "no_sync") else contextlib.nullcontext()
+def gradient_sync(engine: nn.Module, sync: bool):
+    """DDP's no_sync unless ``sync`` (the last micro-batch of an accumulated step); FSDP2 and one process: nothing."""
+    return contextlib.nullcontext() if sync or not hasattr(engine, "no_sync") else engine.no_sync()
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -326,23 +325,17 @@ RESUME_ARGV_ENV = "LORAKIT_LAUNCH_ARGV"
 def launch(nproc: int, train_argv: list[str]) -> int:
     """Run ``lorakit train train_argv`` on ``nproc`` processes of this machine through torchrun.
 
-    SIGINT and SIGTERM are passed on to torchrun, which passes them to every process: they finish
-    the step, checkpoint and exit. Returns the exit status (0 after such a clean stop).
+    SIGINT and SIGTERM are passed on as SIGTERM to every worker (listed through /proc; to torchrun
+    where they cannot be listed, which passes it on but then exits non-zero): the workers finish the
+    step, checkpoint and exit 0, and so does torchrun. Returns torchrun's exit status.
     """
-    if nproc < 1:
-        raise ConfigError(f"--nproc {nproc} must be >= 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "lorakit", "train", *train_argv]
     env = dict(os.environ)
     env[RESUME_ARGV_ENV] = "\x1f".join(["train", f"--nproc={nproc}", *train_argv])
-    started = time.time()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    signalled: list[int] = []
 
     def forward(signum, frame):
-        signalled.append(signum)
-        # straight to the workers: they stop cleanly and torchrun exits 0 with them; torchrun itself only
-        # where its workers cannot be listed (it passes SIGTERM on, then exits non-zero with a traceback)
         workers = _children(proc.pid)
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
@@ -352,14 +345,10 @@ def launch(nproc: int, train_argv: list[str]) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = proc.wait()
+        return proc.wait()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if signalled and code != 0:
-        # torchrun exits non-zero after a signal even when every worker stopped cleanly
-        return 0 if _workers_stopped_cleanly(train_argv, started) else code
-    return code
 
 
 def _children(pid: int) -> list[int]:
@@ -373,24 +362,3 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return out
-
-
-def _workers_stopped_cleanly(train_argv: list[str], started: float) -> bool:
-    """Whether this launch's rank 0 wrote a run.json that records a stop by signal."""
-    import json
-    from pathlib import Path
-
-    out = "out"
-    for i, arg in enumerate(train_argv):
-        if arg == "--out" and i + 1 < len(train_argv):
-            out = train_argv[i + 1]
-        elif arg.startswith("--out="):
-            out = arg.split("=", 1)[1]
-    path = Path(out) / "run.json"
-    try:
-        if path.stat().st_mtime < started:
-            return False
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return "stopped_at" in report.get("result", {})

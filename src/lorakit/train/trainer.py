@@ -11,11 +11,10 @@ method, ``after_step(step, model) -> dict | None``; what they return is logged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -31,14 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.adapters import LoraConfig, attach, save_adapter
-from lorakit.adapters.io import write_atomic
 from lorakit.adapters.cpu_attention import use_fast_attention
+from lorakit.adapters.io import write_atomic
 from lorakit.adapters.precision import use_bf16
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed, memory
-from lorakit.train.distributed import Dist
 from lorakit.train.data import Dataset, collate
+from lorakit.train.distributed import Dist
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
@@ -130,6 +129,11 @@ class TrainConfig:
             needs_whole = {"--norm-cap": self.norm_cap is not None, "--attention": self.attention is not None,
                            "--norm-every": self.norm_every is not None, "--backward celora": self.backward == "celora"}
             bad = [name for name, used in needs_whole.items() if used]
+            on_cpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+            if self.bf16 and on_cpu:
+                raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) "
+                                  "needs one dtype per sharded block; on CPU use --shard without --bf16, or --bf16 without "
+                                  "--shard")
             if bad:
                 raise ConfigError(f"{', '.join(bad)} cannot be used with --shard: it needs the whole frozen weights between "
                                   "steps and --shard keeps a slice in each process; drop --shard (DDP keeps a whole copy "
@@ -277,14 +281,11 @@ class Trainer:
                     out = self.engine(b, outputs=True) if d.shard else self.model(**b)
                 if not chunk:  # this rank ran out of rows: it only takes part in the gathers
                     continue
-                if self.data.task == "classify":
-                    n = b["labels"].numel()
-                    loss_sum += out.loss.float().item() * n
-                    correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
-                else:
-                    n = int((b["labels"][:, 1:] != -100).sum().item())
-                    loss_sum += out.loss.float().item() * n
+                n = self.loss_targets(b)
+                loss_sum += out.loss.float().item() * n
                 weight += n
+                if self.data.task == "classify":
+                    correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
         finally:
             self.model.train(was_training)
         loss_sum, weight, correct = distributed.sum_across(d, [loss_sum, weight, correct], self.device)
@@ -399,11 +400,12 @@ class Trainer:
             real = idx[: max(0, self.real_rows - start)]  # the sampler's padding rows carry no weight
             b = self.batch([self.data.train[i] for i in (real or idx)])
             last_micro = micro_in_step + 1 == cfg.grad_accum
-            with contextlib.nullcontext() if last_micro or not self.dist.active else distributed.no_gradient_sync(self.engine):
+            with distributed.gradient_sync(self.engine, last_micro):
                 with self.autocast():
                     loss = self.engine(b)
-                # a mean over this rank's targets, weighted so that the ranks' average is the global batch's mean
-                weight = distributed.loss_weight(self.dist, self.loss_targets(b) if real else 0, self.device) / cfg.grad_accum
+                weight = 1.0 / cfg.grad_accum
+                if self.dist.active:  # this rank's mean, weighted so that the ranks' average is the global batch's mean
+                    weight *= distributed.loss_weight(self.dist, self.loss_targets(b) if real else 0, self.device)
                 (loss.float() * weight).backward()
             loss_acc += loss.detach().float().item() * weight
             tokens += int(b["attention_mask"].sum().item())
@@ -631,11 +633,7 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
         model.to(device)
     lora_cfg = cfg.lora_config()
     attach(model, lora_cfg)
-    on_cpu = torch.device(device).type == "cpu"
-    if cfg.bf16 and on_cpu and cfg.shard:
-        raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) needs one "
-                          "dtype per sharded block; on CPU use --shard without --bf16, or --bf16 without --shard")
-    if cfg.bf16 and on_cpu:
+    if cfg.bf16 and torch.device(device).type == "cpu":
         use_bf16(model)
     else:
         use_fast_attention(model)
