@@ -1,9 +1,10 @@
-"""fast_dropout: the drop rate asked for, an unbiased output, the same mask forward and backward."""
+"""fast_dropout: the drop rate asked for, an unbiased output, the same mask forward and backward; dropout_leading_rows:
+the masks of a dropout of the whole tensor."""
 
 import pytest
 import torch
 
-from lorakit.kernels.dropout import FastDropout, fast_dropout
+from lorakit.kernels.dropout import FastDropout, dropout_leading_rows, fast_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -31,3 +32,21 @@ def test_reproducible_identity_in_eval_and_module_drop_in():
     assert module(x) is x and isinstance(module, torch.nn.Dropout)
     with pytest.raises(ValueError, match="must be in"):
         fast_dropout(x, 1.0)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("full_shape, dim, rows", [((3, 7, 5), 1, 1), ((2, 3, 6, 6), 2, 1), ((4, 9, 2), 1, 3)])
+def test_leading_rows_draw_the_full_tensors_mask(fast, full_shape, dim, rows):
+    full = torch.randn(full_shape, requires_grad=True)
+    torch.manual_seed(11)
+    ref = (fast_dropout(full, 0.3) if fast else torch.nn.functional.dropout(full, 0.3, True)).narrow(dim, 0, rows)
+    after_full = torch.get_rng_state()
+    x = full.detach().narrow(dim, 0, rows).clone().requires_grad_()
+    torch.manual_seed(11)
+    got = dropout_leading_rows(x, full_shape, dim, 0.3, fast=fast)
+    assert torch.equal(got, ref)  # the same mask and scale, bit for bit
+    assert torch.equal(torch.get_rng_state(), after_full)  # and the same random numbers consumed
+    got.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, full.grad.narrow(dim, 0, rows))
+    assert dropout_leading_rows(x, full_shape, dim, 0.0) is x

@@ -58,3 +58,23 @@ class FastDropout(nn.Dropout):
 
     def forward(self, x: Tensor) -> Tensor:
         return fast_dropout(x, self.p, self.training)
+
+
+def dropout_leading_rows(x: Tensor, full_shape: tuple[int, ...], dim: int, p: float, *, fast: bool = False) -> Tensor:
+    """Dropout of ``x``, the first ``x.shape[dim]`` rows along ``dim`` of a tensor of ``full_shape``, with the masks that
+    dropout of the whole tensor draws for those rows: the mask is drawn at ``full_shape`` (the same random numbers
+    consumed, in the same order) and cut to ``x``'s rows. ``fast``: ``fast_dropout``'s mask, else torch's
+    (``noise.bernoulli_(1 - p).div_(1 - p)``, as ``F.dropout`` draws it on CPU)."""
+    if p == 0.0:
+        return x
+    rows = x.shape[dim]
+    if fast:
+        keep, scale = keep_mask(torch.Size(full_shape), p, x.device)
+        return torch.where(keep.narrow(dim, 0, rows), x, 0.0).mul_(scale)
+    if x.device.type != "cpu":  # torch's fused dropout: its draws depend on the layout, so run it on the full shape
+        rest = list(full_shape)
+        rest[dim] -= rows
+        whole = torch.cat([x, x.new_zeros(rest)], dim)
+        return torch.nn.functional.dropout(whole, p, True).narrow(dim, 0, rows)
+    noise = torch.empty(full_shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * noise.narrow(dim, 0, rows).div_(1 - p)

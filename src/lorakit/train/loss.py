@@ -7,7 +7,9 @@ decoder families listed in FUSED_FAMILIES it runs the decoder body, then
 (the largest activation of a small-model step: 200 MB for 4 x 256 tokens of SmolLM2) and no
 key-value cache is built during training. Anything that changes the logits after the head
 (soft-capping, logit scaling, an adapter or modules_to_save on the head, a head that is not an
-nn.Linear) falls back to the model's own forward.
+nn.Linear) falls back to the model's own forward. For the BERT-family sequence classifiers, whose head
+reads only the first token, the last encoder layer computes that token's row alone
+(``train.first_token``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.kernels.linear_cross_entropy import linear_cross_entropy
+from lorakit.train.first_token import first_token_layer, first_token_only
 
 # model_type -> the body's last hidden state goes straight into get_output_embeddings()
 FUSED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "phi3", "starcoder2", "olmo",
@@ -47,7 +50,8 @@ def training_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     labels = batch.get("labels")
     parts = fused_head(model) if labels is not None and labels.dim() == 2 else None
     if parts is None:
-        return model(**batch).loss
+        with first_token_only(first_token_layer(model) if labels is not None else None):
+            return model(**batch).loss
     body, head = parts
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = body(**inputs, use_cache=False).last_hidden_state
