@@ -8,8 +8,9 @@ Step profile: one torch.profiler step of each `lorakit bench` contender of --mod
 steps), grouped as matrix products (mm/addmm/bmm), attention kernels, dropout masks (bernoulli_ / the
 bit-based masks' randint) and the rest, as shares of the step's self CPU time, plus the top operators.
 --micro: medians of torch's dropout vs kernels.dropout masks on MiniLM's attention probabilities,
-CPU flash attention with enable_gqa vs repeated heads (SmolLM2 shapes), and its bf16 vs float32 backward
-(MiniLM shapes).
+CPU flash attention with enable_gqa vs repeated heads (SmolLM2 shapes), its bf16 vs float32 backward
+(MiniLM shapes), the fused head + cross-entropy with its chunk buffers kept vs allocated each call, and
+torch's dropout mask drawn before vs beside GEMMs on a second thread.
 """
 
 import argparse
@@ -50,6 +51,25 @@ def micro():
     print(f"dropout masks, [16, 12, 128, 128]: torch {median_ms(lambda: F.dropout(probs, 0.1, True)):.1f} ms, "
           f"kernels.dropout {median_ms(lambda: fast_dropout(probs, 0.1)):.1f} ms")
 
+    import threading
+
+    noise, x, w = torch.empty(16, 12, 128, 128), torch.randn(2048, 384), torch.randn(1536, 384)
+
+    def masks_then_gemms():
+        noise.bernoulli_(0.9)
+        for _ in range(3):
+            torch.mm(x, w.t())
+
+    def masks_beside_gemms():  # torch's mask on a second thread while the main one runs the GEMMs
+        drawer = threading.Thread(target=lambda: noise.bernoulli_(0.9))
+        drawer.start()
+        for _ in range(3):
+            torch.mm(x, w.t())
+        drawer.join()
+
+    print(f"torch's attention mask then 3 MiniLM FFN GEMMs {median_ms(masks_then_gemms, 15):.1f} ms, "
+          f"the mask on a second thread beside them {median_ms(masks_beside_gemms, 15):.1f} ms")
+
     def attention(dtype, heads, kv_heads, length, d, batch, repeat):
         q = torch.randn(batch, heads, length, d, dtype=dtype, requires_grad=True)
         k = torch.randn(batch, kv_heads, length, d, dtype=dtype, requires_grad=True)
@@ -69,6 +89,20 @@ def micro():
     print(f"flash attention fwd+bwd, MiniLM layer (16 x 12 heads, L 128, d 32): float32 "
           f"{attention(torch.float32, 12, 12, 128, 32, 16, False):.1f} ms, bf16 "
           f"{attention(torch.bfloat16, 12, 12, 128, 32, 16, False):.1f} ms")
+
+    from lorakit.kernels import linear_cross_entropy as lce
+
+    for dtype in (torch.float32, torch.bfloat16):  # SmolLM2's head at 4 x 256 tokens
+        hidden = torch.randn(1024, 576, dtype=dtype, requires_grad=True)
+        weight, labels = (0.05 * torch.randn(49152, 576)).to(dtype), torch.randint(0, 49152, (1024,))
+
+        def loss(fresh):
+            if fresh:
+                lce.release_workspace()
+            lce.linear_cross_entropy(hidden, weight, labels).backward()
+
+        print(f"fused head + cross-entropy fwd+bwd, SmolLM2 4 x 256, {dtype}: buffers kept "
+              f"{median_ms(lambda: loss(False)):.0f} ms, fresh each call {median_ms(lambda: loss(True)):.0f} ms")
 
 
 def profile():
