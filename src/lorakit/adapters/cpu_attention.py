@@ -47,6 +47,14 @@ def _dropout_attention(module, query, key, value, attention_mask, dropout: float
     lq, lk = query.shape[2], key.shape[2]
     if causal and attention_mask is None and lq > 1:
         scores.masked_fill_(torch.ones(lq, lk, dtype=torch.bool, device=scores.device).triu(lk - lq + 1), float("-inf"))
+    probs = masked_softmax(scores, attention_mask).to(query.dtype)
+    probs = fast_dropout(probs, dropout) if fast else torch.nn.functional.dropout(probs, dropout, True)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def masked_softmax(scores, attention_mask):
+    """softmax over the last dim of float32 ``scores`` (changed in place) under a boolean (True: attend) or additive
+    mask; a query that may attend to nothing gets 0, as SDPA gives."""
     empty_rows = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
@@ -56,10 +64,8 @@ def _dropout_attention(module, query, key, value, attention_mask, dropout: float
             scores.add_(attention_mask.float())
     probs = torch.softmax(scores, -1)
     if empty_rows is not None and bool(empty_rows.any()):
-        probs = probs.masked_fill(empty_rows, 0.0)  # a query that may attend to nothing gets 0, as SDPA gives
-    probs = probs.to(query.dtype)
-    probs = fast_dropout(probs, dropout) if fast else torch.nn.functional.dropout(probs, dropout, True)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+        probs = probs.masked_fill(empty_rows, 0.0)
+    return probs
 
 
 def lorakit_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

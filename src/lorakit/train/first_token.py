@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.adapters.cpu_attention import FAST_DROPOUT_FLAG, LORAKIT_SDPA
+from lorakit.adapters.cpu_attention import FAST_DROPOUT_FLAG, LORAKIT_SDPA, masked_softmax
 from lorakit.kernels.dropout import FastDropout, dropout_leading_rows
 
 # classifier classes whose head reads only position 0 of the body's last hidden state
@@ -89,17 +89,7 @@ def _first_query_attention(attention: nn.Module, q: Tensor, k: Tensor, v: Tensor
     if p == 0.0 and attention.config._attn_implementation != "eager":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attention.scaling)
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(attention.scaling)
-    empty = None
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-            empty = ~mask.any(-1, keepdim=True)
-        else:
-            scores.add_(mask.float())
-    probs = torch.softmax(scores, -1)
-    if empty is not None and bool(empty.any()):
-        probs = probs.masked_fill(empty, 0.0)
-    probs = probs.to(q.dtype)
+    probs = masked_softmax(scores, mask).to(q.dtype)
     b, heads, _, length = probs.shape
     probs = dropout_leading_rows(probs, (b, heads, length, length), 2, p,
                                  fast=getattr(attention, FAST_DROPOUT_FLAG, False))
