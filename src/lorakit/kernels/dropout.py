@@ -72,9 +72,13 @@ def dropout_leading_rows(x: Tensor, full_shape: tuple[int, ...], dim: int, p: fl
         keep, scale = keep_mask(torch.Size(full_shape), p, x.device)
         return torch.where(keep.narrow(dim, 0, rows), x, 0.0).mul_(scale)
     if x.device.type != "cpu":  # torch's fused dropout: its draws depend on the layout, so run it on the full shape
-        rest = list(full_shape)
-        rest[dim] -= rows
-        whole = torch.cat([x, x.new_zeros(rest)], dim)
-        return torch.nn.functional.dropout(whole, p, True).narrow(dim, 0, rows)
+        return torch.nn.functional.dropout(zero_padded(x, full_shape, dim), p, True).narrow(dim, 0, rows)
     noise = torch.empty(full_shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p)
     return x * noise.narrow(dim, 0, rows).div_(1 - p)
+
+
+def zero_padded(x: Tensor, full_shape: tuple[int, ...], dim: int) -> Tensor:
+    """``x`` followed by zero rows along ``dim`` up to ``full_shape`` (differentiable)."""
+    rest = list(full_shape)
+    rest[dim] -= x.shape[dim]
+    return torch.cat([x, x.new_zeros(rest)], dim)

@@ -22,6 +22,7 @@ outside the block.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import types
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.adapters.cpu_attention import FAST_DROPOUT_FLAG, LORAKIT_SDPA, masked_softmax
-from lorakit.kernels.dropout import FastDropout, dropout_leading_rows
+from lorakit.kernels.dropout import FastDropout, dropout_leading_rows, zero_padded
 
 # classifier classes whose head reads only position 0 of the body's last hidden state
 FIRST_TOKEN_CLASSIFIERS = frozenset({"BertForSequenceClassification", "RobertaForSequenceClassification",
@@ -65,10 +66,14 @@ def first_token_layer(model: nn.Module) -> nn.Module | None:
     layer = layers[-1]
     if not all(_has(layer, part) for part in _LAYER_PARTS) or getattr(layer, "chunk_size_feed_forward", 0):
         return None
-    # transformers >= 5 layers return the hidden states; older ones a tuple that the encoder indexes
-    if inspect.signature(type(layer).forward).return_annotation not in (Tensor, "torch.Tensor"):
-        return None
-    return layer
+    return layer if _returns_hidden_states(type(layer)) else None
+
+
+@functools.cache
+def _returns_hidden_states(layer_class: type) -> bool:
+    """transformers >= 5 layers return the hidden states; older ones a tuple that the encoder indexes. Once a class
+    (training_loss asks at every step)."""
+    return inspect.signature(layer_class.forward).return_annotation in (Tensor, "torch.Tensor")
 
 
 def _dropout(module: nn.Module, x: Tensor, full_shape: tuple[int, ...]) -> Tensor:
@@ -77,8 +82,7 @@ def _dropout(module: nn.Module, x: Tensor, full_shape: tuple[int, ...]) -> Tenso
         return x
     if type(module) in (nn.Dropout, FastDropout):
         return dropout_leading_rows(x, full_shape, 1, module.p, fast=type(module) is FastDropout)
-    rest = (full_shape[0], full_shape[1] - 1, *full_shape[2:])  # another dropout: run it on the full shape
-    return module(torch.cat([x, x.new_zeros(rest)], 1))[:, :1]
+    return module(zero_padded(x, full_shape, 1))[:, :1]  # another dropout: run it on the full shape
 
 
 def _first_query_attention(attention: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
