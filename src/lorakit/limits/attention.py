@@ -118,6 +118,7 @@ def _mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int
     masks without a cache offset (poly attention then never sees an L x L mask); sdpa's 4-D mask otherwise."""
     from transformers import masking_utils as mu
 
+    kwargs.pop("allow_is_causal_skip", None)  # sliding-window callers (Gemma 2/3) pass it; lorakit needs a real mask
     mask_function = mask_function or mu.causal_mask_function
     plain = mask_function in (mu.causal_mask_function, getattr(mu, "bidirectional_mask_function", None))
     if plain and q_offset == 0 and kv_offset == 0 and q_length == kv_length:
