@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import random
+import subprocess
+from pathlib import Path
 import warnings
 
 import pytest
@@ -147,3 +150,34 @@ def corpus_txt(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(text)
     return str(path)
+
+
+# ---------------------------------------------------------------------- small and read-only disks
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at ``path`` (root only; the test is skipped elsewhere), unmounted afterwards."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip(f"needs root to mount a tmpfs ({options})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KB disk: what a full disk does to a write."""
+    with tmpfs(tmp_path / "disk", "size=256k") as mount:
+        yield mount
+
+
+def fill(disk: Path) -> None:
+    """Write until the disk is full."""
+    with open(disk / "filler", "ab", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass

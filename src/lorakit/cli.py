@@ -49,10 +49,10 @@ def _rank_pattern(value: str) -> dict[str, int]:
     if value.endswith(".json") or Path(value).is_file():
         try:
             doc = json.loads(Path(value).read_text())
-        except (OSError, ValueError) as exc:
-            raise argparse.ArgumentTypeError(f"cannot read {value}: {exc}") from exc
+        except (OSError, ValueError, RecursionError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {value}: {type(exc).__name__}: {str(exc)[:100]}") from None
         doc = doc.get("rank_pattern", doc) if isinstance(doc, dict) else doc
-        if not isinstance(doc, dict) or not all(isinstance(v, int) for v in doc.values()):
+        if not isinstance(doc, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in doc.values()):
             raise argparse.ArgumentTypeError(f"{value}: expected {{module: rank}} or an object with a rank_pattern")
         return doc
     out = {}
@@ -120,7 +120,10 @@ def _add_train(sub) -> None:
     p.add_argument("--max-bad-steps", type=int, default=5,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     p.add_argument("--out", default="out")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT/checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT/checkpoints "
+                   "(refused if it was written with other options, another model or other data)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT (its adapter, metrics.jsonl, "
+                   "plots, run.json and checkpoints; other files there stay). Without it a non-empty OUT is refused")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     dp = p.add_argument_group("several processes (torch.distributed)")
@@ -133,6 +136,7 @@ def _add_train(sub) -> None:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from lorakit.train import TrainConfig, distributed, run
+    from lorakit.train.trainer import check_output
     from lorakit.train.models import builtin_default_task
 
     data = a.data
@@ -146,12 +150,13 @@ def cmd_train(a: argparse.Namespace) -> int:
         norm_every=a.norm_every, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         weight_decay=a.weight_decay, warmup=a.warmup, max_grad_norm=a.max_grad_norm, max_length=a.max_length, bf16=a.bf16,
         seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit, save_every=a.save_every, max_bad_steps=a.max_bad_steps,
-        log_every=a.log_every, out=a.out, resume=a.resume, quiet=a.quiet, device=a.device, shard=a.shard,
+        log_every=a.log_every, out=a.out, resume=a.resume, overwrite=a.overwrite, quiet=a.quiet, device=a.device, shard=a.shard,
     )
     if a.nproc is not None and not distributed.launched_by_torchrun():
         if a.nproc < 1:
             raise ConfigError(f"--nproc {a.nproc} must be >= 1")
         cfg.validate()  # bad options fail here, once, before any process starts
+        check_output(cfg)
         distributed.rank_batch_size(cfg.batch_size, distributed.Dist(world=a.nproc))
         if a.nproc > 1:
             return distributed.launch(a.nproc, _without_nproc(a.argv))
@@ -250,14 +255,14 @@ def _add_norms(sub) -> None:
 
 
 def cmd_norms(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from lorakit.files import check_output_dir
     from lorakit.train.apply import model_norms
+
+    out = check_output_dir(a.out)  # before the model loads
 
     report = model_norms(a.model, a.adapter, a.data, rows=a.rows, max_length=a.max_length, attention=a.attention,
                          tolerance=a.tolerance)
     print(report.table(by="head" if a.per_head else "layer"))
-    out = Path(a.out)
     report.to_json(out / "norms.json")
     report.plot(out / "norms.png")
     print(f"wrote {out / 'norms.json'} and {out / 'norms.png'}")
@@ -286,7 +291,9 @@ def cmd_rank_advice(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lorakit.expressive import advice as ad
+    from lorakit.files import check_output_dir
 
+    check_output_dir(a.out)  # before the model loads and the fine-tuning runs
     if a.tuned:
         base, deltas = ad.tuned_deltas(a.model, a.tuned, a.targets)
     else:
@@ -423,8 +430,15 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one `lorakit: error:` line (the usage is one `lorakit COMMAND --help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lorakit: error: {message} (see: {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorakit", description="Fast LoRA fine-tuning that tells you what your adapters can and cannot do.")
+    p = _Parser(prog="lorakit", description="Fast LoRA fine-tuning that tells you what your adapters can and cannot do.")
     from lorakit import __version__
 
     p.add_argument("--version", action="version", version=f"lorakit {__version__}")

@@ -75,7 +75,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_bert_dir, sentiment_
     assert found is not None and found.step >= 1
     # resume in-process with the same settings; a second SIGTERM, sent by a hook two steps later, stops it again
     report = run(cfg_for(tiny_bert_dir, sentiment_csv, out, steps=5000, resume=True, save_every=100000,
-                         eval_every=100000), hooks=[TermAt(found.step + 2)])
+                         eval_every=100000, alpha=16.0, lr=None), hooks=[TermAt(found.step + 2)])  # the CLI's values
     assert report["result"]["resumed_from"] == str(found.path)
     assert report["result"]["stopped_at"] == found.step + 2 and report["result"]["stopped_by"] == "SIGTERM"
     assert ckpt.latest(out / "checkpoints").step == found.step + 2

@@ -81,3 +81,79 @@ def test_csv_wrong_documents(tmp_path_factory, minilm_tokenizer, rows, task):
     path = tmp_path_factory.mktemp("data") / "data.csv"
     path.write_text("text,label\n" + "\n".join(",".join(r) for r in rows))
     assert refuses_cleanly(lambda: load_data(str(path), task, minilm_tokenizer, 32))
+
+
+# ---------------------------------------------------------------------- adapter_config.json values: types, regexes, nesting
+regexish = st.text(alphabet="qkv_proj.*+?()[]{}|\\^$0123456789", max_size=10)
+config_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 70) | st.floats(allow_nan=True) | regexish
+                             | st.sampled_from(["true", "false", "all-linear", "none", "lora_only", "SEQ_CLS", "gaussian",
+                                                "pissa", "LORA", "q_proj", "v_proj"]),
+                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(regexish, inner, max_size=3),
+                             max_leaves=8)
+
+
+@FUZZ
+@given(st.fixed_dictionaries({"peft_type": st.just("LORA"), "target_modules": config_values},
+                             optional={k: config_values for k in [k for k in PEFT_KEYS if k not in ("peft_type", "target_modules")]
+                                       + ["fan_in_fan_out", "use_dora",
+                                                                              "layers_to_transform", "inference_mode",
+                                                                              "base_model_name_or_path"]}))
+def test_adapter_config_values_reach_attach_cleanly(tmp_path_factory, doc):
+    """Whatever the file holds: a LorakitError, or a config whose fields have their types and that attaches."""
+    from conftest import tiny_model
+
+    import lorakit
+
+    folder = tmp_path_factory.mktemp("adapter")
+    (folder / "adapter_config.json").write_text(json.dumps(doc))
+    try:
+        cfg = read_config(folder)
+    except LorakitError as exc:
+        assert str(exc)
+        return
+    assert isinstance(cfg.rslora, bool) and isinstance(cfg.r, int) and isinstance(cfg.bias, str)
+    assert cfg.base_model is None or isinstance(cfg.base_model, str)
+    assert refuses_cleanly(lambda: lorakit.attach(tiny_model("llama"), cfg))
+
+
+# ---------------------------------------------------------------------- command-line option values
+TRAIN_FLAGS = ["--task", "--text-column", "--label-column", "--targets", "--rank", "--rank-pattern", "--alpha",
+               "--dropout", "--init", "--backward", "--keep-ratio", "--refresh-every", "--svd-rank", "--selection",
+               "--attention", "--attention-tolerance", "--norm-cap", "--norm-every", "--epochs", "--steps",
+               "--batch-size", "--grad-accum", "--lr", "--weight-decay", "--warmup", "--max-grad-norm", "--max-length",
+               "--seed", "--eval-every", "--eval-limit", "--save-every", "--log-every", "--max-bad-steps", "--device",
+               "--out", "--eval-data", "--data", "--model"]
+option_values = st.one_of(st.text(max_size=12), st.integers(-2**70, 2**70).map(str),
+                          st.floats(allow_nan=True, allow_infinity=True).map(str),
+                          st.sampled_from(["nan", "inf", "-inf", "0", "-1", "1e400", "cuda", "cuda:7", "mps", "meta",
+                                           "builtin:hamlet", "builtin:nothing", "a=1,b=x", "q_proj=0.5", "[", ".", "/",
+                                           "balanced", "auto", "poly", "..", "/dev/null", "\\x00"]))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(TRAIN_FLAGS), option_values), min_size=1, max_size=3))
+def test_train_option_values_give_a_lorakit_error(tmp_path_factory, sentiment_csv, options):
+    """Random values for `lorakit train` options, on a model directory that does not exist: every call ends in
+    exit status 2 (a lorakit error or argparse's), never in another exception and never by training."""
+    import contextlib
+    import io
+
+    from lorakit.cli import main
+
+    work = tmp_path_factory.mktemp("cwd")
+    argv = ["train", "--model", str(work / "no-model"), "--data", sentiment_csv, "--out", str(work / "out"), "--quiet"]
+    for flag, value in options:
+        argv += [flag, value] if not value.startswith("-") else [f"{flag}={value}"]
+    cwd = os.getcwd()
+    os.chdir(work)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        os.chdir(cwd)
+    assert code == 2, (argv, err.getvalue())
+    assert err.getvalue().startswith("lorakit: error:"), (argv, err.getvalue())

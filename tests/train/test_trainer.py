@@ -70,7 +70,7 @@ def test_resume_matches_uninterrupted_run(request, tmp_path, task_dir, data_fixt
 
 def test_resume_with_different_length_is_refused(tiny_bert_dir, sentiment_csv, tmp_path):
     run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path, steps=4))
-    with pytest.raises(ConfigError, match="run of 4 steps but this run has 8"):
+    with pytest.raises(ConfigError, match="different run: --steps 8 here, 4 in the checkpoint"):
         run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path, steps=8, resume=True))
 
 

@@ -122,9 +122,19 @@ class LoraConfig:
         _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
         for key, value in self.rank_pattern.items():
+            _check_pattern_key("rank_pattern", key)
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
+            _check_pattern_key("alpha_pattern", key)
             _check_alpha(f"alpha_pattern[{key!r}]", value)
+        if not isinstance(self.rslora, bool):
+            raise ConfigError(f"rslora={self.rslora!r} must be true or false")
+        if self.exclude is not None:
+            _check_names_or_regex("exclude", self.exclude)
+        if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
+            raise ConfigError(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise ConfigError(f"base_model={self.base_model!r} must be a model name or path (a string)")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout!r} is not a probability in [0, 1); use e.g. dropout=0.05")
         if self.bias not in BIASES:
@@ -220,6 +230,7 @@ class LoraConfig:
             value = doc.get(key, neutral)
             if value not in (neutral, [], {}, False, None):
                 raise ConfigError(f"{source}: {key}={value!r} is a PEFT feature lorakit does not implement")
+        _check_field_types(doc, source)
         init_value = doc.get("init_lora_weights", True)
         if init_value in (True, False, None):
             init = "kaiming"  # weights come from the file; the init only matters for PiSSA's residual
@@ -252,7 +263,7 @@ class LoraConfig:
                 targets=target_modules if isinstance(target_modules, str) else list(target_modules),
                 dropout=float(doc.get("lora_dropout", 0.0) or 0.0),
                 bias=doc.get("bias", "none") or "none",
-                rslora=bool(doc.get("use_rslora", False)),
+                rslora=doc.get("use_rslora") or False,
                 init=init,
                 # A file's null means "no modules to save", not "pick the task head automatically".
                 modules_to_save=list(doc.get("modules_to_save") or []),
@@ -266,6 +277,51 @@ class LoraConfig:
             raise ConfigError(f"{source}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: malformed value: {exc}") from None
+
+
+def _check_pattern_key(field_name: str, key: Any) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{field_name} key {key!r} must be a module name or regex")
+    try:
+        re.compile(key)
+    except re.error as exc:
+        raise ConfigError(f"{field_name} key {key!r} is not a valid regex ({exc}); escape special characters with \\") from None
+
+
+def _check_names_or_regex(field_name: str, value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ConfigError(f"{field_name}={value!r} is not a valid regex ({exc}); give a regex or a list of names") from None
+    elif not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+        raise ConfigError(f"{field_name}={value!r} must be a regex string or a list of module names")
+
+
+# The JSON types each adapter_config.json field may have (None is allowed for all of them).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "use_rslora": (bool,), "fan_in_fan_out": (bool,), "inference_mode": (bool,), "use_dora": (bool,),
+    "lora_bias": (bool,), "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "bias": (str,),
+    "task_type": (str,), "base_model_name_or_path": (str,), "peft_type": (str,), "target_modules": (str, list),
+    "exclude_modules": (str, list), "modules_to_save": (list,), "rank_pattern": (dict,), "alpha_pattern": (dict,),
+    "init_lora_weights": (bool, str), "revision": (str,),
+}
+_JSON_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+
+
+def _check_field_types(doc: dict[str, Any], source: str) -> None:
+    """Each known field has its JSON type: "use_rslora": "false" is refused, not read as true."""
+    for key, types in _FIELD_TYPES.items():
+        value = doc.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if ok and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            expected = "a number" if types == (int, float) else \
+                " or ".join(_JSON_NAMES[t] for t in types) + (" of strings" if list in types else "")
+            raise ConfigError(f"{source}: {key}={value!r} must be {expected}, not {type(value).__name__}; fix the file")
 
 
 def _check_rank(name: str, value: Any) -> None:

@@ -12,11 +12,10 @@ error naming the key, checked before the model is touched.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +29,16 @@ from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.layer import linear_shape
 from lorakit.adapters.targets import Resolution, _under, compact_target_list, resolve
 from lorakit.errors import AdapterFileError, ConfigError, closest
+from lorakit.files import OutputError, write_directory
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-# ---------------------------------------------------------------------- atomic file writes
-def write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename onto ``path``: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: Path, doc: Any) -> None:
-    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+# adapter_config.json fields that decide what the weights mean; the weights file records them, so a
+# config from another save (an interrupted save, a hand edit) is refused instead of loaded wrongly.
+WEIGHT_FIELDS = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern", "bias",
+                 "modules_to_save", "fan_in_fan_out", "init_lora_weights")
+SAVED_FIELDS_KEY = "lorakit_weights_config"
 
 
 # ---------------------------------------------------------------------- what a model holds
@@ -108,7 +87,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bo
     """Write the adapter in PEFT's format to directory ``path`` (created if needed).
 
     ``metadata`` (str -> str) is stored in the safetensors header next to {"format": "pt"}.
-    Each file is written to a temporary name and renamed, weights first, config last.
+    Both files are written into a temporary directory first; a new directory is then renamed into
+    place whole, an existing one gets the weights and then the config renamed in. The weights record
+    the config fields that give them their meaning (WEIGHT_FIELDS), so a pair torn by a crash
+    between the two renames is refused at load, never used.
     """
     st = state(model)
     path = Path(path)
@@ -119,12 +101,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bo
     tensors = {PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_tensors(model, convert_pissa=convert_pissa).items()}
     fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model))
     doc = cfg.to_peft(compact_target_list(st.targets, model), fan_in_fan_out)
-    meta = {"format": "pt", "lorakit_version": _version()}
+    meta = {"format": "pt", "lorakit_version": _version(),
+            SAVED_FIELDS_KEY: json.dumps({k: doc.get(k) for k in WEIGHT_FIELDS}, sort_keys=True)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     if path.exists() and not path.is_dir():
         raise AdapterFileError(f"{path} exists and is not a directory; choose a directory for the adapter")
-    write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    write_json_atomic(path / CONFIG_NAME, doc)
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata=meta)
+        (tmp / CONFIG_NAME).write_text(text)
+
+    try:
+        write_directory(path, fill, first=(WEIGHTS_NAME, CONFIG_NAME))
+    except OutputError as exc:
+        raise AdapterFileError(f"the adapter could not be saved: {exc}") from None
     return path
 
 
@@ -138,16 +129,22 @@ def _version() -> str:
 def read_config(path: str | os.PathLike) -> LoraConfig:
     """The LoraConfig stored in an adapter directory."""
     cfg_path = _adapter_dir(path) / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise AdapterFileError(f"{cfg_path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        doc = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{cfg_path} is not valid JSON ({exc}); the file is corrupt") from None
+    doc = _config_document(cfg_path)
     try:
         return LoraConfig.from_peft(doc, source=str(cfg_path))
     except ConfigError as exc:
         raise AdapterFileError(str(exc)) from None
+
+
+def _config_document(cfg_path: Path) -> Any:
+    if not cfg_path.is_file():
+        raise AdapterFileError(f"{cfg_path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({type(exc).__name__}: {str(exc)[:100]}); the file is corrupt") from None
+    except OSError as exc:
+        raise AdapterFileError(f"{cfg_path} cannot be read: {exc.strerror or exc}") from None
 
 
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -166,12 +163,46 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     elif (folder / "adapter_model.bin").is_file():
         try:
             raw = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a bad pickle
-            raise AdapterFileError(f"{folder / 'adapter_model.bin'} could not be read ({exc})") from None
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise AdapterFileError(f"{folder / 'adapter_model.bin'} could not be read as a weights-only torch file "
+                                   f"({first}); lorakit never runs pickled code: convert it to {WEIGHTS_NAME}") from None
         meta = {}
+        if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in raw.items()):
+            raise AdapterFileError(f"{folder / 'adapter_model.bin'} holds a {type(raw).__name__}, not a dict of named "
+                                   "tensors; it is not an adapter weights file")
     else:
         raise AdapterFileError(f"{weights} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if SAVED_FIELDS_KEY in meta:
+        _check_same_save(folder, meta[SAVED_FIELDS_KEY])
     return {_normalise_key(k): v for k, v in raw.items()}, meta
+
+
+def _check_same_save(folder: Path, recorded: str) -> None:
+    """The weights were saved with the config fields they record; refuse a config that says otherwise."""
+    doc = _config_document(folder / CONFIG_NAME)
+    try:
+        saved = json.loads(recorded)
+    except ValueError:
+        raise AdapterFileError(f"{folder / WEIGHTS_NAME}: its {SAVED_FIELDS_KEY} metadata is not JSON; the file is "
+                               "damaged, save the adapter again") from None
+    if not isinstance(doc, dict) or not isinstance(saved, dict):
+        return  # read_config reports a config that is not an object
+    differ = [k for k in WEIGHT_FIELDS if k in saved and _canonical(doc.get(k)) != _canonical(saved[k])]
+    if differ:
+        k = differ[0]
+        raise AdapterFileError(
+            f"{folder}: {CONFIG_NAME} says {k}={doc.get(k)!r} but {WEIGHTS_NAME} was saved with {k}={saved[k]!r} "
+            f"({len(differ)} field(s) differ: {', '.join(differ)}); the two files come from different saves (an "
+            "interrupted save, or a config edited by hand). Save the adapter again, or restore the matching config")
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, list):
+        return sorted(json.dumps(v, sort_keys=True) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _adapter_dir(path: str | os.PathLike) -> Path:
@@ -252,8 +283,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{folder}: {key} has shape {list(got)} but this model needs {list(shape)}; "
                 "the adapter was made for a different base model (or a different rank)"
             )
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise AdapterFileError(f"{folder}: {key} holds {value.dtype} values; adapter weights are floating point")
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise AdapterFileError(f"{folder}: {key} holds {bad} NaN or infinite value(s); the adapter comes from a run "
+                                   "that diverged. Use an earlier checkpoint, or retrain with a lower learning rate")
     if not is_attached(model):
         attach(model, cfg, resolution=res)
+        st = state(model)
+        st.config = st.config.replace(task_type=cfg.task_type)  # saved again, the config is the one that was read
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     for layer in merged:
         layer.unmerge()

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.io import write_atomic
+from lorakit.files import write_atomic
 from lorakit.adapters.layer import linear_shape
 from lorakit.errors import ConfigError, ModelError
 

@@ -59,7 +59,7 @@ def plot_norm_trajectories(records: list[dict[str, Any]], path: str | Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lorakit.adapters.io import write_atomic
+    from lorakit.files import write_atomic
 
     steps = [r["step"] for r in rows]
     layers = [entry["layer"] for entry in rows[0]["norms"]["layers"]]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.adapters.io import write_atomic
+from lorakit.files import write_atomic
 from lorakit.adapters.layer import LoraLinear
 from lorakit.adapters.targets import _HEURISTIC, ATTENTION_PROJECTIONS, FUSED_QKV
 from lorakit.errors import ModelError

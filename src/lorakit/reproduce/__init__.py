@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from lorakit.adapters.io import write_atomic
+from lorakit.files import write_atomic
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from lorakit.adapters.io import write_atomic
+from lorakit.files import write_atomic
 from lorakit.reproduce import write_csv
 
 EXPERIMENTS = ("linear", "fnn", "flt", "tfn", "depth", "bias")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lorakit.adapters.io import write_atomic
+from lorakit.files import write_atomic
 from lorakit.reproduce import write_csv
 
 # ---------------------------------------------------------------------- phase transition

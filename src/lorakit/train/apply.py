@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lorakit.adapters import load_adapter, read_config, unload
 from lorakit.adapters.io import CONFIG_NAME, WEIGHTS_NAME, read_tensors
 from lorakit.errors import AdapterFileError, LorakitError
+from lorakit.files import OutputError, check_output_dir, entries, write_directory
 from lorakit.train.data import BUILTIN_DATA, load_data
-from lorakit.train.models import load_model, load_tokenizer
-from lorakit.train.trainer import DEFAULT_MAX_LENGTH, TrainConfig, Trainer
+from lorakit.train.models import load_model, load_tokenizer, model_dir
+from lorakit.train.trainer import DEFAULT_MAX_LENGTH, evaluate
 
 _TASK_OF_PEFT = {"SEQ_CLS": "classify", "CAUSAL_LM": "causal-lm"}
 
@@ -26,7 +25,20 @@ def adapter_task(adapter: str | os.PathLike) -> tuple[str, list[str] | None, str
     task = meta.get("lorakit_task") or _TASK_OF_PEFT.get(cfg.task_type or "")
     if task is None:
         raise AdapterFileError(f"{adapter}: task_type={cfg.task_type!r}; lorakit evaluates SEQ_CLS and CAUSAL_LM adapters")
-    labels = json.loads(meta["lorakit_labels"]) if "lorakit_labels" in meta else None
+    if task not in _TASK_OF_PEFT.values():
+        raise AdapterFileError(f"{adapter}: lorakit_task={task!r} in the weights' metadata; expected one of "
+                               f"{sorted(_TASK_OF_PEFT.values())}. The file is damaged or was not written by lorakit")
+    labels = None
+    if "lorakit_labels" in meta:
+        try:
+            labels = json.loads(meta["lorakit_labels"])
+        except (ValueError, RecursionError):
+            labels = None
+        if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(n, str) for n in labels)
+                and len(set(labels)) == len(labels)):
+            raise AdapterFileError(f"{adapter}: lorakit_labels={meta['lorakit_labels'][:80]!r} in the weights' metadata "
+                                   "is not a list of two or more distinct label names; the file is damaged, train or "
+                                   "save the adapter again")
     return task, labels, cfg.base_model
 
 
@@ -52,31 +64,39 @@ def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None
         data = next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
     ds = load_data(data, task, loaded.tokenizer, max_length or DEFAULT_MAX_LENGTH[task], text_column=text_column,
                    label_column=label_column, label_names=labels, split=data.startswith("builtin:"))
-    ds.train = ds.train or ds.eval[:1]  # the Trainer wants something to train on; evaluate() only reads eval
-    cfg = TrainConfig(model=loaded.name, data=data, task=task, eval_batch_size=batch_size, out=tempfile.gettempdir(), quiet=True)
-    trainer = Trainer(loaded.model, ds, cfg, pad_id=loaded.tokenizer.pad_token_id)
-    return {"adapter": str(adapter), "model": loaded.name, "data": data, "rows": len(ds.eval), **trainer.evaluate()}
+    metrics = evaluate(loaded.model, ds.eval, task, loaded.tokenizer.pad_token_id, batch_size=batch_size)
+    return {"adapter": str(adapter), "model": loaded.name, "data": data, "rows": len(ds.eval), **metrics}
 
 
 def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite: bool = False) -> Path:
-    """Write base + adapter, merged, as a plain Hugging Face model directory (loads without lorakit)."""
-    out_path = Path(out)
-    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
-        raise LorakitError(f"{out_path} exists and is not empty; choose another directory or pass --overwrite")
+    """Write base + adapter, merged, as a plain Hugging Face model directory (loads without lorakit).
+
+    ``out`` may not be, contain or lie inside the adapter or the model directory; an existing non-empty
+    ``out`` is replaced whole only with ``overwrite``, once the new one is complete.
+    """
+    check_output_dir(out)  # a path that cannot be a directory is refused before anything else is read
+    spec = model or _recorded_base(adapter)
+    inputs: dict[str, Any] = {"--adapter": adapter}
+    if spec:
+        folder, gguf = model_dir(spec)
+        inputs["--model"] = folder / gguf if gguf else folder
+    out_path = check_output_dir(out, inputs=inputs)
+    if entries(out_path) and not overwrite:
+        raise OutputError(f"--out {out_path} exists and is not empty; choose another directory or pass --overwrite "
+                          "(it then replaces the whole directory)")
     loaded, _, _ = load_with_adapter(adapter, model)
     plain = unload(loaded.model, merge=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.rename(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_path
+
+    return write_directory(out_path, fill, replace=True)
+
+
+def _recorded_base(adapter: str | os.PathLike) -> str | None:
+    base = read_config(adapter).base_model
+    return base if isinstance(base, str) and base else None
 
 
 def describe(adapter: str | os.PathLike) -> str:
@@ -85,6 +105,10 @@ def describe(adapter: str | os.PathLike) -> str:
     cfg = read_config(folder)
     tensors, meta = read_tensors(folder)
     lora = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
+    flat = next((k for k, v in lora.items() if v.dim() != 2), None)
+    if flat is not None:
+        raise AdapterFileError(f"{folder}: {flat} has shape {list(lora[flat].shape)}; a LoRA factor is a matrix. The file "
+                               "is damaged or is not a LoRA adapter")
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
     ranks = sorted({v.shape[0] for k, v in lora.items() if ".lora_A." in k})
     other = sorted(k for k in tensors if k not in lora)
@@ -103,7 +127,11 @@ def describe(adapter: str | os.PathLike) -> str:
     if other:
         lines.append(f"  also trained: {', '.join(other[:8])}{' ...' if len(other) > 8 else ''}")
     if "lorakit_labels" in meta:
-        lines.append(f"  labels: {json.loads(meta['lorakit_labels'])}")
+        try:
+            labels: Any = json.loads(meta["lorakit_labels"])
+        except (ValueError, RecursionError):
+            labels = f"{meta['lorakit_labels'][:80]!r} (not JSON: damaged)"
+        lines.append(f"  labels: {labels}")
     if "lorakit_version" in meta:
         lines.append(f"  written by lorakit {meta['lorakit_version']}")
     run = folder / "run.json"

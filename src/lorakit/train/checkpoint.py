@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.files import write_directory
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
@@ -49,17 +48,24 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def fingerprint_model(model: torch.nn.Module) -> str:
+    """SHA-256 over every tensor's name, shape, dtype and 257 evenly spaced values: the same base model
+    gives the same fingerprint, another one (weights, architecture, dtype) a different one, in milliseconds."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel() and flat.device.type != "meta":
+            h.update(flat[:: max(1, flat.numel() // 257)][:257].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_rows(rows: list[dict[str, Any]]) -> str:
+    """SHA-256 of tokenised training rows (their token ids and labels, in order)."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,42 +95,19 @@ def write(root: Path, step: int, write_files) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; ``write_files(tmp_dir)`` fills it.
 
     On any failure (disk full, permission) the temporary directory is removed, earlier
-    checkpoints are untouched, and CheckpointError says what failed.
+    checkpoints are untouched, and CheckpointError says what failed (lorakit.files.write_directory).
     """
-    root = Path(root)
-    final = root / f"{PREFIX}{step:06d}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step:06d}.", suffix=".tmp", dir=root))
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {final}: {exc}") from None
-    try:
+    final = Path(root) / f"{PREFIX}{step:06d}"
+
+    def fill(tmp: Path) -> None:
         write_files(tmp)
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            files[f.name] = {"sha256": sha256(f), "bytes": f.stat().st_size}
-        manifest = tmp / MANIFEST
-        manifest.write_text(json.dumps({"step": step, "files": files}, indent=2, sort_keys=True))
-        with open(manifest, "rb") as fh:
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-running the same step: move the old one aside, then drop it
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write checkpoint {final}: {exc}; earlier checkpoints are untouched") from None
-        raise
-    return final
+        files = {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2, sort_keys=True))
+
+    try:  # the manifest is written last; re-running a step replaces the old directory whole
+        return write_directory(final, fill, replace=True)
+    except LorakitError as exc:  # OutputError, or the adapter's own save failing the same way
+        raise CheckpointError(f"cannot write checkpoint {final}: {exc}; earlier checkpoints are untouched") from None
 
 
 def verify(path: Path) -> str | None:

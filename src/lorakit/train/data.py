@@ -20,7 +20,10 @@ import gzip
 import importlib.util
 import io
 import json
+import math
 import random
+import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +56,16 @@ class Dataset:
 
 # ---------------------------------------------------------------------- raw readers
 def _open_text(path: Path) -> io.TextIOBase:
+    """UTF-8 text, with or without a byte-order mark (Excel writes one)."""
     if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8", newline="")
+        return bz2.open(path, "rt", encoding="utf-8-sig", newline="")
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+# What a damaged compressed file raises while being read.
+_READ_ERRORS = (OSError, EOFError, csv.Error, zlib.error)
 
 
 def _kind(path: Path) -> str:
@@ -104,6 +112,7 @@ def read_rows(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[list[di
                         raise DataError(f"{path}, line {lineno}: malformed JSON row ({exc}); fix it or pass --skip-bad-rows") from None
                     rows.append(row)
             elif kind in ("csv", "tsv"):
+                csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents in one field (the default is 128 KB)
                 reader = csv.reader(fh, delimiter="\t" if kind == "tsv" else ",")
                 header = next(reader, None)
                 if not header or not any(h.strip() for h in header):
@@ -125,8 +134,11 @@ def read_rows(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[list[di
                 raise DataError(f"{path}: a .txt file holds plain text, not rows; use it for causal-lm")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from None
-    except (OSError, EOFError, csv.Error) as exc:
-        raise DataError(f"{path}: could not be read ({exc})") from None
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: could not be read ({type(exc).__name__}: {exc}); the file is damaged or not what its "
+                        "name says") from None
+    except RecursionError:
+        raise DataError(f"{path}: a JSON row is nested too deeply to read") from None
     if not rows:
         raise DataError(f"data file {path} holds no rows")
     return rows, bad
@@ -140,8 +152,9 @@ def read_text(path: str | Path) -> str:
             text = fh.read()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from None
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{path}: could not be read ({exc})") from None
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: could not be read ({type(exc).__name__}: {exc}); the file is damaged or not what its "
+                        "name says") from None
     if not text.strip():
         raise DataError(f"data file {path} holds no text")
     return text
@@ -200,6 +213,10 @@ def text_blocks(tokenizer, text: str, max_length: int) -> list[dict[str, Any]]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     step = max_length - len(bos)
+    if step < 2:
+        raise DataError(f"--max-length {max_length} leaves {max(step, 0)} text token(s) per block"
+                        f"{' after the BOS token' if bos else ''}; a causal LM needs two or more: use --max-length "
+                        f"{len(bos) + 2} or more (commonly 256)")
     blocks = [bos + ids[i : i + step] for i in range(0, len(ids), step)]
     blocks = [b for b in blocks if len(b) > len(bos) + 1]
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
@@ -219,8 +236,33 @@ def prompt_response_rows(tokenizer, rows: list[dict[str, Any]], max_length: int)
     return out
 
 
+def label_name(value: Any, where: str) -> str:
+    """One spelling per label: 1, 1.0 and "1" are "1"; true, "true" and "True" are "true"; text is stripped.
+    Lists, objects, null and NaN are not labels."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            return text.lower()
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        if not text or text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            return text  # a word that float() happens to read
+    else:
+        raise DataError(f"{where}: label {json.dumps(value)[:60]} is a {type(value).__name__}; a label is one string, "
+                        "number or true/false")
+    if not math.isfinite(number):
+        raise DataError(f"{where}: label {value!r} is not a finite number")
+    return str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
+
+
 def _labels_from(rows, column: str, path: Path, known: list[str] | None) -> tuple[list[int], list[str]]:
-    values = [str(r[column]).strip() for r in rows]
+    values = [label_name(r[column], f"{path}, row {i}") for i, r in enumerate(rows, 1)]
     names = known if known is not None else sorted(set(values), key=_label_sort_key)
     if known is None and len(names) < 2:
         raise DataError(f"{path}: column {column!r} has a single label value {names}; classification needs at least two")
@@ -260,8 +302,13 @@ def infer_task(data: str, *, label_column: str = "label") -> str:
     if _kind_or_error(path) == "txt":
         return "causal-lm"
     rows, _ = read_rows(path, skip_bad_rows=True)
-    if label_column in rows[0]:
+    labelled = sum(label_column in row for row in rows)
+    if labelled == len(rows):
         return "classify"
+    if labelled:
+        first = next(i for i, row in enumerate(rows, 1) if label_column not in row)
+        raise DataError(f"{path}: {labelled} of {len(rows)} rows have a {label_column!r} field and the others (first: row "
+                        f"{first}) do not; give every row a label (classification) or none (causal LM), or pass --task")
     if label_column != "label":  # a column the user named explicitly must exist
         raise DataError(f"{path}: no column {label_column!r}; columns are {sorted(rows[0])}")
     return "causal-lm"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -22,11 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lorakit.errors import ModelError
 
 TASKS = ("classify", "causal-lm")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+MIN_VOCAB = 32  # fewer tokens than this is a tokenizer transformers made up, not a model's
+# What transformers raises for damaged or wrong model files: a truncated safetensors, a config that is not an
+# object, a pickle refused by weights_only, a shape that does not fit.
+def _load_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError,
+                                               EOFError, pickle.UnpicklingError, SafetensorError)
+    try:  # transformers >= 5 checks config field types through huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors += (StrictDataclassError,)
+    except ImportError:
+        pass
+    return errors
+
+
+LOAD_ERRORS = _load_errors()
 ENCODERS = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "albert", "mpnet")
 
 
@@ -139,10 +159,17 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     folder, gguf = model_dir(spec)
+    if not gguf and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); transformers would "
+                         "make up a tokenizer that reads every word as unknown. Save the model's tokenizer there "
+                         "(tokenizer.save_pretrained(DIR))")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"could not load the tokenizer of {spec} from {folder}: {exc}") from None
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"could not load the tokenizer of {spec} from {folder}: {_first_line(exc)}") from None
+    if len(tokenizer) < MIN_VOCAB:
+        raise ModelError(f"the tokenizer of {spec} has {len(tokenizer)} tokens; its files in {folder} are incomplete. "
+                         "Save the model's tokenizer there (tokenizer.save_pretrained(DIR))")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -154,9 +181,36 @@ def model_config(spec: str):
 
     folder, gguf = model_dir(spec)
     try:
-        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"could not read the config of {spec} from {folder}: {exc}") from None
+        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"could not read the config of {spec} from {folder}: {_first_line(exc)}") from None
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        value = getattr(config, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ModelError(f"{folder / 'config.json'}: {name}={value!r} must be a positive integer; the file is damaged")
+    return config
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model's position embeddings allow (None when the config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            # RoBERTa-style positions start after the padding index
+            return value - 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else value
+    return None
+
+
+def check_max_length(spec: str, max_length: int) -> None:
+    limit = max_positions(model_config(spec))
+    if limit is not None and max_length > limit:
+        raise ModelError(f"--max-length {max_length} is longer than {spec} can read ({limit} positions); use "
+                         f"--max-length {limit} or less")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def load_model(
@@ -196,8 +250,14 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(folder, **kw)
     except ModelError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"could not load {spec} from {folder}: {exc}") from None
+    except LOAD_ERRORS as exc:
+        text = str(exc)
+        if task == "classify" and ("ignore_mismatched_sizes" in text or "size mismatch" in text):
+            raise ModelError(f"{spec} holds a classifier head of another size than the {len(label_names)} labels of the "
+                             f"data ({label_names}); train on data with the head's labels, or start from the base "
+                             "encoder without its head") from None
+        raise ModelError(f"could not load {spec} from {folder}: {_first_line(exc)}; the model files are damaged or "
+                         "incomplete") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

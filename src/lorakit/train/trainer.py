@@ -11,6 +11,7 @@ method, ``after_step(step, model) -> dict | None``; what they return is logged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,9 +32,9 @@ from tqdm.auto import tqdm
 
 from lorakit.adapters import LoraConfig, attach, save_adapter
 from lorakit.adapters.cpu_attention import use_fast_attention
-from lorakit.adapters.io import write_atomic
 from lorakit.adapters.precision import use_bf16
-from lorakit.errors import ConfigError, TrainingError
+from lorakit.errors import ConfigError, LorakitError, TrainingError
+from lorakit.files import OutputError, write_atomic
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed, memory
 from lorakit.train.data import Dataset, collate
@@ -96,6 +97,7 @@ class TrainConfig:
     log_every: int = 10
     out: str = "out"
     resume: bool = False
+    overwrite: bool = False  # replace a previous run's files in out (its adapter, metrics, plots, checkpoints)
     quiet: bool = False
     device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # options of later features (celora, norms, ...)
@@ -115,12 +117,17 @@ class TrainConfig:
             raise ConfigError("give either --epochs or --steps, not both")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr={self.lr!r} must be a positive number")
-        if not self.warmup >= 0:
-            raise ConfigError(f"warmup={self.warmup!r} must be >= 0 (a fraction below 1, or a step count)")
+        if not (self.warmup >= 0 and math.isfinite(self.warmup)):
+            raise ConfigError(f"warmup={self.warmup!r} must be a finite number >= 0 (a fraction below 1, or a step count)")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be > 0")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0 (e.g. 0.01)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed={self.seed!r} must be an integer from 0 to 2**63 - 1")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+        check_device(self.device)
         if self.attention is not None:
             from lorakit.limits.attention import AttentionPolicy
 
@@ -150,6 +157,51 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def check_device(device: str | None) -> None:
+    """A device string torch understands and this machine has (None: cuda when present, else cpu)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device={device!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device={device!r}: lorakit trains on cpu, cuda or mps")
+
+
+# Options that change neither the model, the data nor the training trajectory: a resume may change them.
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "quiet", "device", "shard", "eval_every", "eval_limit",
+                     "eval_batch_size", "save_every", "keep_checkpoints", "log_every", "max_bad_steps")
+# Paths compared by what they name, not how they are spelled.
+_PATH_FIELDS = ("model", "data", "eval_data")
+
+
+def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The options of ``now`` that differ from the checkpoint's ``saved`` config, as "--flag X here, Y there"."""
+    def norm(name: str, value: Any) -> Any:
+        if name in _PATH_FIELDS and isinstance(value, str) and not value.startswith("builtin:"):
+            return str(Path(value).expanduser().resolve())
+        return value
+
+    out = []
+    for name in sorted(set(saved) | set(now)):
+        if name in RESUME_MAY_CHANGE or name not in saved:  # a field added after the checkpoint was written
+            continue
+        a, b = norm(name, now.get(name)), norm(name, saved.get(name))
+        if a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            out.append(f"--{name.replace('_', '-')} {now.get(name)!r} here, {saved.get(name)!r} in the checkpoint")
+    return out
+
+
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR multiplier: linear warm-up from 0 over ``warmup_steps``, then linear decay to 0."""
 
@@ -170,19 +222,91 @@ class MetricsLog:
         if not writes:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh and path.exists():
+        if fresh and path.exists():  # run() has made sure this is a file of ours that may go (--overwrite)
             path.unlink()
+        elif path.exists():
+            self._drop_torn_last_line()
+
+    def _drop_torn_last_line(self) -> None:
+        """A run killed mid-write leaves a last line without its newline: cut it, so appending stays valid JSONL."""
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(raw.rfind(b"\n") + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.writes:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; the last checkpoint is intact, free "
+                              "space and continue with --resume") from None
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a line that is not JSON (a torn write) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+def loss_targets(b: dict[str, torch.Tensor]) -> int:
+    """What the batch loss is a mean over: rows (classification) or labelled next tokens (causal LM)."""
+    labels = b["labels"]
+    return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum().item())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, rows: list[dict[str, Any]], task: str, pad_id: int, *, batch_size: int = 64,
+             dist: Dist | None = None, forward: Callable | None = None, autocast: Callable = contextlib.nullcontext,
+             ) -> dict[str, float]:
+    """Held-out loss (a mean over rows, or over labelled tokens for a causal LM), plus accuracy for
+    classification or perplexity for a causal LM. Writes nothing.
+
+    Under ``dist`` each process takes every world-th row and the sums are reduced; ``forward(batch)``
+    replaces ``model(**batch)`` (FSDP2 runs the forward through its wrapper).
+    """
+    if not rows:
+        return {}
+    d = dist or Dist()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ordered = sorted(rows, key=lambda r: len(r["input_ids"]))  # less padding; order does not matter
+    mine = ordered[d.rank :: d.world]
+    n_batches = math.ceil(math.ceil(len(ordered) / d.world) / batch_size)  # the same on every rank (FSDP2 gathers in forward)
+    loss_sum = weight = correct = 0.0
+    try:
+        for i in range(n_batches):
+            chunk = mine[i * batch_size : (i + 1) * batch_size]
+            b = {k: v.to(device, non_blocking=True) for k, v in collate(chunk or ordered[:1], pad_id).items()}
+            with autocast():
+                out = forward(b) if forward is not None else model(**b)
+            if not chunk:  # this rank ran out of rows: it only takes part in the gathers
+                continue
+            n = loss_targets(b)
+            loss_sum += out.loss.float().item() * n
+            weight += n
+            if task == "classify":
+                correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
+    finally:
+        model.train(was_training)
+    loss_sum, weight, correct = distributed.sum_across(d, [loss_sum, weight, correct], device)
+    result = {"eval_loss": loss_sum / max(weight, 1)}
+    if task == "classify":
+        result["eval_accuracy"] = correct / max(weight, 1)
+    else:
+        result["eval_perplexity"] = math.exp(min(result["eval_loss"], 50.0))
+    return result
 
 
 class Trainer:
@@ -202,6 +326,7 @@ class Trainer:
         hooks: list[StepHook] | None = None,
         checkpoint_meta: dict[str, str] | None = None,
         dist: Dist | None = None,
+        fingerprint: dict[str, str] | None = None,
     ) -> None:
         cfg.validate()
         if not data.train:
@@ -213,6 +338,7 @@ class Trainer:
         self.hooks = list(hooks or [])
         self.out = Path(cfg.out)
         self.checkpoint_meta = checkpoint_meta or {}
+        self.fingerprint = fingerprint or {}  # of the base model and the training rows; a resume must match it
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no trainable parameters; attach an adapter first")
         self.engine = distributed.wrap(model, self.dist)  # FSDP2 replaces the parameters: before the optimizer
@@ -247,11 +373,6 @@ class Trainer:
         """This process's rows of ``epoch`` (all of them on one process), in order."""
         return distributed.epoch_indices(len(self.data.train), self.cfg.seed * 1_000_003, epoch, self.dist)
 
-    def loss_targets(self, b: dict[str, torch.Tensor]) -> int:
-        """What the batch loss is a mean over: rows (classification) or labelled next tokens (causal LM)."""
-        labels = b["labels"]
-        return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum().item())
-
     def batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in collate(rows, self.pad_id).items()}
 
@@ -260,41 +381,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16 and self.device.type != "cpu")
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
-        """Held-out loss, plus accuracy for classification (token-weighted loss for LM)."""
+        """Held-out metrics (see ``evaluate``) on ``rows``, by default the data's held-out rows up to eval_limit."""
         rows = self.data.eval[: self.cfg.eval_limit] if rows is None else rows
-        if not rows:
-            return {}
-        was_training = self.model.training
-        self.model.eval()
-        ordered = sorted(rows, key=lambda r: len(r["input_ids"]))  # less padding; order does not matter
-        d, size = self.dist, self.cfg.eval_batch_size
-        mine = ordered[d.rank :: d.world]
-        n_batches = math.ceil(math.ceil(len(ordered) / d.world) / size)  # the same on every rank (FSDP2 gathers in forward)
-        loss_sum = weight = correct = 0.0
-        try:
-            for i in range(n_batches):
-                chunk = mine[i * size : (i + 1) * size]
-                b = self.batch(chunk or ordered[:1])
-                with self.autocast():
-                    out = self.engine(b, outputs=True) if d.shard else self.model(**b)
-                if not chunk:  # this rank ran out of rows: it only takes part in the gathers
-                    continue
-                n = self.loss_targets(b)
-                loss_sum += out.loss.float().item() * n
-                weight += n
-                if self.data.task == "classify":
-                    correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
-        finally:
-            self.model.train(was_training)
-        loss_sum, weight, correct = distributed.sum_across(d, [loss_sum, weight, correct], self.device)
-        result = {"eval_loss": loss_sum / max(weight, 1)}
-        if self.data.task == "classify":
-            result["eval_accuracy"] = correct / max(weight, 1)
-        else:
-            result["eval_perplexity"] = math.exp(min(result["eval_loss"], 50.0))
-        return result
+        forward = (lambda b: self.engine(b, outputs=True)) if self.dist.shard else None
+        return evaluate(self.model, rows, self.data.task, self.pad_id, batch_size=self.cfg.eval_batch_size,
+                        dist=self.dist, forward=forward, autocast=self.autocast)
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -313,6 +405,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
+            "fingerprint": dict(self.fingerprint),
             "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if hasattr(h, "state_dict")},
         }
 
@@ -343,11 +436,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"process {self.dist.rank} cannot see checkpoint {found.path} that process 0 found; "
                                        "on several machines put --out on a filesystem they all share")
         state = ckpt.load_state(found.path)
-        if state["total_steps"] != self.total_steps:
-            raise ConfigError(
-                f"{found.path} belongs to a run of {state['total_steps']} steps but this run has {self.total_steps}; "
-                "resume with the same --steps/--epochs, --batch-size and --grad-accum"
-            )
+        self.check_same_run(found.path, state)
         with distributed.whole_trainable(self.model):
             load_adapter(self.model, found.path)
         distributed.load_optimizer_state(self.optimizer, state["optimizer"])
@@ -362,6 +451,28 @@ class Trainer:
             if type(hook).__name__ in saved_hooks and hasattr(hook, "load_state_dict"):
                 hook.load_state_dict(saved_hooks[type(hook).__name__])
         return found
+
+    def check_same_run(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse to continue a checkpoint of a different run: other options, model or data (README: Resuming)."""
+        fix = ("Resume with the options of that run, or start afresh with --overwrite (this replaces that run's files) "
+               "or another --out")
+        try:
+            saved = json.loads(state.get("config") or "{}")
+        except (TypeError, ValueError):
+            saved = {}
+        if not isinstance(saved, dict):
+            saved = {}
+        problems = resume_differences(saved, self.cfg.to_dict())
+        recorded = state.get("fingerprint") or {}
+        for what, meaning in (("model", "the base model's weights"), ("data", "the tokenised training rows")):
+            if what in recorded and what in self.fingerprint and recorded[what] != self.fingerprint[what]:
+                problems.append(f"{meaning} differ from the checkpoint's ({what} fingerprint {self.fingerprint[what][:12]} "
+                                f"here, {recorded[what][:12]} there)")
+        if state["total_steps"] != self.total_steps and not problems:
+            problems.append(f"the run has {self.total_steps} steps here and {state['total_steps']} in the checkpoint "
+                            "(--steps/--epochs, --batch-size, --grad-accum)")
+        if problems:
+            raise ConfigError(f"--resume: {path} was written by a different run: {'; '.join(problems)}. {fix}")
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -405,7 +516,7 @@ class Trainer:
                     loss = self.engine(b)
                 weight = 1.0 / cfg.grad_accum
                 if self.dist.active:  # this rank's mean, weighted so that the ranks' average is the global batch's mean
-                    weight *= distributed.loss_weight(self.dist, self.loss_targets(b) if real else 0, self.device)
+                    weight *= distributed.loss_weight(self.dist, loss_targets(b) if real else 0, self.device)
                 (loss.float() * weight).backward()
             loss_acc += loss.detach().float().item() * weight
             tokens += int(b["attention_mask"].sum().item())
@@ -548,10 +659,11 @@ def resume_command(argv: list[str] | None = None) -> str:
 def prepare(cfg: TrainConfig):
     """Load model and data as ``cfg`` says (the data decides the task); returns (LoadedModel, Dataset)."""
     from lorakit.train.data import infer_task, load_data
-    from lorakit.train.models import load_model, load_tokenizer
+    from lorakit.train.models import check_max_length, load_model, load_tokenizer
 
     cfg.validate()
     cfg.task = cfg.task or infer_task(cfg.data, label_column=cfg.label_column)
+    check_max_length(cfg.model, cfg.max_length or DEFAULT_MAX_LENGTH[cfg.task])
     tokenizer = load_tokenizer(cfg.model)
     data = load_data(cfg.data, cfg.task, tokenizer, cfg.max_length or DEFAULT_MAX_LENGTH[cfg.task],
                      text_column=cfg.text_column, label_column=cfg.label_column, eval_spec=cfg.eval_data,
@@ -616,15 +728,66 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
     cfg.validate()
     d = distributed.from_environment(shard=cfg.shard, device=cfg.device)
     try:
-        return _run(cfg, d, hooks)
+        with claim_output(cfg) if d.is_main else contextlib.nullcontext():
+            return _run(cfg, d, hooks)
     finally:
         distributed.shutdown(d)
+
+
+# What a run writes into --out; --overwrite replaces exactly these, and other files there are left alone.
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "run.json", "training.png", "norms.png")
+
+
+def check_output(cfg: TrainConfig) -> Path:
+    """Refuse an --out that cannot hold this run, before anything is loaded (nothing is written here)."""
+    from lorakit.files import check_output_dir, entries
+
+    out = check_output_dir(cfg.out)
+    model = Path(cfg.model).expanduser()
+    if not cfg.model.startswith("builtin:") and model.exists():
+        model_folder = model.parent if model.is_file() else model
+        if out.resolve() == model_folder.resolve() or (out / "config.json").is_file():
+            raise OutputError(f"--out {out} is a model directory (it holds config.json); an adapter written there would "
+                              "make the model load as a PEFT model. Choose another --out")
+    held = entries(out)
+    if held and not (cfg.resume or cfg.overwrite):
+        shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
+        raise OutputError(f"--out {out} already holds files ({shown}); lorakit train does not replace them. Continue "
+                          "that run with --resume, replace it with --overwrite, or choose another --out")
+    if cfg.resume and any(name in RUN_FILES for name in held) and ckpt.latest(out / "checkpoints") is None:
+        raise OutputError(f"--resume: {out} holds a run's files but no checkpoint to continue from; start afresh with "
+                          "--overwrite or choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def claim_output(cfg: TrainConfig):
+    """check_output, then the lock on --out for the whole run; with --overwrite the previous run's files go."""
+    import shutil
+
+    from lorakit.files import OutputLock
+
+    out = check_output(cfg)
+    with OutputLock(out):
+        check_output(cfg)  # again under the lock: another run may have written there meanwhile
+        if cfg.overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            root = out / "checkpoints"
+            if root.is_dir():
+                for p in root.iterdir():
+                    if ckpt.step_of(p) is not None or p.name.startswith(f".{ckpt.PREFIX}"):
+                        shutil.rmtree(p)
+                if not any(root.iterdir()):
+                    root.rmdir()
+        yield out
 
 
 def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     loaded, data = prepare(cfg)
     model = loaded.model
+    fingerprint = {"model": ckpt.fingerprint_model(model), "data": ckpt.fingerprint_rows(data.train)}
     if d.active:  # under --shard, FSDP2 moves only this process's slice of the weights to its device
         device = d.device
     else:
@@ -646,7 +809,8 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
     meta = {"lorakit_task": data.task}
     if data.label_names:
         meta["lorakit_labels"] = json.dumps(data.label_names)
-    trainer = Trainer(model, data, cfg, pad_id=loaded.tokenizer.pad_token_id, hooks=hooks, checkpoint_meta=meta, dist=d)
+    trainer = Trainer(model, data, cfg, pad_id=loaded.tokenizer.pad_token_id, hooks=hooks, checkpoint_meta=meta, dist=d,
+                      fingerprint=fingerprint)
     from lorakit.adapters import summary
 
     s = summary(model)
@@ -670,7 +834,12 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
               "sharded": d.shard, "memory_per_process": distributed.gather(d, memory.usage(trainer.device))}
     with distributed.whole_trainable(model):
         if d.is_main:
-            save_adapter(model, out, metadata=meta)
+            try:
+                save_adapter(model, out, metadata=meta)
+            except LorakitError as exc:
+                last = ckpt.latest(trainer.checkpoint_root)
+                kept = f"checkpoint {last.path} (step {last.step}) is intact" if last else "no checkpoint was written"
+                raise OutputError(f"{exc}. The {kept}: free space and run the same command with --resume") from None
     if not d.is_main:
         distributed.barrier(d)  # return once rank 0 has written everything
         return report

@@ -1,0 +1,374 @@
+"""Bad input gets one `lorakit: error:` line naming the value and the fix, never a traceback, and nothing is
+quietly read wrong (issue 15: items 5, 7-10, 13 and the tracebacks it lists)."""
+
+import bz2
+import gzip
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit.cli import main
+from lorakit.errors import LorakitError
+from lorakit.train.data import infer_task, load_data
+
+
+def cli(capsys, *args):
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, *args, needle: str):
+    capsys.readouterr()  # what the test's own set-up printed
+    code, _, err = cli(capsys, *args)
+    assert code == 2, err
+    assert err.startswith("lorakit: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert needle in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_bert_dir, sentiment_csv):
+    out = tmp_path_factory.mktemp("adapter") / "run"
+    assert main(["train", "--model", tiny_bert_dir, "--data", sentiment_csv, "--steps", "2", "--batch-size", "8",
+                 "--rank", "4", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def copy_adapter(adapter, tmp_path):
+    target = tmp_path / "copy"
+    target.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapter / name, target)
+    return target
+
+
+def edit_config(folder, **changes):
+    doc = json.loads((folder / "adapter_config.json").read_text())
+    doc.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(doc))
+
+
+# ---------------------------------------------------------------------- output paths, checked before the model loads
+@pytest.mark.parametrize("kind", ["file", "dangling", "loop"])
+def test_bad_out_paths_before_anything_loads(capsys, tmp_path, adapter, kind):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("mine")
+    elif kind == "dangling":
+        os.symlink(tmp_path / "nowhere", out)
+    else:
+        os.symlink(out, out)
+    needle = {"file": "is a file, not a directory", "dangling": "which does not exist", "loop": "symlink loop"}[kind]
+    missing = tmp_path / "no-such-model"  # the out is refused first, so the model is never looked at
+    refused(capsys, "train", "--model", missing, "--data", "builtin:rotten-tomatoes", "--out", out, needle=needle)
+    refused(capsys, "norms", "--model", missing, "--out", out, needle=needle)
+    refused(capsys, "merge", "--adapter", adapter, "--model", missing, "--out", out, needle=needle)
+    refused(capsys, "rank-advice", "--model", missing, "--data", "x.csv", "--tol", "0.5", "--out", out, needle=needle)
+    if kind == "file":
+        assert out.read_text() == "mine"
+
+
+# ---------------------------------------------------------------------- model directories
+def test_model_directory_without_tokenizer_files(capsys, tmp_path, tiny_bert_dir, sentiment_csv):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_bert_dir, name), model)
+    refused(capsys, "train", "--model", model, "--data", sentiment_csv, "--out", tmp_path / "o",
+            needle="has no tokenizer files")
+
+
+@pytest.fixture
+def broken_model(tmp_path, tiny_bert_dir):
+    def make(damage):
+        model = tmp_path / "model"
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(tiny_bert_dir, model)
+        damage(model)
+        return model
+
+    return make
+
+
+def _config(model, change):
+    doc = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(change(doc)))
+
+
+def _pickle_bomb(model):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /tmp/lorakit-pwned",))
+
+    (model / "model.safetensors").unlink()
+    with open(model / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"bert.embeddings.word_embeddings.weight": Evil()}, fh)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda m: _config(m, lambda d: [d]), "could not read the config"),
+    (lambda m: _config(m, lambda d: {**d, "hidden_size": "32"}), "hidden_size"),
+    (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:-5000]),
+     "the model files are damaged or incomplete"),
+    (_pickle_bomb, "could not load"),
+])
+def test_damaged_model_directories(capsys, broken_model, sentiment_csv, tmp_path, damage, needle):
+    model = broken_model(damage)
+    refused(capsys, "train", "--model", model, "--data", sentiment_csv, "--out", tmp_path / "o", needle=needle)
+    assert not os.path.exists("/tmp/lorakit-pwned")
+
+
+def test_saved_classifier_with_another_number_of_labels(capsys, tmp_path, tiny_bert_dir, sentiment_csv):
+    import transformers as tf
+
+    three = tf.BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3)
+    three.save_pretrained(tmp_path / "cls3")
+    for name in os.listdir(tiny_bert_dir):
+        if "token" in name or name == "vocab.txt":
+            shutil.copy(os.path.join(tiny_bert_dir, name), tmp_path / "cls3")
+    refused(capsys, "train", "--model", tmp_path / "cls3", "--data", sentiment_csv, "--out", tmp_path / "o",
+            needle="classifier head of another size than the 2 labels")
+
+
+# ---------------------------------------------------------------------- option values
+@pytest.mark.parametrize("args,needle", [
+    (["--warmup", "inf"], "warmup=inf must be a finite number"),
+    (["--weight-decay", "nan"], "weight_decay=nan must be a finite number"),
+    (["--seed", str(2**64)], "must be an integer from 0 to 2**63 - 1"),
+    (["--seed", "-1"], "must be an integer from 0 to 2**63 - 1"),
+    (["--device", "foo"], "device='foo' is not a device"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "device='cuda"),
+    (["--max-length", "100000"], "--max-length 100000 is longer than"),
+    (["--rank", "x"], "invalid int value: 'x'"),
+    (["--rank-pattern", "query=x"], "use name=r,name=r or a JSON file"),
+])
+def test_bad_option_values(capsys, tiny_bert_dir, sentiment_csv, tmp_path, args, needle):
+    refused(capsys, "train", "--model", tiny_bert_dir, "--data", sentiment_csv, "--out", tmp_path / "o", *args,
+            needle=needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_length_one_on_a_model_with_bos(capsys, tiny_llama_dir, corpus_txt, tmp_path):
+    refused(capsys, "train", "--model", tiny_llama_dir, "--data", corpus_txt, "--max-length", "1", "--out", tmp_path / "o",
+            needle="a causal LM needs two or more")
+
+
+@pytest.mark.parametrize("content,needle", [
+    ({"query": 4, "(": 2}, "rank_pattern key '(' is not a valid regex"),
+    ("[" * 100000, "cannot read"),
+    ({"rank_pattern": [1, 2]}, "expected {module: rank}"),
+])
+def test_bad_rank_pattern_files(capsys, tiny_bert_dir, sentiment_csv, tmp_path, content, needle):
+    path = tmp_path / "advice.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    refused(capsys, "train", "--model", tiny_bert_dir, "--data", sentiment_csv, "--rank-pattern", path,
+            "--out", tmp_path / "o", needle=needle)
+
+
+# ---------------------------------------------------------------------- adapter files
+@pytest.mark.parametrize("changes,needle", [
+    ({"use_rslora": "false"}, "use_rslora='false' must be true/false"),
+    ({"fan_in_fan_out": 1}, "fan_in_fan_out=1 must be true/false"),
+    ({"base_model_name_or_path": 123}, "base_model_name_or_path=123 must be a string"),
+    ({"exclude_modules": "("}, "exclude='(' is not a valid regex"),
+    ({"exclude_modules": 7}, "exclude_modules=7 must be a string or a list of strings"),
+    ({"rank_pattern": {"[": 2}}, "rank_pattern key '[' is not a valid regex"),
+    ({"alpha_pattern": ["query"]}, "alpha_pattern=['query'] must be an object"),
+    ({"target_modules": [1, 2]}, "target_modules=[1, 2] must be a string or a list of strings"),
+    ({"lora_dropout": "0.1"}, "lora_dropout='0.1' must be a number, not str"),
+])
+def test_adapter_config_values_are_type_checked(capsys, adapter, tmp_path, changes, needle):
+    folder = copy_adapter(adapter, tmp_path)
+    edit_config(folder, **changes)
+    for command in (["info", folder], ["eval", "--adapter", folder]):
+        refused(capsys, *command, needle=needle)
+
+
+def test_deeply_nested_adapter_config(capsys, adapter, tmp_path):
+    folder = copy_adapter(adapter, tmp_path)
+    (folder / "adapter_config.json").write_text("[" * 100000)
+    refused(capsys, "info", folder, needle="is not valid JSON")
+
+
+def test_non_finite_adapter_weights_are_refused_at_load(capsys, adapter, tmp_path, sentiment_csv):
+    folder = copy_adapter(adapter, tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    save_file(tensors, folder / "adapter_model.safetensors", metadata=meta)
+    refused(capsys, "eval", "--adapter", folder, "--data", sentiment_csv, needle="NaN or infinite value(s)")
+
+
+@pytest.mark.parametrize("meta_change,needle", [
+    ({"lorakit_labels": "not json"}, "is not a list of two or more distinct label names"),
+    ({"lorakit_labels": json.dumps(["only"])}, "is not a list of two or more distinct label names"),
+    ({"lorakit_labels": json.dumps(["a", "b", "c"])}, "has shape"),  # more labels than the saved head
+    ({"lorakit_task": "translate"}, "lorakit_task='translate'"),
+])
+def test_bad_label_metadata(capsys, adapter, tmp_path, sentiment_csv, meta_change, needle):
+    folder = copy_adapter(adapter, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    meta.update(meta_change)
+    save_file(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.safetensors", metadata=meta)
+    refused(capsys, "eval", "--adapter", folder, "--data", sentiment_csv, needle=needle)
+    code, _, err = cli(capsys, "info", folder)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("payload,needle", [
+    ([1, 2, 3], "holds a list, not a dict of named tensors"),
+    ({1: torch.zeros(2)}, "not a dict of named tensors"),
+    ("PICKLE", "could not be read as a weights-only torch file"),
+])
+def test_bad_adapter_model_bin(capsys, adapter, tmp_path, payload, needle):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(adapter / "adapter_config.json", folder)
+    if payload == "PICKLE":
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("echo pwned > /tmp/lorakit-pwned",))
+
+        with open(folder / "adapter_model.bin", "wb") as fh:
+            pickle.dump({"x": Evil()}, fh)
+    else:
+        torch.save(payload, folder / "adapter_model.bin")
+    refused(capsys, "info", folder, needle=needle)
+    assert not os.path.exists("/tmp/lorakit-pwned")
+
+
+def test_info_on_a_zero_dimensional_factor(capsys, adapter, tmp_path):
+    folder = copy_adapter(adapter, tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.tensor(1.0)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    refused(capsys, "info", folder, needle="a LoRA factor is a matrix")
+
+
+def test_a_peft_classifier_adapter_without_task_type_round_trips(make_model, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = make_model("bert-cls")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))  # no task_type
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = lorakit.load_adapter(make_model("bert-cls"), tmp_path / "peft")
+    lorakit.save_adapter(ours, tmp_path / "again")
+    first = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert again["task_type"] is None and again["modules_to_save"] == first["modules_to_save"]
+    PeftModel.from_pretrained(make_model("bert-cls"), tmp_path / "again")  # PEFT loads what we wrote
+
+
+# ---------------------------------------------------------------------- data files
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_labels_are_normalised(tmp_path, minilm_tokenizer):
+    rows = [{"text": f"row {i}", "label": v} for i, v in enumerate([1, 1.0, "1", " 1 ", 0, "0.0", 0.0] * 3)]
+    ds = load_data(str(write_jsonl(tmp_path / "n.jsonl", rows)), "classify", minilm_tokenizer, 16)
+    assert ds.label_names == ["0", "1"]
+    rows = [{"text": f"row {i}", "label": v} for i, v in enumerate([True, "true", "True", False, "false"] * 3)]
+    ds = load_data(str(write_jsonl(tmp_path / "b.jsonl", rows)), "classify", minilm_tokenizer, 16)
+    assert ds.label_names == ["false", "true"]
+
+
+@pytest.mark.parametrize("bad", [{"a": 1}, [1], None, float("nan")])
+def test_jsonl_labels_that_are_not_scalars(tmp_path, minilm_tokenizer, bad):
+    rows = [{"text": "a", "label": 1}, {"text": "b", "label": 0}, {"text": "c", "label": bad}]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(LorakitError, match=r"row 3"):
+        load_data(str(path), "classify", minilm_tokenizer, 16)
+
+
+def test_task_is_decided_from_every_row(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, {"text": "b", "label": 1}, {"text": "c", "label": 0}])
+    with pytest.raises(LorakitError, match="1 of 3 rows|2 of 3 rows have a 'label' field"):
+        infer_task(str(path))
+    assert infer_task(str(write_jsonl(tmp_path / "lm.jsonl", [{"text": "a"}, {"text": "b"}]))) == "causal-lm"
+
+
+def test_byte_order_mark_and_long_fields(tmp_path, minilm_tokenizer):
+    csv_path = tmp_path / "excel.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbftext,label\n" + b"".join(f"word {i},{i % 2}\n".encode() for i in range(20)))
+    assert load_data(str(csv_path), "classify", minilm_tokenizer, 16).label_names == ["0", "1"]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps({"text": f"w {i}", "label": i % 2}).encode() + b"\n"
+                                                 for i in range(20)))
+    assert infer_task(str(jsonl)) == "classify"
+    long = tmp_path / "long.csv"
+    long.write_text("text,label\n" + "".join(f"{'word ' * 40000},{i % 2}\n" for i in range(4)))  # 200 KB fields
+    assert len(load_data(str(long), "classify", minilm_tokenizer, 16).train) == 3
+
+
+@pytest.mark.parametrize("suffix,opener", [(".csv.gz", gzip.compress), (".csv.bz2", bz2.compress)])
+def test_corrupt_compressed_data(capsys, tmp_path, tiny_bert_dir, suffix, opener):
+    raw = opener(b"text,label\n" + b"".join(f"some words {i},{i % 2}\n".encode() for i in range(2000)))
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(raw[:40] + bytes(b ^ 0x5A for b in raw[40:400]) + raw[400:])
+    refused(capsys, "train", "--model", tiny_bert_dir, "--data", path, "--out", tmp_path / "o",
+            needle="could not be read")
+
+
+# ---------------------------------------------------------------------- --attention auto on sliding-window layers
+@pytest.fixture(scope="module")
+def tiny_gemma3_dir(tmp_path_factory, minilm_tokenizer):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Gemma3TextConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              max_position_embeddings=256, sliding_window=4, pad_token_id=minilm_tokenizer.pad_token_id,
+                              layer_types=["sliding_attention", "full_attention"])
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    tf.Gemma3ForCausalLM(cfg).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_attention_auto_on_gemma3(capsys, tiny_gemma3_dir, corpus_txt, tmp_path):
+    code, out, err = cli(capsys, "train", "--model", tiny_gemma3_dir, "--data", corpus_txt, "--steps", "2", "--batch-size",
+                         "2", "--max-length", "16", "--attention", "auto", "--out", tmp_path / "o", "--quiet")
+    assert code == 0, err
+    code, out, err = cli(capsys, "norms", "--model", tiny_gemma3_dir, "--data", corpus_txt, "--attention", "auto",
+                         "--max-length", "16", "--out", tmp_path / "n")
+    assert code == 0 and (tmp_path / "n" / "norms.json").exists(), err
+
+
+@pytest.mark.parametrize("mode", ["auto", "exact"])
+def test_lorakit_attention_keeps_the_sliding_window(tiny_gemma3_dir, mode):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.limits import use_attention
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_gemma3_dir, attn_implementation="eager").eval()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_gemma3_dir).eval()
+    use_attention(ours, mode)
+    ids = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in one row
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits[0],
+                                   ref(input_ids=ids, attention_mask=mask).logits[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits[1, 3:],
+                                   ref(input_ids=ids, attention_mask=mask).logits[1, 3:], atol=1e-5, rtol=1e-4)
