@@ -34,7 +34,7 @@ from lorakit.adapters import LoraConfig, attach, save_adapter
 from lorakit.adapters.cpu_attention import use_fast_attention
 from lorakit.adapters.precision import use_bf16
 from lorakit.errors import ConfigError, LorakitError, TrainingError
-from lorakit.files import OutputError, write_atomic
+from lorakit.files import OutputError, OutputLock, check_output_dir, entries, write_atomic
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed, memory
 from lorakit.train.data import Dataset, collate
@@ -453,7 +453,7 @@ class Trainer:
         return found
 
     def check_same_run(self, path: Path, state: dict[str, Any]) -> None:
-        """Refuse to continue a checkpoint of a different run: other options, model or data (README: Resuming)."""
+        """Refuse to continue a checkpoint of a different run: other options, model or data (README: "What lorakit writes, deletes and refuses")."""
         fix = ("Resume with the options of that run, or start afresh with --overwrite (this replaces that run's files) "
                "or another --out")
         try:
@@ -740,15 +740,12 @@ RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl"
 
 def check_output(cfg: TrainConfig) -> Path:
     """Refuse an --out that cannot hold this run, before anything is loaded (nothing is written here)."""
-    from lorakit.files import check_output_dir, entries
-
     out = check_output_dir(cfg.out)
     model = Path(cfg.model).expanduser()
-    if not cfg.model.startswith("builtin:") and model.exists():
-        model_folder = model.parent if model.is_file() else model
-        if out.resolve() == model_folder.resolve() or (out / "config.json").is_file():
-            raise OutputError(f"--out {out} is a model directory (it holds config.json); an adapter written there would "
-                              "make the model load as a PEFT model. Choose another --out")
+    model_folder = (model.parent if model.is_file() else model) if not cfg.model.startswith("builtin:") else None
+    if (out / "config.json").is_file() or (model_folder is not None and out.resolve() == model_folder.resolve()):
+        raise OutputError(f"--out {out} is a model directory (the --model's, or one holding config.json); an adapter "
+                          "written there would make the model load as a PEFT model. Choose another --out")
     held = entries(out)
     if held and not (cfg.resume or cfg.overwrite):
         shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
@@ -764,8 +761,6 @@ def check_output(cfg: TrainConfig) -> Path:
 def claim_output(cfg: TrainConfig):
     """check_output, then the lock on --out for the whole run; with --overwrite the previous run's files go."""
     import shutil
-
-    from lorakit.files import OutputLock
 
     out = check_output(cfg)
     with OutputLock(out):
