@@ -108,6 +108,8 @@ def test_train_refuses_to_write_into_a_model_directory(capsys, tiny_bert_dir, se
     for extra in ([], ["--overwrite"], ["--resume"]):
         code, _, err = cli(capsys, *train_args(model, sentiment_csv, model, *extra))
         assert code == 2 and "is a model directory" in err
+    code, _, err = cli(capsys, "train", "--out", model, "--overwrite")  # another (built-in) model, this directory
+    assert code == 2 and "is a model directory" in err
     assert snapshot(model) == before
 
 
