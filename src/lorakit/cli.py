@@ -43,6 +43,21 @@ def _svd_rank(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{value!r} is neither an integer nor 'balanced'") from None
 
 
+def _layers(value: str) -> list[int]:
+    """"0-5", "0,2,4" or "0-3,8" -> the sorted layer indices."""
+    out: set[int] = set()
+    try:
+        for part in (p.strip() for p in value.split(",")):
+            first, dash, last = part.partition("-")
+            lo, hi = int(first), int(last) if dash else int(first)
+            if lo < 0 or hi < lo:
+                raise ValueError
+            out.update(range(lo, hi + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a list of layer indices; use e.g. 0-5 or 0,2,4 or 0-3,8") from None
+    return sorted(out)
+
+
 def _rank_pattern(value: str) -> dict[str, int]:
     from pathlib import Path
 
@@ -79,6 +94,11 @@ def _add_train(sub) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rank-pattern", type=_rank_pattern, default=None,
                    help="per-module ranks: a JSON file (rank-advice's advice.json or {module: rank}) or name=r,name=r")
+    p.add_argument("--layers", type=_layers, default=None,
+                   help="adapt the targets in these blocks only: 0-5, 0,2,4 (PEFT's layers_to_transform)")
+    p.add_argument("--layers-pattern", default=None,
+                   help="the name of the block list the --layers index (layers, layer, h, ...; default: the first "
+                        "numbered segment of a module's path)")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
@@ -145,7 +165,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(
         model=a.model, data=data, task=a.task, eval_data=a.eval_data, text_column=a.text_column, label_column=a.label_column,
         skip_bad_rows=a.skip_bad_rows, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
-        init=a.init, rank_pattern=a.rank_pattern, backward=a.backward, keep_ratio=a.keep_ratio, refresh_every=a.refresh_every, svd_rank=a.svd_rank,
+        init=a.init, rank_pattern=a.rank_pattern, layers=a.layers, layers_pattern=a.layers_pattern, backward=a.backward, keep_ratio=a.keep_ratio, refresh_every=a.refresh_every, svd_rank=a.svd_rank,
         selection=a.selection, norm_cap=a.norm_cap, attention=a.attention, attention_tolerance=a.attention_tolerance,
         norm_every=a.norm_every, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         weight_decay=a.weight_decay, warmup=a.warmup, max_grad_norm=a.max_grad_norm, max_length=a.max_length, bf16=a.bf16,

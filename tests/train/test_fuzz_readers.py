@@ -117,7 +117,8 @@ def test_adapter_config_values_reach_attach_cleanly(tmp_path_factory, doc):
 
 
 # ---------------------------------------------------------------------- command-line option values
-TRAIN_FLAGS = ["--task", "--text-column", "--label-column", "--targets", "--rank", "--rank-pattern", "--alpha",
+TRAIN_FLAGS = ["--task", "--text-column", "--label-column", "--targets", "--rank", "--rank-pattern", "--alpha", "--layers",
+               "--layers-pattern",
                "--dropout", "--init", "--backward", "--keep-ratio", "--refresh-every", "--svd-rank", "--selection",
                "--attention", "--attention-tolerance", "--norm-cap", "--norm-every", "--epochs", "--steps",
                "--batch-size", "--grad-accum", "--lr", "--weight-decay", "--warmup", "--max-grad-norm", "--max-length",

@@ -27,7 +27,6 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS
 _PEFT_UNSUPPORTED = {
     "use_dora": False,
     "lora_bias": False,
-    "layers_to_transform": None,
     "layer_replication": None,
     "target_parameters": None,
     "trainable_token_indices": None,
@@ -68,6 +67,12 @@ class LoraConfig:
         exclude: module paths, suffixes or a full-match regex never adapted.
         rank_pattern / alpha_pattern: per-module rank / alpha overrides, keyed like PEFT
             (a regex that must match a dotted suffix of the module path).
+        layers_to_transform: adapt only the blocks with these indices (an int or a list), PEFT's
+            semantics: the index is the first number in the module path after a segment matching
+            ``layers_pattern`` (any segment when it is None), e.g. ``model.layers.3.self_attn.q_proj``.
+            With a preset or a list of names; not with a regex (PEFT refuses that too). A list entry
+            that is a module's full path selects it whatever its layer.
+        layers_pattern: the name (regex) of the block list, e.g. "layers", "layer" (BERT) or "h" (GPT-2).
         task_type: PEFT task type written to adapter_config.json (e.g. "SEQ_CLS", "CAUSAL_LM").
         base_model: name or path of the base model, written to adapter_config.json.
 
@@ -99,6 +104,8 @@ class LoraConfig:
     exclude: str | list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
     task_type: str | None = None
     base_model: str | None = None
     backward: str = "exact"
@@ -133,6 +140,7 @@ class LoraConfig:
             _check_names_or_regex("exclude", self.exclude)
         if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
             raise ConfigError(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
+        self._validate_layers()
         if self.base_model is not None and not isinstance(self.base_model, str):
             raise ConfigError(f"base_model={self.base_model!r} must be a model name or path (a string)")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
@@ -177,6 +185,39 @@ class LoraConfig:
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"task_type={self.task_type!r} is not one of {TASK_TYPES} or None")
 
+    def _validate_layers(self) -> None:
+        layers = self.layers_to_transform
+        if layers is not None:
+            items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            if not (isinstance(items, list) and items and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                             for i in items)):
+                raise ConfigError(f"layers_to_transform={layers!r} must be a layer index >= 0 or a non-empty list of them "
+                                  "(e.g. [0, 1, 2]; lorakit train --layers 0-2)")
+            if isinstance(self.targets, str) and self.targets not in PRESETS:
+                raise ConfigError(f"layers_to_transform cannot be used with the regex targets={self.targets!r} (PEFT "
+                                  "refuses it too); give module names or a preset, or put the layers in the regex")
+        if self.layers_pattern is not None:
+            if layers is None:
+                raise ConfigError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (which layers)")
+            _check_names_or_regex("layers_pattern", self.layers_pattern)
+
+    def selects_layer(self, module_name: str) -> bool:
+        """Whether ``module_name`` lies in a block of layers_to_transform (True when no layers are chosen)."""
+        if self.layers_to_transform is None:
+            return True
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else (self.layers_pattern or [])
+        found = None
+        if not patterns:
+            found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+        for pattern in patterns:
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
+            if found:
+                break
+        if found is None:
+            return False
+        wanted = self.layers_to_transform
+        return int(found["idx"]) in (wanted if isinstance(wanted, list) else [wanted])
+
     # ------------------------------------------------------------------ per-module values
     def rank_for(self, module_name: str) -> int:
         key = pattern_key(self.rank_pattern, module_name)
@@ -215,6 +256,8 @@ class LoraConfig:
             "modules_to_save": self.modules_to_save or None,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
             "inference_mode": True,
         }
 
@@ -249,6 +292,7 @@ class LoraConfig:
             "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora",
             "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out", "bias",
             "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "inference_mode",
+            "layers_to_transform", "layers_pattern",
             "revision", "peft_version", "auto_mapping",
         } | set(_PEFT_UNSUPPORTED)
         ignored = sorted(
@@ -270,6 +314,9 @@ class LoraConfig:
                 exclude=doc.get("exclude_modules") or None,
                 rank_pattern=doc.get("rank_pattern") or {},
                 alpha_pattern=doc.get("alpha_pattern") or {},
+                # PEFT treats an empty list as "every layer"
+                layers_to_transform=doc.get("layers_to_transform") if doc.get("layers_to_transform") != [] else None,
+                layers_pattern=doc.get("layers_pattern") or None,
                 task_type=doc.get("task_type"),
                 base_model=doc.get("base_model_name_or_path"),
             )
@@ -304,8 +351,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "lora_bias": (bool,), "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "bias": (str,),
     "task_type": (str,), "base_model_name_or_path": (str,), "peft_type": (str,), "target_modules": (str, list),
     "exclude_modules": (str, list), "modules_to_save": (list,), "rank_pattern": (dict,), "alpha_pattern": (dict,),
-    "init_lora_weights": (bool, str), "revision": (str,),
+    "init_lora_weights": (bool, str), "revision": (str,), "layers_to_transform": (int, list),
+    "layers_pattern": (str, list),
 }
+_LIST_OF_INTS = {"layers_to_transform"}
 _JSON_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
 
 
@@ -316,11 +365,13 @@ def _check_field_types(doc: dict[str, Any], source: str) -> None:
         if value is None:
             continue
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        element = int if key in _LIST_OF_INTS else str
         if ok and isinstance(value, list):
-            ok = all(isinstance(v, str) for v in value)
+            ok = all(isinstance(v, element) and not isinstance(v, bool) for v in value)
         if not ok:
+            of = " of integers" if element is int else " of strings"
             expected = "a number" if types == (int, float) else \
-                " or ".join(_JSON_NAMES[t] for t in types) + (" of strings" if list in types else "")
+                " or ".join(_JSON_NAMES[t] for t in types) + (of if list in types else "")
             raise ConfigError(f"{source}: {key}={value!r} must be {expected}, not {type(value).__name__}; fix the file")
 
 

@@ -37,7 +37,7 @@ PREFIX = "base_model.model."
 # adapter_config.json fields that decide what the weights mean; the weights file records them, so a
 # config from another save (an interrupted save, a hand edit) is refused instead of loaded wrongly.
 WEIGHT_FIELDS = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern", "bias",
-                 "modules_to_save", "fan_in_fan_out", "init_lora_weights")
+                 "modules_to_save", "fan_in_fan_out", "init_lora_weights", "layers_to_transform", "layers_pattern")
 SAVED_FIELDS_KEY = "lorakit_weights_config"
 
 
@@ -100,7 +100,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bo
         cfg = _converted_config(cfg)
     tensors = {PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_tensors(model, convert_pissa=convert_pissa).items()}
     fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model))
-    doc = cfg.to_peft(compact_target_list(st.targets, model), fan_in_fan_out)
+    doc = cfg.to_peft(compact_target_list(st.targets, model, cfg), fan_in_fan_out)
     meta = {"format": "pt", "lorakit_version": _version(),
             SAVED_FIELDS_KEY: json.dumps({k: doc.get(k) for k in WEIGHT_FIELDS}, sort_keys=True)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})

@@ -147,6 +147,7 @@ def resolve(model: nn.Module, cfg: LoraConfig, *, strict_entries: bool = True) -
         else:
             leaves = _attention_leaves(model, targets, notes)
             chosen = [n for n in adaptable if leaf(n) in leaves]
+        chosen = [n for n in chosen if cfg.selects_layer(n)]
     elif isinstance(targets, str):
         hits = [n for n in all_names if re.fullmatch(targets, n)]
         bad = [n for n in hits if n not in adaptable]
@@ -161,7 +162,9 @@ def resolve(model: nn.Module, cfg: LoraConfig, *, strict_entries: bool = True) -
         chosen = []
         unmatched = []
         for entry in targets:
-            hits = [n for n in all_names if n == entry or n.endswith("." + entry)]
+            hits = [n for n in all_names if n == entry or (n.endswith("." + entry) and cfg.selects_layer(n))]
+            if not hits and cfg.layers_to_transform is not None and any(n.endswith("." + entry) for n in all_names):
+                continue  # the entry names modules, just none in the chosen layers
             if not hits:
                 unmatched.append(entry)
                 continue
@@ -185,22 +188,25 @@ def resolve(model: nn.Module, cfg: LoraConfig, *, strict_entries: bool = True) -
     chosen = [n for n in chosen if not _under(n, modules_to_save)]
     if not chosen:
         leaves = sorted({leaf(n) for n in adaptable})
+        layers = f", layers_to_transform={cfg.layers_to_transform!r}" if cfg.layers_to_transform is not None else ""
         raise TargetError(
-            f"targets={cfg.targets!r} selects no linear layer of {type(model).__name__} "
+            f"targets={cfg.targets!r}{layers} selects no linear layer of {type(model).__name__} "
             f"(after exclude and modules_to_save); its linear layers are named: {leaves[:20]}"
         )
     return Resolution(targets=chosen, modules_to_save=modules_to_save, notes=notes)
 
 
-def compact_target_list(targets: list[str], model: nn.Module) -> list[str]:
+def compact_target_list(targets: list[str], model: nn.Module, cfg: LoraConfig | None = None) -> list[str]:
     """The shortest PEFT target_modules list that selects exactly ``targets`` on ``model``.
 
-    Leaf names when they pick out exactly the same modules (the common case, e.g.
-    ["query", "value"]), otherwise the full module paths.
+    Leaf names when they (with ``cfg``'s layers_to_transform, if any) pick out exactly the same
+    modules (the common case, e.g. ["query", "value"]), otherwise the full module paths, which
+    PEFT matches whatever the layer.
     """
     adaptable = [n for n, m in model.named_modules() if n and is_adaptable(m) and not n.endswith((".lora_A", ".lora_B"))]
     adaptable = [n[: -len(".base_layer")] if n.endswith(".base_layer") else n for n in adaptable]
     leaves = sorted({leaf(t) for t in targets})
-    if sorted(n for n in adaptable if leaf(n) in leaves) == sorted(targets):
+    in_layers = cfg.selects_layer if cfg is not None else (lambda name: True)
+    if sorted(n for n in adaptable if leaf(n) in leaves and in_layers(n)) == sorted(targets):
         return leaves
     return sorted(targets)

@@ -140,7 +140,8 @@ def peft_config(base: nn.Module, cfg: LoraConfig):
 
     res = resolve(base, cfg)
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora, bias=cfg.bias,
-                           target_modules=compact_target_list(res.targets, base),
+                           target_modules=compact_target_list(res.targets, base, cfg),
+                           layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
                            modules_to_save=res.modules_to_save or None)
 
 

@@ -73,6 +73,8 @@ class TrainConfig:
     selection: str = "score"
     norm_cap: float | None = None
     rank_pattern: dict[str, int] | None = None  # per-module ranks (e.g. from lorakit rank-advice)
+    layers: list[int] | None = None  # adapt only these blocks (LoraConfig.layers_to_transform)
+    layers_pattern: str | None = None
     attention: str | None = None  # None: the model's own; "poly" | "auto" | "softmax1" | "exact"
     attention_tolerance: float = 1e-3
     norm_every: int | None = None
@@ -151,7 +153,8 @@ class TrainConfig:
         return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
                           rslora=self.rslora, init=self.init, base_model=self.model, backward=self.backward,
                           keep_ratio=self.keep_ratio, refresh_every=self.refresh_every, svd_rank=self.svd_rank,
-                          selection=self.selection, norm_cap=self.norm_cap, rank_pattern=dict(self.rank_pattern or {}))
+                          selection=self.selection, norm_cap=self.norm_cap, rank_pattern=dict(self.rank_pattern or {}),
+                          layers_to_transform=self.layers, layers_pattern=self.layers_pattern)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
