@@ -158,3 +158,31 @@ def test_reproduce_celora_smoke(cli, tmp_path):
 
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]["minilm"]
     assert 0 <= summary["accuracy_celora"] <= 1 and (tmp_path / "celora.png").exists()
+
+
+def test_adapter_works_from_another_directory_and_small_held_out_sets_are_named(tiny_bert_dir, sentiment_csv, tmp_path,
+                                                                                monkeypatch, capsys):
+    """The base is recorded by its absolute path (issue 17's frictions), and a tiny held-out split gets a note."""
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_bert_dir, work / "model")
+    lines = open(sentiment_csv).read().splitlines()[:101]  # 100 rows: 10 held out
+    (work / "small.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(work)
+    assert main(["train", "--model", "model", "--data", "small.csv", "--steps", "2", "--batch-size", "8", "--out", "run"]) == 0
+    assert "note: 10 of 100 rows of small.csv are held out" in capsys.readouterr().out
+    assert lorakit.read_config(work / "run").base_model == str(work / "model")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--adapter", str(work / "run"), "--data", str(work / "small.csv")]) == 0
+
+
+def test_info_into_a_closed_pipe_is_quiet(tmp_path):
+    import subprocess
+    import sys
+
+    lorakit.save_adapter(lorakit.attach(__import__("conftest").tiny_model("llama"), lorakit.LoraConfig()), tmp_path)
+    proc = subprocess.run(f"{sys.executable} -m lorakit info {tmp_path} | head -c 10", shell=True, capture_output=True,
+                          text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert len(proc.stdout) == 10 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

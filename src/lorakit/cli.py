@@ -262,7 +262,7 @@ def _add_norms(sub) -> None:
     p = sub.add_parser("norms", help="which side of the sqrt(log L) threshold each attention layer and head is on",
                        description="One forward pass on a few rows: per layer and head, max |entry| of X W_Q, X W_K, X W_V "
                        "(adapters included), the adapter's share, the max logit and its certified bound, against sqrt(log L).")
-    p.add_argument("--model", default=None, help="builtin:minilm | builtin:smollm2 | a local model directory (default: the adapter's base)")
+    p.add_argument("--model", default=None, help="builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file (default: the adapter's base)")
     p.add_argument("--adapter", default=None, help="an adapter directory (ours or PEFT's)")
     p.add_argument("--data", default=None, help="default: the built-in set of the task")
     p.add_argument("--rows", type=int, default=8)
@@ -294,7 +294,7 @@ def _add_rank_advice(sub) -> None:
                        description="From a fully fine-tuned checkpoint (--tuned) or a short full fine-tuning lorakit runs "
                        "itself (--data), the singular spectrum of each target module's weight change and the smallest "
                        "rank reaching --tol, or the best split of --budget parameters; prints a rank_pattern.")
-    p.add_argument("--model", required=True, help="the base model: builtin:minilm | builtin:smollm2 | a local directory")
+    p.add_argument("--model", required=True, help="the base model: builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tuned", help="a fully fine-tuned model directory of the same architecture")
     src.add_argument("--data", help="data for a short full fine-tuning run (builtin:rotten-tomatoes, FILE.csv, ...)")
@@ -485,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lorakit info DIR | head` closed the pipe: stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,6 +39,7 @@ BUILTIN_DATA = {
 }
 HELD_OUT_SNIPPETS = 2000
 HELD_OUT_FRACTION = 0.1
+FEW_HELD_OUT = 50  # a held-out set smaller than this gets a note
 
 
 @dataclass
@@ -402,6 +403,9 @@ def load_data(
         raise DataError(f"{path}: only one usable row; training needs more data (or pass --eval-data)")
     held = [all_rows[i] for i in order[:n_eval]]
     train = [all_rows[i] for i in order[n_eval:]]
+    if n_eval < FEW_HELD_OUT:
+        notes.append(f"{n_eval} of {len(all_rows)} rows of {path} are held out for evaluation ({HELD_OUT_FRACTION:.0%}); "
+                     "metrics on so few rows are noisy: pass --eval-data FILE for a held-out set of your own")
     return Dataset(task, train, held, names, spec, notes, bad)
 
 

@@ -150,8 +150,10 @@ class TrainConfig:
         self.lora_config()  # LoRA options fail here, before any model is loaded
 
     def lora_config(self) -> LoraConfig:
+        # a local model is recorded by its absolute path, so the adapter works from any directory
+        base = self.model if self.model.startswith("builtin:") else str(Path(self.model).expanduser().resolve())
         return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
-                          rslora=self.rslora, init=self.init, base_model=self.model, backward=self.backward,
+                          rslora=self.rslora, init=self.init, base_model=base, backward=self.backward,
                           keep_ratio=self.keep_ratio, refresh_every=self.refresh_every, svd_rank=self.svd_rank,
                           selection=self.selection, norm_cap=self.norm_cap, rank_pattern=dict(self.rank_pattern or {}),
                           layers_to_transform=self.layers, layers_pattern=self.layers_pattern)
