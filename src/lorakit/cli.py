@@ -4,7 +4,7 @@
     lorakit eval  --adapter DIR [--model ...] [--data ...]
     lorakit merge --adapter DIR --out DIR [--model ...]
     lorakit info  DIR
-    lorakit bench [--model ...] [--modes exact,bf16,celora,poly] [--against peft]
+    lorakit bench [--model ...] [--modes exact,bf16,celora,poly,dora] [--against peft]
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def _add_train(sub) -> None:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude per output feature, "
+                   "W' = m (W0 + s B A) / ||W0 + s B A||_row (Liu et al. 2024; PEFT's use_dora)")
     p.add_argument("--init", choices=["kaiming", "gaussian", "pissa"], default="kaiming")
     ce = p.add_argument_group("CE-LoRA (approximate frozen-weight backward)")
     ce.add_argument("--backward", choices=["exact", "celora"], default="exact")
@@ -164,7 +166,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         data = "builtin:hamlet" if (a.task or builtin_default_task(a.model)) == "causal-lm" else "builtin:rotten-tomatoes"
     cfg = TrainConfig(
         model=a.model, data=data, task=a.task, eval_data=a.eval_data, text_column=a.text_column, label_column=a.label_column,
-        skip_bad_rows=a.skip_bad_rows, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
+        skip_bad_rows=a.skip_bad_rows, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora, dora=a.dora,
         init=a.init, rank_pattern=a.rank_pattern, layers=a.layers, layers_pattern=a.layers_pattern, backward=a.backward, keep_ratio=a.keep_ratio, refresh_every=a.refresh_every, svd_rank=a.svd_rank,
         selection=a.selection, norm_cap=a.norm_cap, attention=a.attention, attention_tolerance=a.attention_tolerance,
         norm_every=a.norm_every, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
@@ -412,7 +414,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--max-length", type=int, default=256, help="tokens per row (every row is full)")
     p.add_argument("--steps", type=int, default=20, help="measured steps per contender")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--modes", default="exact,bf16", help="comma-separated: exact, bf16, celora, poly")
+    p.add_argument("--modes", default="exact,bf16", help="comma-separated: exact, bf16, celora, poly, dora (DoRA against PEFT DoRA)")
     p.add_argument("--against", default="peft")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)

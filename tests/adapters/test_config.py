@@ -55,7 +55,7 @@ def test_peft_round_trip():
     "doc,needle",
     [
         ({"peft_type": "IA3", "target_modules": ["q"]}, "peft_type='IA3'"),
-        ({"peft_type": "LORA", "target_modules": ["q"], "use_dora": True}, "use_dora=True"),
+        ({"peft_type": "LORA", "target_modules": ["q"], "lora_bias": True}, "lora_bias=True"),
         ({"peft_type": "LORA", "target_modules": []}, "target_modules is empty"),
         ({"peft_type": "LORA", "target_modules": ["q"], "r": "eight"}, "r='eight'"),
         ({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "loftq"}, "init_lora_weights='loftq'"),

@@ -103,8 +103,8 @@ def test_bad_directory_and_config(make_model, tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterFileError, match="not valid JSON"):
         lorakit.load_adapter(base, tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"], "use_dora": True}))
-    with pytest.raises(AdapterFileError, match="use_dora"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"], "layer_replication": [[0, 1]]}))
+    with pytest.raises(AdapterFileError, match="layer_replication"):
         lorakit.load_adapter(base, tmp_path)
 
 

@@ -113,3 +113,14 @@ def test_model_too_big_is_refused_before_loading(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
     with pytest.raises(vp.BenchError, match=r"float32 copies of them .* available"):
         vp.run(vp.BenchConfig(model=tiny_llama_dir, memory=False))
+
+
+def test_dora_mode_runs_against_peft_dora(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", tiny_llama_dir, "--batch-size", "2", "--max-length", "16", "--steps", "3",
+                 "--warmup", "1", "--modes", "dora", "--r", "4", "--no-memory", "--out", str(out)])
+    assert code == 0
+    entry = json.loads((out / "bench.json").read_text())["modes"]["dora"]
+    assert set(entry["contenders"]) == {"lorakit dora", "peft dora fp32"} and entry["ratio_to_peft_fp32"] > 0
+    assert entry["loss_max_relative_difference"] < 1e-4  # the same DoRA trajectory as PEFT's
+    assert "x PEFT DoRA fp32" in capsys.readouterr().out

@@ -96,6 +96,7 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, resolution: Re
             rslora=cfg.rslora,
             init=cfg.init,
             name=name,
+            dora=cfg.use_dora,
         )
         setattr(parent, child, layer)
     _set_trainable(model, cfg, res.modules_to_save)
@@ -140,7 +141,7 @@ def _infer_task_type(model: nn.Module) -> str | None:
 def _set_trainable(model: nn.Module, cfg: LoraConfig, modules_to_save: list[str]) -> None:
     for name, param in model.named_parameters():
         module_name = name.rpartition(".")[0]
-        if ".lora_A." in name or ".lora_B." in name:
+        if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector"):
             param.requires_grad_(True)
         elif modules_to_save and _under(module_name, modules_to_save):
             param.requires_grad_(True)
@@ -240,7 +241,7 @@ def summary(model: nn.Module) -> Summary:
     rows = []
     for name, layer in lora_layers(model):
         kind = "Conv1D" if layer.fan_in_fan_out else "Linear"
-        n = layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
+        n = layer.lora_A.weight.numel() + layer.lora_B.weight.numel() + (layer.out_features if layer.dora else 0)
         rows.append((name, kind, layer.in_features, layer.out_features, layer.r, layer.scale, n))
     seen: set[int] = set()
     trainable = total = 0

@@ -25,7 +25,6 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS
 # PEFT adapter_config.json fields lorakit understands; every other field is ignored with a
 # warning unless it asks for a feature lorakit does not implement (then loading refuses).
 _PEFT_UNSUPPORTED = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -67,6 +66,8 @@ class LoraConfig:
         exclude: module paths, suffixes or a full-match regex never adapted.
         rank_pattern / alpha_pattern: per-module rank / alpha overrides, keyed like PEFT
             (a regex that must match a dotted suffix of the module path).
+        use_dora: DoRA (Liu et al. 2024): W' = m (W0 + s B A) / ||W0 + s B A||_row with a trained
+            magnitude m per output feature (see lorakit.adapters.layer).
         layers_to_transform: adapt only the blocks with these indices (an int or a list), PEFT's
             semantics: the index is the first number in the module path after a segment matching
             ``layers_pattern`` (any segment when it is None), e.g. ``model.layers.3.self_attn.q_proj``.
@@ -104,6 +105,7 @@ class LoraConfig:
     exclude: str | list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
     task_type: str | None = None
@@ -136,6 +138,13 @@ class LoraConfig:
             _check_alpha(f"alpha_pattern[{key!r}]", value)
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"rslora={self.rslora!r} must be true or false")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora={self.use_dora!r} must be true or false")
+        if self.use_dora and self.init == "pissa":
+            raise ConfigError("use_dora=True with init='pissa' is not supported; use init='kaiming' or 'gaussian'")
+        if self.use_dora and self.norm_cap is not None:
+            raise ConfigError("norm_cap with use_dora=True: the cap bounds s B A, but DoRA also rescales every row of "
+                              "W0 + s B A by its trained magnitude, so the cap would certify nothing; drop one of them")
         if self.exclude is not None:
             _check_names_or_regex("exclude", self.exclude)
         if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
@@ -251,7 +260,7 @@ class LoraConfig:
             "lora_dropout": self.dropout,
             "fan_in_fan_out": fan_in_fan_out,
             "bias": self.bias,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "init_lora_weights": init,
             "modules_to_save": self.modules_to_save or None,
             "rank_pattern": dict(self.rank_pattern),
@@ -292,7 +301,7 @@ class LoraConfig:
             "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora",
             "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out", "bias",
             "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "inference_mode",
-            "layers_to_transform", "layers_pattern",
+            "layers_to_transform", "layers_pattern", "use_dora",
             "revision", "peft_version", "auto_mapping",
         } | set(_PEFT_UNSUPPORTED)
         ignored = sorted(
@@ -308,6 +317,7 @@ class LoraConfig:
                 dropout=float(doc.get("lora_dropout", 0.0) or 0.0),
                 bias=doc.get("bias", "none") or "none",
                 rslora=doc.get("use_rslora") or False,
+                use_dora=doc.get("use_dora") or False,
                 init=init,
                 # A file's null means "no modules to save", not "pick the task head automatically".
                 modules_to_save=list(doc.get("modules_to_save") or []),

@@ -36,7 +36,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # adapter_config.json fields that decide what the weights mean; the weights file records them, so a
 # config from another save (an interrupted save, a hand edit) is refused instead of loaded wrongly.
-WEIGHT_FIELDS = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern", "bias",
+WEIGHT_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "rank_pattern", "alpha_pattern", "bias",
                  "modules_to_save", "fan_in_fan_out", "init_lora_weights", "layers_to_transform", "layers_pattern")
 SAVED_FIELDS_KEY = "lorakit_weights_config"
 
@@ -58,8 +58,10 @@ def adapter_tensors(model: nn.Module, *, convert_pissa: bool = True) -> dict[str
             b = torch.cat([b, layer.pissa_B0], dim=1)
         out[f"{name}.lora_A.weight"] = a
         out[f"{name}.lora_B.weight"] = b
+        if layer.dora:
+            out[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     for pname, param in model.named_parameters():
-        if ".lora_A." in pname or ".lora_B." in pname:
+        if ".lora_A." in pname or ".lora_B." in pname or pname.endswith(".lora_magnitude_vector"):
             continue
         module_name = pname.rpartition(".")[0]
         if st.modules_to_save and _under(module_name, st.modules_to_save):
@@ -218,6 +220,7 @@ def _normalise_key(key: str) -> str:
     if key.startswith(PREFIX):
         key = key[len(PREFIX):]
     # PEFT's in-memory names carry the adapter name ("lora_A.default.weight"); files do not.
+    key = key.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
     return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.").replace(".modules_to_save.default.", ".")
 
 
@@ -233,11 +236,13 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, res: Resolution) -> dict
             (in_f, out_f), r, base = linear_shape(module), cfg.rank_for(name), module
         shapes[f"{name}.lora_A.weight"] = (r, in_f)
         shapes[f"{name}.lora_B.weight"] = (out_f, r)
+        if cfg.use_dora:
+            shapes[f"{name}.lora_magnitude_vector"] = (out_f,)
         if cfg.bias == "lora_only" and base.bias is not None:
             shapes[f"{name}.base_layer.bias"] = tuple(base.bias.shape)
     targets = set(res.targets)
     for pname, param in model.named_parameters():
-        if ".lora_A." in pname or ".lora_B." in pname:
+        if ".lora_A." in pname or ".lora_B." in pname or pname.endswith(".lora_magnitude_vector"):
             continue
         module_name = pname.rpartition(".")[0]
         if res.modules_to_save and _under(module_name, res.modules_to_save):
@@ -261,6 +266,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if is_attached(model):
         st: AdapterState = state(model)
         res = Resolution(st.targets, st.modules_to_save, st.notes)
+        if st.config.use_dora != cfg.use_dora:
+            kinds = {True: "a DoRA adapter", False: "a plain LoRA adapter"}
+            raise AdapterFileError(f"{folder} holds {kinds[cfg.use_dora]} but the model carries {kinds[st.config.use_dora]}; "
+                                   "call lorakit.unload(model, merge=False) first, or load into the plain model")
     else:
         res = resolve(model, cfg, strict_entries=False)
     expected = _expected_shapes(model, cfg, res)

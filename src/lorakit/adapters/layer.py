@@ -6,6 +6,17 @@ The wrapped module is kept as ``base_layer`` and the factors as ``lora_A`` / ``l
 (``nn.Linear`` without bias), the same names PEFT uses, so ``state_dict`` keys map one to
 one onto PEFT's adapter files. The forward and backward are the fused kernel in
 ``lorakit.kernels.lora_linear``.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), with ``dora=True``:
+
+    W' = m * (W0 + s B A) / ||W0 + s B A||_row,   y = b + g * (x W0^T + s B A drop(x)),  g = m / ||.||_row
+
+with the trained magnitude m (one value per output feature, initialised to the row norms, PEFT's
+``lora_magnitude_vector``) and the norm detached from the graph (the paper's section 4.3, as PEFT
+does): the fused kernel computes z = x W0^T + s B A drop(x) and its backward gets G * g, so dA,
+dB and dX come from the same fused pass, and dm = sum_n G * z / ||.||_row. The one extra pass over
+W0 per step is the norm. With dropout > 0 in training PEFT also applies the scale to drop(x) W0^T
+(it adds (g - 1) drop(x) W0^T to x W0^T); lorakit drops out the adapter's input only.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ class LoraLinear(nn.Module):
         rslora: bool = False,
         init: str = "kaiming",
         name: str = "",
+        dora: bool = False,
     ) -> None:
         super().__init__()
         if not is_adaptable(base_layer):
@@ -81,6 +93,12 @@ class LoraLinear(nn.Module):
         # CE-LoRA (lorakit.celora) installs an approximation of G W0 here.
         self.frozen_input_grad: FrozenInputGrad | None = None
         self.reset_parameters(init)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        self.dora_merged_scale: Tensor | None = None  # g at merge time, to unmerge exactly
+        if dora:
+            if init == "pissa":
+                raise ConfigError(f"{name or 'module'}: DoRA with PiSSA initialisation is not supported; use init='kaiming'")
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
 
     # ------------------------------------------------------------------ weights
     @property
@@ -107,6 +125,20 @@ class LoraLinear(nn.Module):
     def delta_weight(self) -> Tensor:
         """s * B A in [out, in] layout, float32 or float64."""
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)
+
+    @property
+    def dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    @torch.no_grad()
+    def weight_norm(self) -> Tensor:
+        """||W0 + s B A||_row, one value per output feature, in the adapter's dtype (DoRA; never differentiated)."""
+        a = self.lora_A.weight
+        return torch.linalg.vector_norm(self.base_weight().to(a.dtype) + self.delta_weight(), dim=1)
+
+    def dora_scale(self) -> Tensor:
+        """g = m / ||W0 + s B A||_row (differentiable in m only)."""
+        return self.lora_magnitude_vector / self.weight_norm()
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "kaiming") -> None:
@@ -148,22 +180,45 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 <- W0 + s B A; the forward then uses the base layer alone."""
-        if not self.merged:
+        """W0 <- W0 + s B A (DoRA: W0 <- g * (W0 + s B A) by rows); the forward then uses the base layer alone."""
+        if self.merged:
+            return
+        if self.dora:
+            g = self.dora_scale()
+            self._set_base(g[:, None] * (self.base_weight().to(g.dtype) + self.delta_weight()))
+            self.dora_merged_scale = g
+        else:
             self._add_to_base(self.delta_weight())
-            self.merged = True
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 <- W0 - s B A (exact in float32 up to rounding)."""
-        if self.merged:
+        """W0 <- W0 - s B A (DoRA: W0 <- W' / g - s B A with the g of the merge); exact up to rounding."""
+        if not self.merged:
+            return
+        if self.dora:
+            g = self.dora_merged_scale
+            self._set_base(self.base_weight().to(g.dtype) / g[:, None] - self.delta_weight())
+            self.dora_merged_scale = None
+        else:
             self._add_to_base(-self.delta_weight())
-            self.merged = False
+        self.merged = False
+
+    @torch.no_grad()
+    def _set_base(self, weight: Tensor) -> None:
+        w = self.base_layer.weight
+        w.copy_((weight.t() if self.fan_in_fan_out else weight).to(w.dtype))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
+        if self.dora:
+            z = lora_linear(x, self.base_weight(), None, self.lora_A.weight, self.lora_B.weight, self.scale,
+                            self.dropout_p, self.training, self.frozen_input_grad)
+            y = z * self.dora_scale().to(z.dtype)
+            bias = self.base_layer.bias
+            return y if bias is None else y + bias.to(y.dtype)
         return lora_linear(
             x,
             self.base_weight(),
@@ -180,5 +235,5 @@ class LoraLinear(nn.Module):
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
         return (
             f"{kind} {self.in_features} -> {self.out_features}, r={self.r}, scale={self.scale:g}, "
-            f"dropout={self.dropout_p:g}{', merged' if self.merged else ''}"
+            f"dropout={self.dropout_p:g}{', dora' if self.dora else ''}{', merged' if self.merged else ''}"
         )

@@ -14,6 +14,7 @@ Modes (ours / against):
     bf16    lorakit ``use_bf16`` (bf16 frozen weights, fp32 adapters)       vs PEFT fp32 and PEFT under bf16 autocast
     celora  lorakit CE-LoRA backward                                        vs PEFT fp32
     poly    lorakit poly attention (degree 2, forced)                       vs PEFT fp32
+    dora    lorakit DoRA (the fused kernel, magnitude applied after it)     vs PEFT DoRA fp32
 bf16 also reports the held-out loss after ``quality_steps`` steps of bf16 and of fp32 training.
 """
 
@@ -46,7 +47,7 @@ from lorakit.errors import LorakitError
 from lorakit.train.loss import training_loss
 from lorakit.train.memory import reset_peak, rss_kib
 
-MODES = ("exact", "bf16", "celora", "poly")
+MODES = ("exact", "bf16", "celora", "poly", "dora")
 AGAINST = ("peft",)
 # copies of the fp32 weights the timing process holds at most (base, ours, PEFT fp32, PEFT autocast)
 WEIGHT_COPIES = 4
@@ -131,7 +132,8 @@ def check_fits(spec: str, task: str, available: int | None = None) -> int:
 
 # ---------------------------------------------------------------------------- contenders
 def lora_config(cfg: BenchConfig, mode: str) -> LoraConfig:
-    return LoraConfig(r=cfg.r, alpha=cfg.alpha, targets=cfg.targets, backward="celora" if mode == "celora" else "exact")
+    return LoraConfig(r=cfg.r, alpha=cfg.alpha, targets=cfg.targets, backward="celora" if mode == "celora" else "exact",
+                      use_dora=mode == "dora")
 
 
 def peft_config(base: nn.Module, cfg: LoraConfig):
@@ -142,6 +144,7 @@ def peft_config(base: nn.Module, cfg: LoraConfig):
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora, bias=cfg.bias,
                            target_modules=compact_target_list(res.targets, base, cfg),
                            layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
+                           use_dora=cfg.use_dora,
                            modules_to_save=res.modules_to_save or None)
 
 
@@ -154,7 +157,9 @@ def peft_twin(base: nn.Module, ours: nn.Module, cfg: LoraConfig) -> nn.Module:
     with torch.no_grad():
         for name, p in twin.named_parameters():
             if ".lora_" in name or ".modules_to_save." in name:
-                key = name.removeprefix("base_model.model.").replace(".default.", ".").replace(".modules_to_save.", ".")
+                key = (name.removeprefix("base_model.model.")
+                       .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+                       .replace(".default.", ".").replace(".modules_to_save.", "."))
                 p.copy_(ours_params[key])
     return twin
 
@@ -213,7 +218,8 @@ class Runner:
 
 
 def contender_names(mode: str) -> list[str]:
-    return [f"lorakit {mode}", "peft fp32"] + (["peft bf16 autocast"] if mode == "bf16" else [])
+    against = "peft dora fp32" if mode == "dora" else "peft fp32"
+    return [f"lorakit {mode}", against] + (["peft bf16 autocast"] if mode == "bf16" else [])
 
 
 def contenders(base: nn.Module, cfg: BenchConfig, mode: str, batches, only: str | None = None) -> list[Runner]:
@@ -398,7 +404,8 @@ def bf16_quality(base, cfg: BenchConfig, tokenizer, task: str, batches, say) -> 
 
 # ---------------------------------------------------------------------------- report files
 def summary_line(mode: str, entry: dict[str, Any]) -> str:
-    parts = [f"{entry['ratio_to_peft_fp32']:.3f} x PEFT fp32 (median of round ratios {entry['median_round_ratio_to_peft_fp32']:.3f})"]
+    against = "PEFT DoRA fp32" if mode == "dora" else "PEFT fp32"  # ratio_to_peft_fp32: against PEFT doing the same
+    parts = [f"{entry['ratio_to_peft_fp32']:.3f} x {against} (median of round ratios {entry['median_round_ratio_to_peft_fp32']:.3f})"]
     if "ratio_to_peft_bf16_autocast" in entry:
         parts.append(f"{entry['ratio_to_peft_bf16_autocast']:.3f} x PEFT bf16 autocast")
     if entry.get("loss_max_relative_difference") is not None:
@@ -415,10 +422,10 @@ def markdown(report: dict[str, Any]) -> str:
              "", f"Machine: {m.get('cpu')}, {m.get('threads')} threads, torch {m.get('torch')}"
              f"{', ' + m['gpu'] if 'gpu' in m else ''}. Peak GEMM measured in this run: "
              f"fp32 {report['peak_gemm_gflops']['float32']:.0f} GFLOP/s, bf16 {report['peak_gemm_gflops']['bfloat16']:.0f} GFLOP/s.",
-             "", "| mode | contender | median step (s) | tokens/s | GFLOP/step | GFLOP/s | of peak | peak RSS (MB) | vs PEFT fp32 |",
+             "", "| mode | contender | median step (s) | tokens/s | GFLOP/step | GFLOP/s | of peak | peak RSS (MB) | vs PEFT fp32 (same method) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for mode, entry in report["modes"].items():
-        ref = entry["contenders"]["peft fp32"]["median_s"]
+        ref = list(entry["contenders"].values())[1]["median_s"]  # PEFT fp32 (PEFT DoRA fp32 for dora)
         for name, c in entry["contenders"].items():
             rss = f"{c['peak_rss_mb']:.0f}" if "peak_rss_mb" in c else "-"
             lines.append(f"| {mode} | {name} | {c['median_s']:.3f} | {c['tokens_per_s']:.0f} | {c['step_gflop']:.1f} | "

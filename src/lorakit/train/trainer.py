@@ -65,6 +65,7 @@ class TrainConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
+    dora: bool = False  # DoRA: a trained magnitude per output feature (LoraConfig.use_dora)
     init: str = "kaiming"
     backward: str = "exact"
     keep_ratio: float | dict[str, float] | None = None
@@ -153,7 +154,7 @@ class TrainConfig:
         # a local model is recorded by its absolute path, so the adapter works from any directory
         base = self.model if self.model.startswith("builtin:") else str(Path(self.model).expanduser().resolve())
         return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
-                          rslora=self.rslora, init=self.init, base_model=base, backward=self.backward,
+                          rslora=self.rslora, use_dora=self.dora, init=self.init, base_model=base, backward=self.backward,
                           keep_ratio=self.keep_ratio, refresh_every=self.refresh_every, svd_rank=self.svd_rank,
                           selection=self.selection, norm_cap=self.norm_cap, rank_pattern=dict(self.rank_pattern or {}),
                           layers_to_transform=self.layers, layers_pattern=self.layers_pattern)
