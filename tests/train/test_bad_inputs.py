@@ -372,3 +372,9 @@ def test_lorakit_attention_keeps_the_sliding_window(tiny_gemma3_dir, mode):
                                    ref(input_ids=ids, attention_mask=mask).logits[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits[1, 3:],
                                    ref(input_ids=ids, attention_mask=mask).logits[1, 3:], atol=1e-5, rtol=1e-4)
+
+
+def test_labels_that_overflow_a_float(tmp_path, minilm_tokenizer):
+    rows = [{"text": f"row {i}", "label": v} for i, v in enumerate([10**400, 0, "1e400", 10**400, 0, "1e400"] * 2)]
+    ds = load_data(str(write_jsonl(tmp_path / "big.jsonl", rows)), "classify", minilm_tokenizer, 16)
+    assert len(ds.label_names) == 3 and "1e400" in ds.label_names

@@ -242,18 +242,20 @@ def label_name(value: Any, where: str) -> str:
     Lists, objects, null and NaN are not labels."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        number = float(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        number = value
     elif isinstance(value, str):
         text = value.strip()
         if text.lower() in ("true", "false"):
             return text.lower()
         try:
             number = float(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             return text
-        if not text or text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
-            return text  # a word that float() happens to read
+        if not math.isfinite(number):
+            return text  # "nan", "inf", "1e400": words that float() happens to read
     else:
         raise DataError(f"{where}: label {json.dumps(value)[:60]} is a {type(value).__name__}; a label is one string, "
                         "number or true/false")
