@@ -186,3 +186,32 @@ def test_info_into_a_closed_pipe_is_quiet(tmp_path):
     proc = subprocess.run(f"{sys.executable} -m lorakit info {tmp_path} | head -c 10", shell=True, capture_output=True,
                           text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert len(proc.stdout) == 10 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_eval_defaults_to_the_training_runs_held_out_rows(cli, trained_classifier):
+    """No --data: the held-out rows of the run that wrote the adapter (run.json), so the metrics are the run's own."""
+    import json
+
+    code, out, err = cli("eval", "--adapter", trained_classifier, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    after = json.loads(open(os.path.join(trained_classifier, "run.json")).read())["result"]["after"]
+    assert res["rows"] == 24 and res["data"].endswith("sentiment.csv")  # 10% of 240
+    assert abs(res["eval_loss"] - after["eval_loss"]) < 1e-6 and res["eval_accuracy"] == after["eval_accuracy"]
+
+
+def test_adapters_without_label_names(cli, make_model, tiny_bert_dir, sentiment_csv, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    lorakit.attach(model, lorakit.LoraConfig(r=4, alpha=8, base_model=tiny_bert_dir))
+    lorakit.save_adapter(model, tmp_path / "plain")
+    code, _, err = cli("eval", "--adapter", tmp_path / "plain", "--data", sentiment_csv)
+    assert code == 2 and "--labels neg,pos" in err
+    code, out, err = cli("eval", "--adapter", tmp_path / "plain", "--data", sentiment_csv, "--labels", "neg,pos")
+    assert code == 0 and "(240 rows)" in out, err
+    lorakit.save_adapter(model, tmp_path / "named", labels=["neg", "pos"])
+    code, out, err = cli("eval", "--adapter", tmp_path / "named", "--data", sentiment_csv)
+    assert code == 0 and "(240 rows)" in out, err
+    code, _, err = cli("eval", "--adapter", tmp_path / "named", "--data", sentiment_csv, "--labels", "pos,neg")
+    assert code == 2 and "drop --labels" in err

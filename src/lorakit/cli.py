@@ -211,10 +211,14 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an adapter on held-out data")
     p.add_argument("--adapter", required=True)
     p.add_argument("--model", default=None, help="default: the base model recorded in the adapter")
-    p.add_argument("--data", default=None, help="default: the built-in set of the adapter's task (its held-out split)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--data", default=None, help="default: the held-out rows of the training run (its run.json), else "
+                   "the built-in set of the adapter's task; a file given here is evaluated whole")
+    p.add_argument("--text-column", default=None, help="default: the training run's, else text")
+    p.add_argument("--label-column", default=None, help="default: the training run's, else label")
+    p.add_argument("--max-length", type=int, default=None, help="default: the training run's")
+    p.add_argument("--labels", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
+                   help="label names in the order of the classifier's outputs, for an adapter that does not record "
+                        "them (PEFT's, or save_adapter without labels): neg,pos")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
@@ -223,7 +227,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from lorakit.train.apply import evaluate_adapter
 
     res = evaluate_adapter(a.adapter, a.data, model=a.model, max_length=a.max_length, batch_size=a.batch_size,
-                           text_column=a.text_column, label_column=a.label_column)
+                           text_column=a.text_column, label_column=a.label_column, labels=a.labels)
     if a.json:
         print(json.dumps(res, indent=2))
     else:

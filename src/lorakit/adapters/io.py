@@ -85,10 +85,13 @@ def _converted_config(cfg: LoraConfig) -> LoraConfig:
     )
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bool = True, metadata: dict[str, str] | None = None) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bool = True, metadata: dict[str, str] | None = None,
+                 labels: list[str] | None = None) -> Path:
     """Write the adapter in PEFT's format to directory ``path`` (created if needed).
 
     ``metadata`` (str -> str) is stored in the safetensors header next to {"format": "pt"}.
+    ``labels``: a classifier's label names in the order of its outputs, recorded so that ``lorakit eval``
+    can read the adapter (``lorakit train`` records them itself).
     Both files are written into a temporary directory first; a new directory is then renamed into
     place whole, an existing one gets the weights and then the config renamed in. The weights record
     the config fields that give them their meaning (WEIGHT_FIELDS), so a pair torn by a crash
@@ -105,6 +108,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bo
     doc = cfg.to_peft(compact_target_list(st.targets, model, cfg), fan_in_fan_out)
     meta = {"format": "pt", "lorakit_version": _version(),
             SAVED_FIELDS_KEY: json.dumps({k: doc.get(k) for k in WEIGHT_FIELDS}, sort_keys=True)}
+    if labels is not None:
+        if not (isinstance(labels, (list, tuple)) and len(labels) >= 2 and all(isinstance(n, str) for n in labels)
+                and len(set(labels)) == len(labels)):
+            raise ConfigError(f"labels={labels!r} must be two or more distinct label names")
+        meta.update(lorakit_task="classify", lorakit_labels=json.dumps(list(labels)))
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     if path.exists() and not path.is_dir():
         raise AdapterFileError(f"{path} exists and is not a directory; choose a directory for the adapter")

@@ -9,7 +9,7 @@ from typing import Any
 
 from lorakit.adapters import load_adapter, read_config, unload
 from lorakit.adapters.io import CONFIG_NAME, WEIGHTS_NAME, read_tensors
-from lorakit.errors import AdapterFileError, LorakitError
+from lorakit.errors import AdapterFileError, DataError, LorakitError
 from lorakit.files import OutputError, check_output_dir, entries, write_directory
 from lorakit.train.data import BUILTIN_DATA, load_data
 from lorakit.train.models import load_model, load_tokenizer, model_dir
@@ -42,28 +42,60 @@ def adapter_task(adapter: str | os.PathLike) -> tuple[str, list[str] | None, str
     return task, labels, cfg.base_model
 
 
-def load_with_adapter(adapter: str | os.PathLike, model: str | None = None):
-    """(LoadedModel with the adapter loaded, task, label names)."""
-    task, labels, base = adapter_task(adapter)
+def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, labels: list[str] | None = None):
+    """(LoadedModel with the adapter loaded, task, label names). ``labels``: the classifier's label names, for an
+    adapter that does not record them (one saved by PEFT or by ``save_adapter`` without ``labels``)."""
+    task, recorded, base = adapter_task(adapter)
     spec = model or base
     if not spec:
         raise LorakitError(f"{adapter} does not name its base model; pass --model")
+    if labels is not None and recorded is not None and list(labels) != recorded:
+        raise AdapterFileError(f"{adapter} was trained on the labels {recorded}, not {list(labels)}; drop --labels")
+    labels = recorded if recorded is not None else (list(labels) if labels is not None else None)
     if task == "classify" and labels is None:
         raise AdapterFileError(f"{adapter}: a classification adapter without label names (lorakit_labels metadata); "
-                               "it was not written by lorakit train")
+                               "pass them in the order of the classifier's outputs: --labels neg,pos")
     loaded = load_model(spec, task, label_names=labels, tokenizer=load_tokenizer(spec))
     load_adapter(loaded.model, adapter)
     return loaded, task, labels
 
 
+def recorded_run(adapter: str | os.PathLike) -> dict[str, Any]:
+    """The options of the `lorakit train` run that wrote ``adapter`` (its run.json), or {} when there is none."""
+    try:
+        config = json.loads((Path(adapter) / "run.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None = None, max_length: int | None = None,
-                     batch_size: int = 64, text_column: str = "text", label_column: str = "label") -> dict[str, Any]:
-    """Held-out metrics of an adapter: the built-in set's held-out split, or every row of a file."""
-    loaded, task, labels = load_with_adapter(adapter, model)
-    if data is None:
-        data = next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
-    ds = load_data(data, task, loaded.tokenizer, max_length or DEFAULT_MAX_LENGTH[task], text_column=text_column,
-                   label_column=label_column, label_names=labels, split=data.startswith("builtin:"))
+                     batch_size: int = 64, text_column: str | None = None, label_column: str | None = None,
+                     labels: list[str] | None = None) -> dict[str, Any]:
+    """Held-out metrics of an adapter.
+
+    Without ``data``: the held-out rows of the training run that wrote it (its run.json: data, --eval-data,
+    max length, columns), else the built-in set's held-out split. With ``data``: every row of that file (or
+    the built-in set's held-out split). Options not given default to what run.json recorded.
+    """
+    run = recorded_run(adapter)
+    loaded, task, labels = load_with_adapter(adapter, model, labels=labels)
+    text_column = text_column or run.get("text_column") or "text"
+    label_column = label_column or run.get("label_column") or "label"
+    max_length = max_length or run.get("max_length") or DEFAULT_MAX_LENGTH[task]
+    eval_spec = None
+    if data is None and isinstance(run.get("data"), str) and run.get("task") == task:
+        data, eval_spec = run["data"], run.get("eval_data")
+        for name, spec in (("data", data), ("eval_data", eval_spec)):
+            if isinstance(spec, str) and not spec.startswith("builtin:") and not Path(spec).exists():
+                raise DataError(f"{adapter}/run.json names the training {name} {spec}, which is not found from here; "
+                                "pass --data FILE")
+        split = True  # the same held-out rows as in training
+    else:
+        data = data or next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
+        split = data.startswith("builtin:")
+    ds = load_data(data, task, loaded.tokenizer, max_length, text_column=text_column, label_column=label_column,
+                   label_names=labels, split=split, eval_spec=eval_spec)
     metrics = evaluate(loaded.model, ds.eval, task, loaded.tokenizer.pad_token_id, batch_size=batch_size)
     return {"adapter": str(adapter), "model": loaded.name, "data": data, "rows": len(ds.eval), **metrics}
 
