@@ -324,7 +324,7 @@ def cmd_rank_advice(a: argparse.Namespace) -> int:
         base, deltas = ad.tuned_deltas(a.model, a.tuned, a.targets)
     else:
         base, deltas, after = ad.full_finetune_deltas(a.model, a.data, a.targets, steps=a.steps, lr=a.lr,
-                                                      out=Path(a.out) / "full-finetune")
+                                                      out=Path(a.out) / "full-finetune", budget=a.budget)
         print("full fine-tuning, held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in after.items()))
     advice = ad.advise(ad.spectra(base, deltas), tol=a.tol, budget=a.budget)
     print(advice.table())

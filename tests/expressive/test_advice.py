@@ -102,3 +102,14 @@ def test_bad_input():
         advise(mods, budget=10)
     with pytest.raises(ConfigError, match="tol=1.5"):
         advise(mods, tol=1.5)
+
+
+def test_cli_rank_advice_checks_the_budget_before_fine_tuning(tiny_bert_dir, sentiment_csv, tmp_path, capsys):
+    from lorakit.cli import main
+
+    out = tmp_path / "advice"
+    assert main(["rank-advice", "--model", tiny_bert_dir, "--data", sentiment_csv, "--steps", "3", "--budget", "10",
+                 "--targets", "attn-qkv", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "budget=10 adapter parameters is below 384" in err and "checked before the fine-tuning" in err
+    assert not (out / "full-finetune" / "metrics.jsonl").exists()  # no training ran

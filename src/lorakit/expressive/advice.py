@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapters.config import LoraConfig
-from lorakit.files import write_atomic
 from lorakit.adapters.layer import linear_shape
 from lorakit.errors import ConfigError, ModelError
+from lorakit.files import write_atomic
 
 
 @dataclass
@@ -180,9 +180,12 @@ def tuned_deltas(model_spec: str, tuned_spec: str, targets: str | list[str]) -> 
 
 def full_finetune_deltas(model_spec: str, data_spec: str, targets: str | list[str], *, steps: int = 100, lr: float = 1e-4,
                          batch_size: int = 32, seed: int = 0, out: str | Path = "rank-advice-run",
-                         quiet: bool = True) -> tuple[nn.Module, dict[str, Tensor], dict[str, float]]:
+                         quiet: bool = True, budget: int | None = None,
+                         ) -> tuple[nn.Module, dict[str, Tensor], dict[str, float]]:
     """A short full fine-tuning of the target modules (and the task head) with lorakit's trainer.
 
+    ``budget``: the parameter budget ``advise`` will split, checked against the targets before training
+    (rank 1 everywhere is the least it can buy), so a budget that cannot work fails in seconds.
     Returns (the base model restored to its original weights, dW per target module, held-out metrics after)."""
     from lorakit.adapters.targets import resolve
     from lorakit.train import TrainConfig
@@ -194,6 +197,11 @@ def full_finetune_deltas(model_spec: str, data_spec: str, targets: str | list[st
     loaded, data = prepare(cfg)
     model = loaded.model
     res = resolve(model, LoraConfig(targets=targets, task_type="SEQ_CLS" if data.task == "classify" else "CAUSAL_LM"))
+    if budget is not None:
+        minimum = sum(sum(linear_shape(model.get_submodule(n))) for n in res.targets)
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < minimum:
+            raise ConfigError(f"budget={budget!r} adapter parameters is below {minimum:,}, the cost of rank 1 on every "
+                              "target module; raise it or adapt fewer modules (checked before the fine-tuning)")
     before = {n: model.get_submodule(n).weight.detach().clone() for n in res.targets}
     for p in model.parameters():
         p.requires_grad_(False)
