@@ -59,6 +59,10 @@ def test_causal_lm_train_and_merge(cli, tiny_llama_dir, corpus_txt, tmp_path):
     code, stdout, _ = cli("eval", "--adapter", out, "--data", corpus_txt, "--max-length", "32")
     assert code == 0 and "perplexity" in stdout
     code, _, _ = cli("merge", "--adapter", out, "--out", tmp_path / "merged")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o777 & ~umask  # not a temporary directory's 0700
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in (tmp_path / "merged").iterdir())
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()

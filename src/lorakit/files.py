@@ -237,6 +237,7 @@ def write_directory(path: str | os.PathLike, fill: Callable[[Path], Any], *, rep
             if (tmp / name).is_file():
                 with open(tmp / name, "rb") as fh:
                     os.fsync(fh.fileno())
+                os.chmod(tmp / name, 0o666 & ~_umask())  # writers that use mkstemp (transformers' safetensors) leave 0600
         fsync_dir(tmp)
         if not exists or replace:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
