@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -69,11 +68,6 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         if isinstance(exc, write_errors()):
             raise OutputError(f"cannot write {path}: {_reason(exc)}; what was there before is untouched") from None
         raise
-
-
-def write_json_atomic(path: str | os.PathLike, doc: Any) -> None:
-    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _reason(exc: BaseException) -> str:

@@ -109,8 +109,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bo
     meta = {"format": "pt", "lorakit_version": _version(),
             SAVED_FIELDS_KEY: json.dumps({k: doc.get(k) for k in WEIGHT_FIELDS}, sort_keys=True)}
     if labels is not None:
-        if not (isinstance(labels, (list, tuple)) and len(labels) >= 2 and all(isinstance(n, str) for n in labels)
-                and len(set(labels)) == len(labels)):
+        if not are_label_names(labels):
             raise ConfigError(f"labels={labels!r} must be two or more distinct label names")
         meta.update(lorakit_task="classify", lorakit_labels=json.dumps(list(labels)))
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
@@ -127,6 +126,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bo
     except OutputError as exc:
         raise AdapterFileError(f"the adapter could not be saved: {exc}") from None
     return path
+
+
+def are_label_names(labels: Any) -> bool:
+    """A classifier's label names as lorakit records them (lorakit_labels): two or more distinct strings."""
+    return (isinstance(labels, (list, tuple)) and len(labels) >= 2 and all(isinstance(n, str) for n in labels)
+            and len(set(labels)) == len(labels))
 
 
 def _version() -> str:

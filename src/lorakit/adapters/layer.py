@@ -95,9 +95,7 @@ class LoraLinear(nn.Module):
         self.reset_parameters(init)
         self.lora_magnitude_vector: nn.Parameter | None = None
         self.dora_merged_scale: Tensor | None = None  # g at merge time, to unmerge exactly
-        if dora:
-            if init == "pissa":
-                raise ConfigError(f"{name or 'module'}: DoRA with PiSSA initialisation is not supported; use init='kaiming'")
+        if dora:  # (LoraConfig refuses DoRA with PiSSA)
             self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
 
     # ------------------------------------------------------------------ weights

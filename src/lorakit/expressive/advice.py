@@ -117,6 +117,13 @@ def spectra(base: nn.Module, deltas: dict[str, Tensor]) -> list[ModuleSpectrum]:
     return result
 
 
+def check_budget(budget: Any, minimum: int, when: str = "") -> None:
+    """A parameter budget buys at least rank 1 on every target module: ``minimum`` = sum of (in + out)."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < minimum:
+        raise ConfigError(f"budget={budget!r} adapter parameters is below {minimum:,}, the cost of rank 1 on every "
+                          f"target module; raise it or adapt fewer modules{when}")
+
+
 def advise(modules: list[ModuleSpectrum], *, tol: float | None = None, budget: int | None = None,
            max_rank: int | None = None) -> RankAdvice:
     """Per-module ranks by tolerance or by parameter budget (see the module docstring)."""
@@ -136,9 +143,7 @@ def advise(modules: list[ModuleSpectrum], *, tol: float | None = None, budget: i
             ranks[s.name] = r
         return RankAdvice(modules, ranks, "tol", float(tol))
     minimum = sum(s.cost_per_rank for s in modules)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < minimum:
-        raise ConfigError(f"budget={budget!r} adapter parameters is below {minimum:,}, the cost of rank 1 on every "
-                          "target module; raise it or adapt fewer modules")
+    check_budget(budget, minimum)
     ranks = {s.name: 1 for s in modules}
     spent = minimum
     heap = []
@@ -197,11 +202,9 @@ def full_finetune_deltas(model_spec: str, data_spec: str, targets: str | list[st
     loaded, data = prepare(cfg)
     model = loaded.model
     res = resolve(model, LoraConfig(targets=targets, task_type="SEQ_CLS" if data.task == "classify" else "CAUSAL_LM"))
-    if budget is not None:
-        minimum = sum(sum(linear_shape(model.get_submodule(n))) for n in res.targets)
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < minimum:
-            raise ConfigError(f"budget={budget!r} adapter parameters is below {minimum:,}, the cost of rank 1 on every "
-                              "target module; raise it or adapt fewer modules (checked before the fine-tuning)")
+    if budget is not None:  # before the fine-tuning, so that a budget that cannot work fails in seconds
+        check_budget(budget, sum(sum(linear_shape(model.get_submodule(n))) for n in res.targets),
+                     " (checked before the fine-tuning)")
     before = {n: model.get_submodule(n).weight.detach().clone() for n in res.targets}
     for p in model.parameters():
         p.requires_grad_(False)

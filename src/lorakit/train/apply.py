@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.adapters import load_adapter, read_config, unload
-from lorakit.adapters.io import CONFIG_NAME, WEIGHTS_NAME, read_tensors
+from lorakit.adapters.io import CONFIG_NAME, WEIGHTS_NAME, are_label_names, read_tensors
 from lorakit.errors import AdapterFileError, DataError, LorakitError
 from lorakit.files import OutputError, check_output_dir, entries, write_directory
 from lorakit.train.data import BUILTIN_DATA, load_data
@@ -34,8 +34,7 @@ def adapter_task(adapter: str | os.PathLike) -> tuple[str, list[str] | None, str
             labels = json.loads(meta["lorakit_labels"])
         except (ValueError, RecursionError):
             labels = None
-        if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(n, str) for n in labels)
-                and len(set(labels)) == len(labels)):
+        if not are_label_names(labels):
             raise AdapterFileError(f"{adapter}: lorakit_labels={meta['lorakit_labels'][:80]!r} in the weights' metadata "
                                    "is not a list of two or more distinct label names; the file is damaged, train or "
                                    "save the adapter again")
