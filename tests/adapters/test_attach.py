@@ -81,7 +81,7 @@ def test_only_adapters_heads_and_chosen_biases_train(make_model):
 
 def test_attach_twice_is_an_error(make_model):
     m = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=2))
-    with pytest.raises(LorakitError, match="already has a lorakit adapter"):
+    with pytest.raises(LorakitError, match="already has an adapter named .default.; attach another name"):
         lorakit.attach(m, lorakit.LoraConfig(r=2))
 
 
@@ -89,7 +89,7 @@ def _randomise(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.2)
+            layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.2)
 
 
 @pytest.mark.parametrize("kind", ["bert-cls", "llama", "gpt2"])

@@ -12,7 +12,7 @@ def test_same_logits_and_gradients_as_sdpa_with_grouped_query_heads(make_model, 
     base = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(base):
-            layer.lora_B.weight.normal_(0, 0.3)
+            layer.B.normal_(0, 0.3)
     fast = copy.deepcopy(base)
     assert use_fast_attention(fast) and fast.config._attn_implementation == LORAKIT_SDPA
     assert base.config.num_key_value_heads < base.config.num_attention_heads

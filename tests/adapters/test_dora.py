@@ -10,14 +10,10 @@ import torch
 import lorakit
 from lorakit.adapters.attach import lora_layers
 from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.bench.versus_peft import ours_name
 from test_peft_parity import logits_of, loss_of
 
 CASES = [("llama", ["q_proj", "v_proj", "down_proj"]), ("bert-cls", ["query", "value", "dense"]), ("gpt2", ["c_attn", "c_fc"])]
-
-
-def peft_name(name):
-    return (name.removeprefix("base_model.model.").replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
-            .replace(".default.", ".").replace(".modules_to_save.", "."))
 
 
 def twins(base, targets):
@@ -33,7 +29,7 @@ def twins(base, targets):
             if "lora_magnitude_vector" in n:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))  # m away from the row norms
     ours = lorakit.attach(copy.deepcopy(base), lorakit.LoraConfig(r=4, alpha=8, targets=targets, use_dora=True))
-    theirs = {peft_name(n): p for n, p in twin.named_parameters() if p.requires_grad}
+    theirs = {ours_name(n): p for n, p in twin.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for n, p in ours.named_parameters():
             if p.requires_grad:
@@ -50,9 +46,9 @@ def test_logits_gradients_and_merge_equal_peft(make_model, token_batch, kind, ta
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     loss_of(a).backward()
     loss_of(b).backward()
-    theirs = {peft_name(n): p.grad for n, p in twin.named_parameters() if p.requires_grad}
+    theirs = {ours_name(n): p.grad for n, p in twin.named_parameters() if p.requires_grad}
     ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert set(ours_grads) == set(theirs) and any(n.endswith("lora_magnitude_vector") for n in ours_grads)
+    assert set(ours_grads) == set(theirs) and any(".lora_magnitude_vector." in n for n in ours_grads)
     for n, grad in ours_grads.items():
         torch.testing.assert_close(grad, theirs[n], rtol=1e-5, atol=1e-5, msg=n)
     merged_ours = lorakit.unload(copy.deepcopy(ours), merge=True)
@@ -89,7 +85,7 @@ def test_merge_unmerge_round_trip_and_refusals(make_model, token_batch, tmp_path
         torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=1e-6, msg=n)
     lorakit.save_adapter(ours, tmp_path / "dora")
     plain = lorakit.attach(copy.deepcopy(base), lorakit.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
-    with pytest.raises(AdapterFileError, match="holds a DoRA adapter but the model carries a plain LoRA adapter"):
+    with pytest.raises(AdapterFileError, match="holds a DoRA adapter but the model.s adapter .default. is a plain LoRA adapter"):
         lorakit.load_adapter(plain, tmp_path / "dora")
     with pytest.raises(ConfigError, match="use_dora=True with init='pissa'"):
         lorakit.LoraConfig(use_dora=True, init="pissa")
@@ -103,7 +99,7 @@ def test_bf16_storage_keeps_dora_close(make_model, token_batch):
     ids, mask = token_batch()
     ref = logits_of(ours, ids, mask)
     lorakit.use_bf16(ours)
-    assert all(layer.lora_magnitude_vector.dtype == torch.float32 and layer.lora_magnitude_vector.requires_grad
+    assert all(layer.magnitude.dtype == torch.float32 and layer.magnitude.requires_grad
                for _, layer in lora_layers(ours))
     torch.testing.assert_close(logits_of(ours, ids, mask).float(), ref, atol=0.05, rtol=0.05)
 

@@ -18,7 +18,7 @@ def saved(make_model, tmp_path, kind="llama", **cfg):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, layer in lora_layers(m):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g))
+            layer.B.copy_(torch.randn(layer.B.shape, generator=g))
     lorakit.save_adapter(m, tmp_path, metadata={"note": "hello"})
     return base, m
 

@@ -9,6 +9,7 @@ import torch
 import lorakit
 from lorakit.adapters.attach import lora_layers, state
 from lorakit.bench import versus_peft
+from lorakit.bench.versus_peft import ours_name
 
 CASES = [
     ("bert-cls", "attn-qv"),
@@ -26,8 +27,8 @@ def randomise_adapters(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.3)
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.3)
+            layer.A.copy_(torch.randn(layer.A.shape, generator=g) * 0.3)
+            layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.3)
 
 
 def peft_twin(base, ours):
@@ -55,7 +56,7 @@ def test_same_logits_and_gradients_as_peft(make_model, token_batch, kind, target
     loss_of(a).backward()
     loss_of(b).backward()
     twin_grads = {
-        n.removeprefix("base_model.model.").replace(".default.", ".").replace(".modules_to_save.", "."): p.grad
+        ours_name(n): p.grad
         for n, p in twin.named_parameters()
         if p.requires_grad
     }
@@ -82,8 +83,8 @@ def test_same_logits_and_gradients_as_peft_on_minilm(minilm_dir):
     b.square().sum().backward()
     for name, layer in lora_layers(ours):
         ref = twin.get_submodule("base_model.model." + name)
-        torch.testing.assert_close(layer.lora_A.weight.grad, ref.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(layer.lora_B.weight.grad, ref.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(layer.A.grad, ref.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(layer.B.grad, ref.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind,targets,bias", [("bert-cls", "attn-qv", "none"), ("llama", "all-linear", "lora_only"), ("gpt2", "attn-qkv", "all"), ("opt", "attn-qkv", "none")])
@@ -122,7 +123,7 @@ def test_pissa_adapter_is_written_for_the_original_base(make_model, token_batch,
     torch.testing.assert_close(logits_of(ours, ids, mask), logits_of(base, ids, mask), atol=1e-5, rtol=0)
     with torch.no_grad():
         for _, layer in lora_layers(ours):
-            layer.lora_B.weight.add_(0.05)  # "training"
+            layer.B.add_(0.05)  # "training"
     lorakit.save_adapter(ours, tmp_path)
     assert lorakit.read_config(tmp_path).r == 8
     in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()

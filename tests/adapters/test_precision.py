@@ -56,7 +56,7 @@ def test_classifier_head_stays_float32(make_model, token_batch):
     assert out.logits.dtype == torch.float32
     out.loss.backward()
     assert model.classifier.weight.grad.dtype == torch.float32
-    assert all(layer.lora_A.weight.grad.dtype == torch.float32 for _, layer in lorakit.lora_layers(model))
+    assert all(layer.A.grad.dtype == torch.float32 for _, layer in lorakit.lora_layers(model))
 
 
 def test_mixed_frozen_and_trainable_layer_is_refused(make_model):

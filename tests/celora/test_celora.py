@@ -36,7 +36,7 @@ def randomise_b(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
-            layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=g))
+            layer.B.copy_(0.1 * torch.randn(layer.B.shape, generator=g))
 
 
 def pair(**celora_kw):
@@ -82,7 +82,7 @@ def test_exact_until_the_first_refresh_then_approximate():
     assert differs, "after the first refresh the frozen-weight dX is approximated"
     # layer 1's own adapter gradients do not depend on any approximated dX above them... the top
     # layer's down_proj sees the exact G from the head: its dA, dB stay exact
-    top = "model.layers.1.mlp.down_proj.lora_B.weight"
+    top = "model.layers.1.mlp.down_proj.lora_B.default.weight"
     torch.testing.assert_close(second_a[top], second_e[top], rtol=1e-5, atol=1e-8)
 
 

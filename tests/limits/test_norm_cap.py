@@ -8,7 +8,7 @@ from lorakit.limits import adapter_spectral_norm, cap_adapter, cap_norms, instal
 
 
 def dense_norm(layer):
-    return float(torch.linalg.matrix_norm(layer.scale * layer.lora_B.weight @ layer.lora_A.weight, ord=2))
+    return float(torch.linalg.matrix_norm(layer.scale * layer.B @ layer.A, ord=2))
 
 
 def test_cap_is_the_singular_value_clip():
@@ -16,16 +16,16 @@ def test_cap_is_the_singular_value_clip():
     lorakit.attach(model, lorakit.LoraConfig(r=4, alpha=8, targets="attn-qkv"))
     _, layer = next(lorakit.lora_layers(model))
     torch.manual_seed(0)
-    layer.lora_B.weight.data.normal_()
-    full = layer.scale * layer.lora_B.weight @ layer.lora_A.weight
+    layer.B.data.normal_()
+    full = layer.scale * layer.B @ layer.A
     u, s, vh = torch.linalg.svd(full, full_matrices=False)
     cap = float(s[1])  # clips the top singular value only
-    a_before = layer.lora_A.weight.clone()
+    a_before = layer.A.clone()
     assert adapter_spectral_norm(layer) == pytest.approx(float(s[0]), rel=1e-5)
     assert cap_adapter(layer, cap) == pytest.approx(float(s[0]), rel=1e-5)
     want = u @ torch.diag(s.clamp(max=cap)) @ vh
-    torch.testing.assert_close(layer.scale * layer.lora_B.weight @ layer.lora_A.weight, want, rtol=1e-4, atol=1e-5)
-    assert torch.equal(layer.lora_A.weight, a_before)  # only B moves
+    torch.testing.assert_close(layer.scale * layer.B @ layer.A, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(layer.A, a_before)  # only B moves
     assert dense_norm(layer) == pytest.approx(cap, rel=1e-4)
 
 

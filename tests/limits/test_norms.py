@@ -22,7 +22,7 @@ def with_adapter(kind, targets="attn-qkv"):
     model = tiny_model(kind)
     lorakit.attach(model, lorakit.LoraConfig(r=2, alpha=4, targets=targets))
     for _, layer in lorakit.lora_layers(model):
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        torch.nn.init.normal_(layer.B, std=0.05)
     return model
 
 
@@ -56,7 +56,7 @@ def test_columns_match_a_direct_computation():
     assert len(rows) == 4
     qp = attn.q_proj
     with torch.no_grad():
-        delta = (qp.scale * qp.lora_B(qp.lora_A(seen["x"])))[valid]
+        delta = qp.adapter_delta(seen["x"])[valid]
     for r in rows:
         assert r.q_max == pytest.approx(float(q[:, r.head * d : (r.head + 1) * d].abs().max()), rel=1e-5)
         want_share = float(delta[:, r.head * d : (r.head + 1) * d].abs().max()) / r.q_max
@@ -107,7 +107,7 @@ def test_rescale_query_key_makes_a_certified_variant():
     model = with_adapter("llama")
     b = batch()
     for _, layer in lorakit.lora_layers(model):
-        layer.lora_B.weight.data.mul_(40)  # push the logits up
+        layer.B.data.mul_(40)  # push the logits up
     before = measure_norms(model, b)
     assert max(r.logit_bound for r in before.rows) > 1.0
     factors = rescale_query_key(model, b, 0.5)

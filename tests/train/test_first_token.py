@@ -24,7 +24,7 @@ def classifier(family: str, attention: str = "sdpa", **overrides):
     model = lorakit.attach(model_class(config), lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
-            layer.lora_B.weight.normal_(0, 0.2)
+            layer.B.normal_(0, 0.2)
     if attention == "lorakit":
         use_fast_attention(model)
     return model.train()

@@ -20,7 +20,7 @@ def test_fused_loss_equals_model_loss_with_same_gradients(make_model, token_batc
     model = lorakit.attach(make_model(kind), lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
-            layer.lora_B.weight.normal_(0, 0.2)
+            layer.B.normal_(0, 0.2)
     twin = copy.deepcopy(model)
     batch = batch_for(*token_batch(batch=3, length=11))
     assert fused_head(model) is not None

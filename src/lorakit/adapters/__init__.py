@@ -1,11 +1,26 @@
-"""LoRA adapters: configuration, the adapted layer, attaching to a model, PEFT-format files."""
+"""LoRA adapters: configuration, the adapted layer, attaching to a model, named adapters, PEFT-format files."""
 
-from lorakit.adapters.attach import attach, disabled, is_attached, lora_layers, merge, summary, unload, unmerge
+from lorakit.adapters.attach import (
+    active_adapters,
+    adapter_names,
+    attach,
+    delete_adapter,
+    disabled,
+    is_attached,
+    lora_layers,
+    merge,
+    set_adapter,
+    summary,
+    unload,
+    unmerge,
+)
+from lorakit.adapters.combine import add_weighted_adapter
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.io import load_adapter, read_config, save_adapter
 from lorakit.adapters.layer import LoraLinear
 
 __all__ = [
-    "LoraConfig", "LoraLinear", "attach", "disabled", "is_attached", "load_adapter", "lora_layers",
-    "merge", "read_config", "save_adapter", "summary", "unload", "unmerge",
+    "LoraConfig", "LoraLinear", "active_adapters", "adapter_names", "add_weighted_adapter", "attach", "delete_adapter",
+    "disabled", "is_attached", "load_adapter", "lora_layers", "merge", "read_config", "save_adapter", "set_adapter",
+    "summary", "unload", "unmerge",
 ]

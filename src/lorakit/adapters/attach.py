@@ -1,34 +1,75 @@
-"""Attach adapters to a model in place; merge, unmerge, unload; summarise.
+"""Attach adapters to a model in place; name, switch, delete and combine them; merge, unmerge, unload; summarise.
 
-After ``attach`` only the adapters, the modules_to_save and the biases chosen by
+After ``attach`` only the active adapters, the modules_to_save and the biases chosen by
 ``LoraConfig.bias`` require grad; everything else is frozen.
+
+Several named adapters, PEFT's way (``add_adapter`` / ``set_adapter`` / ``delete_adapter``):
+
+    attach(model, cfg_a)                      # adapter "default", active
+    attach(model, cfg_b, name="b")            # a second adapter, added inactive and frozen
+    set_adapter(model, "b")                   # only "b" acts and trains
+    set_adapter(model, ["default", "b"])      # both act: y = W0 x + s_a B_a A_a x + s_b B_b A_b x
+    model(**batch, adapter_names=["b", "__base__", ...])   # one adapter per row, this call only
+    add_weighted_adapter(model, ["default", "b"], [0.7, 0.3], "mix", combination_type="svd")
+    delete_adapter(model, "b")
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.layer import LoraLinear, linear_shape
+from lorakit.adapters.layer import BASE, LoraLinear, linear_shape
 from lorakit.adapters.targets import Resolution, _under, resolve
 from lorakit.errors import ConfigError, LorakitError
 
 _STATE_ATTR = "_lorakit_state"
+DEFAULT = "default"
 
 
 @dataclass
-class AdapterState:
-    """What attach did, kept on the model so save/merge/unload know it."""
+class AdapterEntry:
+    """What attach did for one named adapter."""
 
     config: LoraConfig
     targets: list[str]
     modules_to_save: list[str]
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AdapterState:
+    """The model's named adapters and which are active, kept on the model so save/merge/unload know them.
+
+    ``config``, ``targets``, ``modules_to_save`` and ``notes`` are those of the one active adapter.
+    """
+
+    adapters: dict[str, AdapterEntry]
+    active: list[str]
+    hooks: list = field(default_factory=list)
+
+    @property
+    def active_name(self) -> str:
+        if len(self.active) != 1:
+            raise LorakitError(f"{len(self.active)} adapters are active ({self.active}); this needs one: "
+                               "call lorakit.set_adapter(model, name) first, or name the adapter")
+        return self.active[0]
+
+    def entry(self, name: str | None = None) -> AdapterEntry:
+        name = self.active_name if name is None else name
+        if name not in self.adapters:
+            raise LorakitError(f"the model has no adapter named {name!r}; it has {sorted(self.adapters)}")
+        return self.adapters[name]
+
+    config = property(lambda self: self.entry().config)
+    targets = property(lambda self: self.entry().targets)
+    modules_to_save = property(lambda self: self.entry().modules_to_save)
+    notes = property(lambda self: self.entry().notes)
 
 
 def state(model: nn.Module) -> AdapterState:
@@ -42,16 +83,18 @@ def is_attached(model: nn.Module) -> bool:
     return getattr(model, _STATE_ATTR, None) is not None
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+def lora_layers(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, LoraLinear]]:
+    """The adapted layers, or those that hold adapter ``adapter``."""
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LoraLinear) and (adapter is None or adapter in module.settings):
             yield name, module
 
 
 def check_ranks(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
     """Refuse r > min(in, out) before anything is modified, naming the module."""
     for name in targets:
-        in_f, out_f = linear_shape(model.get_submodule(name))
+        module = model.get_submodule(name)
+        in_f, out_f = (module.in_features, module.out_features) if isinstance(module, LoraLinear) else linear_shape(module)
         r = cfg.rank_for(name)
         if r > min(in_f, out_f):
             raise ConfigError(
@@ -60,16 +103,22 @@ def check_ranks(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
             )
 
 
-def attach(model: nn.Module, config: LoraConfig | None = None, *, resolution: Resolution | None = None, **overrides) -> nn.Module:
+def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DEFAULT, resolution: Resolution | None = None,
+           **overrides) -> nn.Module:
     """Wrap the target layers of ``model`` with LoRA adapters, in place, and return ``model``.
 
     ``config`` defaults to ``LoraConfig()``; keyword overrides are applied on top
     (``attach(model, r=4, targets="attn-qkv")``). Resolution notes (e.g. an architecture
     guessed from module names) are issued as warnings and kept in ``summary(model)``.
+    On a model that has adapters already, ``name`` adds another one (PEFT's ``add_adapter``):
+    it is inactive and frozen until ``set_adapter(model, name)``.
     """
     cfg = (config or LoraConfig()).replace(**overrides) if overrides else (config or LoraConfig())
-    if is_attached(model):
-        raise LorakitError("this model already has a lorakit adapter; call lorakit.unload(model) before attaching another")
+    if not isinstance(name, str) or not name or name == BASE or "." in name:
+        raise ConfigError(f"adapter name {name!r} must be a non-empty string without '.', and not {BASE!r}")
+    first = not is_attached(model)
+    if not first:
+        _check_can_add(model, cfg, name)
     res = resolution or resolve(model, cfg)
     celora_specs = None
     if cfg.backward == "celora":
@@ -79,33 +128,147 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, resolution: Re
         warnings.warn(note, stacklevel=2)
     if cfg.modules_to_save is None and res.modules_to_save:
         cfg = cfg.replace(modules_to_save=list(res.modules_to_save))
+    if not first and res.modules_to_save:
+        raise ConfigError(
+            f"adapter {name!r} would train {res.modules_to_save} in full (modules_to_save), but the model holds other "
+            "adapters and lorakit keeps one copy of such modules, trained in place; pass modules_to_save=[] for it, "
+            "or use a separate model")
     if cfg.task_type is None:
         cfg = cfg.replace(task_type=_infer_task_type(model))
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in res.targets:
-        parent_name, _, child = name.rpartition(".")
+    if first:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for target in res.targets:
+        parent_name, _, child = target.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        layer = LoraLinear(
-            base,
-            cfg.rank_for(name),
-            cfg.alpha_for(name),
-            dropout=cfg.dropout,
-            rslora=cfg.rslora,
-            init=cfg.init,
-            name=name,
-            dora=cfg.use_dora,
-        )
-        setattr(parent, child, layer)
-    _set_trainable(model, cfg, res.modules_to_save)
+        kw = dict(dropout=cfg.dropout, rslora=cfg.rslora, init=cfg.init, dora=cfg.use_dora)
+        if isinstance(base, LoraLinear):
+            base.add_adapter(name, cfg.rank_for(target), cfg.alpha_for(target), **kw)
+            layer = base
+        else:
+            layer = LoraLinear(base, cfg.rank_for(target), cfg.alpha_for(target), name=target, adapter=name, **kw)
+            setattr(parent, child, layer)
+        if not first:
+            layer.set_active(state(model).active)  # an added adapter stays inactive and frozen
+    entry = AdapterEntry(cfg, list(res.targets), list(res.modules_to_save), list(res.notes))
+    if first:
+        _set_trainable(model, cfg, res.modules_to_save)
+        setattr(model, _STATE_ATTR, AdapterState({name: entry}, [name]))
+        _install_row_adapters(model)
+    else:
+        state(model).adapters[name] = entry
     if celora_specs:
         from lorakit import celora
 
         celora.install(model, {n: model.get_submodule(n) for n in celora_specs}, celora_specs, cfg.refresh_every)
-    setattr(model, _STATE_ATTR, AdapterState(cfg, list(res.targets), list(res.modules_to_save), list(res.notes)))
     return model
+
+
+def _check_can_add(model: nn.Module, cfg: LoraConfig, name: str) -> None:
+    """A second adapter shares the base weights: refuse what would change them or share trained state."""
+    st = state(model)
+    if name in st.adapters:
+        raise LorakitError(f"this model already has an adapter named {name!r}; attach another name, or "
+                           f"lorakit.delete_adapter(model, {name!r}) first")
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise LorakitError("the model's adapters are merged into its weights; lorakit.unmerge(model) before adding one")
+    for other, c in [(name, cfg)] + [(n, e.config) for n, e in st.adapters.items()]:
+        if c.init == "pissa" or c.backward == "celora" or c.bias != "none" or (other != name and e_mts(st, other)):
+            what = ("init='pissa' (it rewrites the base weights)" if c.init == "pissa" else
+                    "backward='celora' (its approximation is installed per layer)" if c.backward == "celora" else
+                    f"bias={c.bias!r} (the base biases would be shared by both adapters)" if c.bias != "none" else
+                    f"modules_to_save={e_mts(st, other)} (trained in place, they would be shared by both adapters)")
+            raise ConfigError(f"adapter {other!r} has {what}, which lorakit supports with one adapter per model only; "
+                              "use a separate model for it")
+
+
+def e_mts(st: AdapterState, name: str) -> list[str]:
+    return st.adapters[name].modules_to_save
+
+
+def set_adapter(model: nn.Module, adapters: str | Sequence[str]) -> nn.Module:
+    """Make ``adapters`` (a name or a list of names) the active ones: they act in the forward and only they
+    train (requires_grad), as PEFT's set_adapter. One active adapter runs the fused kernel."""
+    st = state(model)
+    names = [adapters] if isinstance(adapters, str) else list(adapters)
+    unknown = [n for n in names if n not in st.adapters]
+    if unknown or not names:
+        raise LorakitError(f"set_adapter({adapters!r}): the model has adapters {sorted(st.adapters)}; name one or more of them")
+    if len(names) > 1 and any(st.adapters[n].config.use_dora for n in names):
+        raise ConfigError(f"set_adapter({names!r}): a DoRA adapter is active alone in lorakit; activate it by itself")
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise LorakitError("the active adapters are merged into the weights; lorakit.unmerge(model) before switching")
+    for _, layer in lora_layers(model):
+        layer.set_active(names)
+    st.active = list(dict.fromkeys(names))
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` from every layer (layers left without an adapter get their base layer back).
+    If it was active, the remaining adapters' first becomes active. The last adapter is removed by ``unload``."""
+    st = state(model)
+    if name not in st.adapters:
+        raise LorakitError(f"delete_adapter: the model has no adapter named {name!r}; it has {sorted(st.adapters)}")
+    if len(st.adapters) == 1:
+        raise LorakitError(f"{name!r} is the model's only adapter; remove it with lorakit.unload(model, merge=False)")
+    for path, layer in list(lora_layers(model, name)):
+        layer.delete_adapter(name)
+        if not layer.settings:
+            _replace(model, path, layer.base_layer)
+    del st.adapters[name]
+    remaining = [a for a in st.active if a != name] or [next(iter(st.adapters))]
+    set_adapter(model, remaining)
+    return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were attached."""
+    return list(state(model).adapters)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(state(model).active)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+# ---------------------------------------------------------------------- mixed batches
+def _install_row_adapters(model: nn.Module) -> None:
+    """``model(..., adapter_names=[...])``: the keyword is taken off the call before the model's own forward
+    sees it and given to every adapted layer for that call (PEFT's mixed-batch inference)."""
+    st = state(model)
+
+    def take(module, args, kwargs):
+        rows = kwargs.pop("adapter_names", None)
+        if rows is None:
+            return None
+        rows = list(rows)
+        unknown = sorted({r for r in rows if r != BASE and r not in st.adapters})
+        if unknown:
+            raise LorakitError(f"adapter_names holds {unknown}, which the model does not have; its adapters are "
+                               f"{sorted(st.adapters)} (and {BASE!r} for the base model)")
+        if any(st.adapters[r].config.use_dora for r in set(rows) - {BASE}):
+            raise ConfigError("adapter_names with a DoRA adapter is not supported (PEFT refuses it too); "
+                              "run its rows in a batch of their own with set_adapter")
+        if any(layer.merged for _, layer in lora_layers(module)):
+            raise LorakitError("adapter_names cannot be used while adapters are merged; lorakit.unmerge(model) first")
+        for _, layer in lora_layers(module):
+            layer.row_adapters = rows
+        return args, kwargs
+
+    def clear(module, args, output):
+        for _, layer in lora_layers(module):
+            layer.row_adapters = None
+
+    st.hooks = [model.register_forward_pre_hook(take, with_kwargs=True),
+                model.register_forward_hook(clear, always_call=True)]
 
 
 def _plan_celora(model: nn.Module, cfg: LoraConfig, targets: list[str]):
@@ -138,10 +301,15 @@ def _infer_task_type(model: nn.Module) -> str | None:
     return None
 
 
+def is_adapter_parameter(name: str) -> bool:
+    """True for a LoRA factor or a DoRA magnitude (``...q_proj.lora_A.default.weight``)."""
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
+
+
 def _set_trainable(model: nn.Module, cfg: LoraConfig, modules_to_save: list[str]) -> None:
     for name, param in model.named_parameters():
         module_name = name.rpartition(".")[0]
-        if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector"):
+        if is_adapter_parameter(name):
             param.requires_grad_(True)
         elif modules_to_save and _under(module_name, modules_to_save):
             param.requires_grad_(True)
@@ -152,7 +320,7 @@ def _set_trainable(model: nn.Module, cfg: LoraConfig, modules_to_save: list[str]
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (W0 <- W0 + s B A); forward no longer pays for it."""
+    """Fold the active adapters into the base weights (W0 <- W0 + s B A); forward no longer pays for them."""
     state(model)
     for _, layer in lora_layers(model):
         layer.merge()
@@ -168,11 +336,11 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Remove the adapters and return the plain model, with them merged (default) or discarded.
+    """Remove the adapters and return the plain model, with the active ones merged (default) or all discarded.
 
     With ``merge=False`` and PiSSA, the base weights are restored to W0 (residual + s B0 A0).
     """
-    state(model)
+    st = state(model)
     from lorakit import celora
 
     celora.uninstall(model)
@@ -186,6 +354,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base_layer)
+    for hook in st.hooks:
+        hook.remove()
     delattr(model, _STATE_ATTR)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -239,10 +409,14 @@ def summary(model: nn.Module) -> Summary:
     """Per-target table plus trainable / total parameter counts (frozen base included in total)."""
     st = state(model)
     rows = []
+    several = len(st.adapters) > 1
     for name, layer in lora_layers(model):
         kind = "Conv1D" if layer.fan_in_fan_out else "Linear"
-        n = layer.lora_A.weight.numel() + layer.lora_B.weight.numel() + (layer.out_features if layer.dora else 0)
-        rows.append((name, kind, layer.in_features, layer.out_features, layer.r, layer.scale, n))
+        for adapter, s in layer.settings.items():
+            n = (layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel()
+                 + (layer.out_features if adapter in layer.lora_magnitude_vector else 0))
+            label = f"{name} [{adapter}{', active' if adapter in layer.active_adapters else ''}]" if several else name
+            rows.append((label, kind, layer.in_features, layer.out_features, s.r, s.scale, n))
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
@@ -251,4 +425,6 @@ def summary(model: nn.Module) -> Summary:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    return Summary(rows, trainable, total, st.modules_to_save, st.notes)
+    entries = list(st.adapters.values())
+    return Summary(rows, trainable, total, sorted({m for e in entries for m in e.modules_to_save}),
+                   list(dict.fromkeys(n for e in entries for n in e.notes)))

@@ -1,10 +1,11 @@
 """Adapter files in PEFT's format, both ways.
 
 A directory with ``adapter_config.json`` (sorted keys) and ``adapter_model.safetensors``
-(metadata {"format": "pt"}), tensor keys "base_model.model." + parameter path, e.g.
-``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``. Because
-LoraLinear uses PEFT's in-memory names (base_layer, lora_A, lora_B), the parameter path is
-the model's own ``named_parameters`` name.
+(metadata {"format": "pt"}), tensor keys "base_model.model." + parameter path without the
+adapter name, e.g. ``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``
+for the parameter ``...query.lora_A.default.weight`` (LoraLinear keeps PEFT's in-memory names).
+A model with several named adapters is saved in PEFT's layout: "default" in the directory
+itself, every other adapter in a subfolder of its name.
 
 Loading is strict where PEFT is not: a missing key, an unknown key or a wrong shape is an
 error naming the key, checked before the model is touched.
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lorakit.adapters.attach import AdapterState, attach, is_attached, lora_layers, state
+from lorakit.adapters.attach import DEFAULT, attach, is_adapter_parameter, is_attached, lora_layers, state
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.layer import linear_shape
+from lorakit.adapters.layer import LoraLinear, linear_shape
 from lorakit.adapters.targets import Resolution, _under, compact_target_list, resolve
-from lorakit.errors import AdapterFileError, ConfigError, closest
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError, closest
 from lorakit.files import OutputError, write_directory
 
 CONFIG_NAME = "adapter_config.json"
@@ -42,33 +44,46 @@ SAVED_FIELDS_KEY = "lorakit_weights_config"
 
 
 # ---------------------------------------------------------------------- what a model holds
-def adapter_tensors(model: nn.Module, *, convert_pissa: bool = True) -> dict[str, Tensor]:
-    """The tensors of the adapter, keyed by parameter path (no "base_model.model." prefix).
+def memory_key(file_key: str, adapter: str) -> str:
+    """The parameter path of a file key: the adapter name goes back in (``lora_A.weight`` -> ``lora_A.default.weight``)."""
+    for part in (".lora_A.", ".lora_B."):
+        if part in file_key:
+            return file_key.replace(part, f"{part}{adapter}.", 1)
+    if file_key.endswith(".lora_magnitude_vector"):
+        return f"{file_key}.{adapter}"
+    return file_key
+
+
+def adapter_tensors(model: nn.Module, adapter: str | None = None, *, convert_pissa: bool = True) -> dict[str, Tensor]:
+    """The tensors of adapter ``adapter`` (default: the active one), keyed as in PEFT's files (parameter
+    path without the adapter name, no "base_model.model." prefix).
 
     With PiSSA and ``convert_pissa`` the adapter is rewritten for the original base weight
     W0 = W_res + s B0 A0: s B A on W_res equals s' [B, B0] [A; -A0] on W0 with rank 2r and
     the same scale (PEFT's PiSSA conversion), so the file works on an unmodified base model.
     """
     st = state(model)
+    name = st.active_name if adapter is None else adapter
+    entry = st.entry(name)
     out: dict[str, Tensor] = {}
-    for name, layer in lora_layers(model):
-        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    for path, layer in lora_layers(model, name):
+        a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
         if convert_pissa and hasattr(layer, "pissa_A0"):
             a = torch.cat([a, -layer.pissa_A0], dim=0)
             b = torch.cat([b, layer.pissa_B0], dim=1)
-        out[f"{name}.lora_A.weight"] = a
-        out[f"{name}.lora_B.weight"] = b
-        if layer.dora:
-            out[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
+        out[f"{path}.lora_A.weight"] = a
+        out[f"{path}.lora_B.weight"] = b
+        if name in layer.lora_magnitude_vector:
+            out[f"{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].detach()
     for pname, param in model.named_parameters():
-        if ".lora_A." in pname or ".lora_B." in pname or pname.endswith(".lora_magnitude_vector"):
+        if is_adapter_parameter(pname):
             continue
         module_name = pname.rpartition(".")[0]
-        if st.modules_to_save and _under(module_name, st.modules_to_save):
+        if entry.modules_to_save and _under(module_name, entry.modules_to_save):
             out[pname] = param.detach()
-        elif pname.endswith("bias") and st.config.bias == "all":
+        elif pname.endswith("bias") and entry.config.bias == "all":
             out[pname] = param.detach()
-        elif pname.endswith("base_layer.bias") and st.config.bias == "lora_only":
+        elif pname.endswith("base_layer.bias") and entry.config.bias == "lora_only":
             out[pname] = param.detach()
     return out
 
@@ -85,9 +100,11 @@ def _converted_config(cfg: LoraConfig) -> LoraConfig:
     )
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bool = True, metadata: dict[str, str] | None = None,
-                 labels: list[str] | None = None) -> Path:
-    """Write the adapter in PEFT's format to directory ``path`` (created if needed).
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str | Sequence[str] | None = None,
+                 convert_pissa: bool = True, metadata: dict[str, str] | None = None, labels: list[str] | None = None) -> Path:
+    """Write the model's adapters (or ``adapter``: a name or a list of names) in PEFT's format to directory
+    ``path`` (created if needed): "default" in ``path`` itself, any other name in ``path/<name>``, as PEFT's
+    ``save_pretrained`` does. Returns ``path``.
 
     ``metadata`` (str -> str) is stored in the safetensors header next to {"format": "pt"}.
     ``labels``: a classifier's label names in the order of its outputs, recorded so that ``lorakit eval``
@@ -99,22 +116,35 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bo
     """
     st = state(model)
     path = Path(path)
-    cfg = st.config
-    pissa = cfg.init == "pissa"
-    if pissa and convert_pissa:
+    names = list(st.adapters) if adapter is None else [adapter] if isinstance(adapter, str) else list(adapter)
+    unknown = [n for n in names if n not in st.adapters]
+    if unknown or not names:
+        raise LorakitError(f"save_adapter(adapter={adapter!r}): the model has adapters {sorted(st.adapters)}")
+    if labels is not None and not are_label_names(labels):
+        raise ConfigError(f"labels={labels!r} must be two or more distinct label names")
+    if path.exists() and not path.is_dir():
+        raise AdapterFileError(f"{path} exists and is not a directory; choose a directory for the adapter")
+    for name in sorted(names, key=lambda n: n != DEFAULT):  # the directory itself first, then its subfolders
+        _save_one(model, name, path if name == DEFAULT else path / name, convert_pissa, metadata, labels)
+    return path
+
+
+def _save_one(model: nn.Module, name: str, path: Path, convert_pissa: bool, metadata: dict[str, str] | None,
+              labels: list[str] | None) -> None:
+    entry = state(model).entry(name)
+    cfg = entry.config
+    if cfg.init == "pissa" and convert_pissa:
         cfg = _converted_config(cfg)
-    tensors = {PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_tensors(model, convert_pissa=convert_pissa).items()}
-    fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model))
-    doc = cfg.to_peft(compact_target_list(st.targets, model, cfg), fan_in_fan_out)
+    tensors = {PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_tensors(model, name, convert_pissa=convert_pissa).items()}
+    fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model, name))
+    doc = cfg.to_peft(compact_target_list(entry.targets, model, cfg), fan_in_fan_out)
     meta = {"format": "pt", "lorakit_version": _version(),
             SAVED_FIELDS_KEY: json.dumps({k: doc.get(k) for k in WEIGHT_FIELDS}, sort_keys=True)}
     if labels is not None:
-        if not are_label_names(labels):
-            raise ConfigError(f"labels={labels!r} must be two or more distinct label names")
         meta.update(lorakit_task="classify", lorakit_labels=json.dumps(list(labels)))
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     if path.exists() and not path.is_dir():
-        raise AdapterFileError(f"{path} exists and is not a directory; choose a directory for the adapter")
+        raise AdapterFileError(f"{path} exists and is not a directory; choose a directory for adapter {name!r}")
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
     def fill(tmp: Path) -> None:
@@ -123,9 +153,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, convert_pissa: bo
 
     try:
         write_directory(path, fill, first=(WEIGHTS_NAME, CONFIG_NAME))
+    except OSError as exc:
+        raise AdapterFileError(f"the adapter could not be saved: {exc.strerror or exc}") from None
     except OutputError as exc:
         raise AdapterFileError(f"the adapter could not be saved: {exc}") from None
-    return path
 
 
 def are_label_names(labels: Any) -> bool:
@@ -237,14 +268,14 @@ def _normalise_key(key: str) -> str:
     return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.").replace(".modules_to_save.default.", ".")
 
 
-def _expected_shapes(model: nn.Module, cfg: LoraConfig, res: Resolution) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model: nn.Module, cfg: LoraConfig, res: Resolution, adapter: str) -> dict[str, tuple[int, ...]]:
+    """File key -> shape of every tensor adapter ``adapter`` with config ``cfg`` has on ``model``."""
     shapes: dict[str, tuple[int, ...]] = {}
-    attached = is_attached(model)
     for name in res.targets:
         module = model.get_submodule(name)
-        if attached:
-            in_f, out_f, r = module.in_features, module.out_features, module.r
-            base = module.base_layer
+        if isinstance(module, LoraLinear):
+            in_f, out_f, base = module.in_features, module.out_features, module.base_layer
+            r = module.settings[adapter].r if adapter in module.settings else cfg.rank_for(name)
         else:
             (in_f, out_f), r, base = linear_shape(module), cfg.rank_for(name), module
         shapes[f"{name}.lora_A.weight"] = (r, in_f)
@@ -255,37 +286,45 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, res: Resolution) -> dict
             shapes[f"{name}.base_layer.bias"] = tuple(base.bias.shape)
     targets = set(res.targets)
     for pname, param in model.named_parameters():
-        if ".lora_A." in pname or ".lora_B." in pname or pname.endswith(".lora_magnitude_vector"):
+        if is_adapter_parameter(pname):
             continue
         module_name = pname.rpartition(".")[0]
         if res.modules_to_save and _under(module_name, res.modules_to_save):
             shapes[pname] = tuple(param.shape)
         elif cfg.bias == "all" and pname.endswith("bias"):
-            if not attached and module_name in targets:
+            if module_name in targets:
                 pname = f"{module_name}.base_layer.bias"
             shapes[pname] = tuple(param.shape)
     return shapes
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter directory (ours or PEFT's) into ``model``; attach first if needed.
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str | None = None) -> nn.Module:
+    """Load an adapter directory (ours or PEFT's) into ``model`` as adapter ``adapter`` and return ``model``.
 
-    Every key, and every shape, is checked before the model is modified: a missing key, an
-    unknown key or a shape mismatch raises AdapterFileError naming the key.
+    On a plain model the adapter is attached (named ``adapter``, default "default") and active. On an
+    adapted model the file goes into the adapter of that name (default: the active one), or, for a new
+    name, is added inactive beside the others, as PEFT's ``load_adapter(path, adapter_name)``; a
+    subfolder of a several-adapter save is loaded by its path. Every key, and every shape, is checked
+    before the model is modified: a missing key, an unknown key or a shape mismatch raises
+    AdapterFileError naming the key.
     """
     folder = _adapter_dir(path)
     cfg = read_config(folder)
     tensors, _ = read_tensors(folder)
-    if is_attached(model):
-        st: AdapterState = state(model)
-        res = Resolution(st.targets, st.modules_to_save, st.notes)
-        if st.config.use_dora != cfg.use_dora:
+    attached = is_attached(model)
+    name = (state(model).active_name if attached else DEFAULT) if adapter is None else adapter
+    into_existing = attached and name in state(model).adapters
+    if into_existing:
+        entry = state(model).entry(name)
+        res = Resolution(entry.targets, entry.modules_to_save, entry.notes)
+        if entry.config.use_dora != cfg.use_dora:
             kinds = {True: "a DoRA adapter", False: "a plain LoRA adapter"}
-            raise AdapterFileError(f"{folder} holds {kinds[cfg.use_dora]} but the model carries {kinds[st.config.use_dora]}; "
-                                   "call lorakit.unload(model, merge=False) first, or load into the plain model")
+            raise AdapterFileError(f"{folder} holds {kinds[cfg.use_dora]} but the model's adapter {name!r} is "
+                                   f"{kinds[entry.config.use_dora]}; call lorakit.unload(model, merge=False) first, "
+                                   "load into the plain model, or load it under another name")
     else:
         res = resolve(model, cfg, strict_entries=False)
-    expected = _expected_shapes(model, cfg, res)
+    expected = _expected_shapes(model, cfg, res, name)
     missing = sorted(set(expected) - set(tensors))
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
@@ -312,28 +351,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             bad = int((~torch.isfinite(value)).sum())
             raise AdapterFileError(f"{folder}: {key} holds {bad} NaN or infinite value(s); the adapter comes from a run "
                                    "that diverged. Use an earlier checkpoint, or retrain with a lower learning rate")
-    if not is_attached(model):
-        attach(model, cfg, resolution=res)
-        st = state(model)
-        st.config = st.config.replace(task_type=cfg.task_type)  # saved again, the config is the one that was read
+    if not into_existing:
+        attach(model, cfg, name=name, resolution=res)
+        entry = state(model).entry(name)
+        entry.config = entry.config.replace(task_type=cfg.task_type)  # saved again, the config is the one that was read
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     for layer in merged:
         layer.unmerge()
-    _adopt_scales(model, cfg)
+    _adopt_scales(model, cfg, name)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():
-            target = params[key]
+            target = params[memory_key(key, name)]
             target.copy_(value.to(device=target.device, dtype=target.dtype))
     for layer in merged:
         layer.merge()
     return model
 
 
-def _adopt_scales(model: nn.Module, cfg: LoraConfig) -> None:
-    """The model takes the file's alpha, rsLoRA and dropout (the scale is never stored; unmerged layers only)."""
-    for name, layer in lora_layers(model):
-        layer.set_scale(cfg.alpha_for(name), cfg.rslora)
-        layer.dropout_p = cfg.dropout
-    st = state(model)
-    st.config = st.config.replace(alpha=cfg.alpha, alpha_pattern=cfg.alpha_pattern, rslora=cfg.rslora, dropout=cfg.dropout)
+def _adopt_scales(model: nn.Module, cfg: LoraConfig, adapter: str) -> None:
+    """The adapter takes the file's alpha, rsLoRA and dropout (the scale is never stored; unmerged layers only)."""
+    for name, layer in lora_layers(model, adapter):
+        layer.set_scale(cfg.alpha_for(name), cfg.rslora, adapter)
+        layer.settings[adapter].dropout_p = cfg.dropout
+    entry = state(model).entry(adapter)
+    entry.config = entry.config.replace(alpha=cfg.alpha, alpha_pattern=cfg.alpha_pattern, rslora=cfg.rslora, dropout=cfg.dropout)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.cpu_attention import use_fast_attention
+from lorakit.adapters.attach import is_adapter_parameter
 from lorakit.adapters.layer import LoraLinear
 from lorakit.adapters.targets import output_heads
 from lorakit.errors import ConfigError
@@ -67,8 +68,8 @@ def use_bf16(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, fast_drop
                 f"{name} has both frozen and trainable parameters ({type(module).__name__}); use_bf16 keeps trainable "
                 "parameters in float32 and cannot mix them with bf16 weights in one layer. Use bias='none' or "
                 "'lora_only', or put the whole module in modules_to_save")
-    for p in model.parameters():
-        if not p.requires_grad and p.dtype == torch.float32:
+    for name, p in model.named_parameters():
+        if not p.requires_grad and p.dtype == torch.float32 and not is_adapter_parameter(name):  # (inactive adapters are frozen)
             p.data = p.data.to(dtype)
     covered: list[str] = []  # LoRA layers and hooked trainable modules: their sub-modules need nothing more
     for name, module in model.named_modules():

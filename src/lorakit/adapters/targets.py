@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.adapters.config import PRESETS, LoraConfig
-from lorakit.adapters.layer import is_adaptable
+from lorakit.adapters.layer import LoraLinear, is_adaptable
 from lorakit.errors import TargetError, closest
 
 _QKV_SEPARATE = {
@@ -67,6 +67,23 @@ class Resolution:
     notes: list[str] = field(default_factory=list)
 
 
+def model_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as the user's model has them: an adapted layer is one module (its
+    base_layer and factors hidden), so a second adapter resolves its targets as the first did."""
+    out, inside = [], None
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        out.append((name, module))
+        inside = f"{name}." if isinstance(module, LoraLinear) else None
+    return out
+
+
+def linear_modules(model: nn.Module) -> list[str]:
+    """Paths of the layers an adapter can go on (nn.Linear, Conv1D, or one adapted already)."""
+    return [n for n, m in model_modules(model) if n and (is_adaptable(m) or isinstance(m, LoraLinear))]
+
+
 def leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
@@ -86,7 +103,7 @@ def output_heads(model: nn.Module) -> set[str]:
     heads = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
+    for name, module in model_modules(model):
         if (out is not None and module is out) or leaf(name) in HEAD_NAMES:
             heads.add(name)
     return heads
@@ -100,7 +117,7 @@ def default_modules_to_save(model: nn.Module) -> list[str]:
         wanted = ("classifier", "score")
     elif cls.endswith("ForQuestionAnswering"):
         wanted = ("qa_outputs",)
-    names = {n for n, _ in model.named_modules()}
+    names = {n for n, _ in model_modules(model)}
     return [w for w in wanted if w in names]
 
 
@@ -113,7 +130,7 @@ def _attention_leaves(model: nn.Module, which: str, notes: list[str]) -> set[str
     if model_type in ATTENTION_PROJECTIONS:
         q, k, v = ATTENTION_PROJECTIONS[model_type]
         return {q, v} if which == "attn-qv" else {q, k, v}
-    leaves = {leaf(n) for n, m in model.named_modules() if is_adaptable(m)}
+    leaves = {leaf(n) for n in linear_modules(model)}
     wanted = _HEURISTIC["q"] | _HEURISTIC["v"] | (set() if which == "attn-qv" else _HEURISTIC["k"])
     found = leaves & wanted
     if not found:
@@ -132,8 +149,8 @@ def resolve(model: nn.Module, cfg: LoraConfig, *, strict_entries: bool = True) -
     Loading a PEFT file relaxes this, as PEFT does, to "at least one entry matches".
     """
     notes: list[str] = []
-    all_names = [n for n, _ in model.named_modules() if n]
-    adaptable = [n for n, m in model.named_modules() if n and is_adaptable(m)]
+    all_names = [n for n, _ in model_modules(model) if n]
+    adaptable = linear_modules(model)
     modules_to_save = default_modules_to_save(model) if cfg.modules_to_save is None else list(cfg.modules_to_save)
     for m in modules_to_save:
         if m not in all_names and not any(n.endswith("." + m) for n in all_names):
@@ -203,8 +220,7 @@ def compact_target_list(targets: list[str], model: nn.Module, cfg: LoraConfig | 
     modules (the common case, e.g. ["query", "value"]), otherwise the full module paths, which
     PEFT matches whatever the layer.
     """
-    adaptable = [n for n, m in model.named_modules() if n and is_adaptable(m) and not n.endswith((".lora_A", ".lora_B"))]
-    adaptable = [n[: -len(".base_layer")] if n.endswith(".base_layer") else n for n in adaptable]
+    adaptable = linear_modules(model)
     leaves = sorted({leaf(t) for t in targets})
     in_layers = cfg.selects_layer if cfg is not None else (lambda name: True)
     if sorted(n for n in adaptable if leaf(n) in leaves and in_layers(n)) == sorted(targets):

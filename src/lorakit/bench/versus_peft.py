@@ -148,6 +148,14 @@ def peft_config(base: nn.Module, cfg: LoraConfig):
                            modules_to_save=res.modules_to_save or None)
 
 
+def ours_name(peft_name: str) -> str:
+    """The lorakit parameter path of a PEFT model's parameter: PEFT's in-memory names are lorakit's, but for
+    the prefix, the DoRA magnitude (a module in PEFT, a parameter here) and modules_to_save (trained in place)."""
+    return (peft_name.removeprefix("base_model.model.")
+            .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector.default")
+            .replace(".modules_to_save.default.", "."))
+
+
 def peft_twin(base: nn.Module, ours: nn.Module, cfg: LoraConfig) -> nn.Module:
     """PEFT's model on a copy of ``base``, with the same targets and the same adapter (and head) weights as ``ours``."""
     import peft
@@ -157,10 +165,7 @@ def peft_twin(base: nn.Module, ours: nn.Module, cfg: LoraConfig) -> nn.Module:
     with torch.no_grad():
         for name, p in twin.named_parameters():
             if ".lora_" in name or ".modules_to_save." in name:
-                key = (name.removeprefix("base_model.model.")
-                       .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
-                       .replace(".default.", ".").replace(".modules_to_save.", "."))
-                p.copy_(ours_params[key])
+                p.copy_(ours_params[ours_name(name)])
     return twin
 
 

@@ -24,8 +24,8 @@ from lorakit.adapters.layer import LoraLinear
 
 def _core(layer: LoraLinear) -> tuple[Tensor, Tensor, Tensor]:
     """(Q_b, R_b, R_a) with B = Q_b R_b and A^T = Q_a R_a (thin QR): s B A = Q_b (s R_b R_a^T) Q_a^T."""
-    qb, rb = torch.linalg.qr(layer.lora_B.weight.detach().float())
-    ra = torch.linalg.qr(layer.lora_A.weight.detach().float().T, mode="r").R
+    qb, rb = torch.linalg.qr(layer.B.detach().float())
+    ra = torch.linalg.qr(layer.A.detach().float().T, mode="r").R
     return qb, rb, ra
 
 
@@ -48,19 +48,20 @@ def cap_adapter(layer: LoraLinear, cap: float) -> float:
     if before <= cap:
         return before
     shrink = 1 - torch.clamp(cap / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), max=1.0)
-    w_b = layer.lora_B.weight
+    w_b = layer.B
     w_b.sub_((qb @ (u * shrink) @ (u.T @ rb)).to(w_b.dtype))
     return before
 
 
 def cap_norms(model: nn.Module, cap: float | None = None) -> dict[str, float]:
-    """Apply the cap (default: the attached config's ``norm_cap``) to every adapter; returns the
+    """Apply the cap (default: the active adapter's ``norm_cap``) to the active adapter in every layer; returns the
     spectral norms before capping, per module. A no-op without a cap."""
+    st = state(model)
     if cap is None:
-        cap = state(model).config.norm_cap
+        cap = st.config.norm_cap
     if cap is None:
         return {}
-    return {name: cap_adapter(layer, cap) for name, layer in lora_layers(model)}
+    return {name: cap_adapter(layer, cap) for name, layer in lora_layers(model, st.active_name)}
 
 
 class NormCap:

@@ -249,9 +249,9 @@ def measure_norms(model: nn.Module, batch: dict[str, Tensor] | Tensor, *, chunk:
 def _projection_hook(store: dict, mu: str, index: int, valid: Tensor | None, module: nn.Module, args, output) -> None:
     out = output if index < 0 else output.chunk(3, dim=-1)[index]
     store[f"_{mu}_out"] = out
-    if isinstance(module, LoraLinear) and module.enabled and not module.merged:
+    if isinstance(module, LoraLinear) and module.enabled and not module.merged and module.active_adapters:
         x = args[0]
-        delta = module.scale * module.lora_B(module.lora_A(x.to(module.lora_A.weight.dtype)))
+        delta = module.adapter_delta(x)
         if index >= 0:
             delta = delta.chunk(3, dim=-1)[index]
         store[f"_{mu}_delta"] = delta
@@ -383,4 +383,5 @@ def _scale_projection(module: nn.Module, index: int, factor: float) -> None:
     if getattr(base, "bias", None) is not None:
         rows(base.bias, 0).mul_(factor)
     if lora is not None:
-        rows(lora.lora_B.weight, 0).mul_(factor)
+        for b in lora.lora_B.values():  # every adapter's rows scale with the base's
+            rows(b.weight, 0).mul_(factor)

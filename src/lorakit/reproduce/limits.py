@@ -245,7 +245,7 @@ def _variant(size: tuple[int, int], variant: str, budget: SpeedBudget, vocab: in
     opt = torch.optim.AdamW(params, lr=budget.lr)
     torch.manual_seed(budget.seed)
     for _, layer in lorakit.lora_layers(model):  # start from a non-zero adapter so Q/K change from step 1
-        torch.nn.init.normal_(layer.lora_B.weight, std=1e-3)
+        torch.nn.init.normal_(layer.B, std=1e-3)
     norms_before = measure_norms(model, probe).layers()
     model.train()
     epoch_seconds, losses = [], []

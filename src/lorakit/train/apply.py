@@ -174,6 +174,10 @@ def describe(adapter: str | os.PathLike) -> str:
             lines.append(f"  training: {rep.get('result', {}).get('steps')} steps; held-out before {before}, after {after}")
         except (ValueError, AttributeError):
             lines.append("  run.json present but unreadable")
+    named = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
+    if named:  # PEFT's layout for a several-adapter save: each other adapter in a subfolder of its name
+        lines.append(f"  other named adapters here: {', '.join(named)} (load one with "
+                     f"lorakit.load_adapter(model, {str(folder / named[0])!r}, adapter={named[0]!r}))")
     ckpts = folder / "checkpoints"
     if ckpts.is_dir():
         names = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
