@@ -427,7 +427,17 @@ def _add_bench(sub) -> None:
     p.add_argument("--quality-steps", type=int, default=50,
                    help="bf16 mode: held-out loss after this many bf16 and fp32 steps (0 skips it)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one fresh process each)")
+    p.add_argument("--caller", choices=vp_callers(), default="loop",
+                   help="who calls the model, for both contenders: loop (own loop), lorakit (lorakit train's engine), "
+                   "hf-trainer (HF Trainer's training_step)")
+    p.add_argument("--model-dropout", type=float, default=None, help="set every dropout of the base model to this p")
     p.add_argument("--out", default="bench")
+
+
+def vp_callers() -> tuple[str, ...]:
+    from lorakit.bench.versus_peft import CALLERS
+
+    return CALLERS
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -436,7 +446,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     cfg = vp.BenchConfig(model=a.model, task=a.task, batch_size=a.batch_size, max_length=a.max_length, steps=a.steps,
                          warmup=a.warmup, modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
                          against=a.against, r=a.r, alpha=a.alpha, targets=a.targets, lr=a.lr,
-                         quality_steps=a.quality_steps, memory=not a.no_memory)
+                         quality_steps=a.quality_steps, memory=not a.no_memory, caller=a.caller,
+                         model_dropout=a.model_dropout)
     report = vp.run(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
     paths = vp.write(report, a.out)
     print(vp.markdown(report))

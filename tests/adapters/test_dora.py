@@ -98,7 +98,7 @@ def test_bf16_storage_keeps_dora_close(make_model, token_batch):
     ours, _ = twins(base, ["q_proj", "v_proj"])
     ids, mask = token_batch()
     ref = logits_of(ours, ids, mask)
-    lorakit.use_bf16(ours)
+    lorakit.use_bf16(ours, when="always")
     assert all(layer.magnitude.dtype == torch.float32 and layer.magnitude.requires_grad
                for _, layer in lora_layers(ours))
     torch.testing.assert_close(logits_of(ours, ids, mask).float(), ref, atol=0.05, rtol=0.05)

@@ -263,5 +263,5 @@ def test_what_stays_refused_with_several_adapters(make_model, token_batch, tmp_p
 def test_bf16_keeps_inactive_adapters_float32(make_model):
     model = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=2, targets=["q_proj"]))
     lorakit.attach(model, lorakit.LoraConfig(r=2, targets=["q_proj"]), name="b")
-    lorakit.use_bf16(model)
+    lorakit.use_bf16(model, when="always")
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_" in n)

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.adapters.cpu_attention import LORAKIT_SDPA
+from lorakit.speed.attention import LORAKIT_SDPA
 from lorakit.adapters.precision import use_bf16
 from lorakit.errors import ConfigError
-from lorakit.train.loss import training_loss
 
 
 def lm_batch(ids, mask):
@@ -23,7 +22,7 @@ def train(model, batch, steps=40, lr=1e-2):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(steps):
-        loss = training_loss(model, batch)
+        loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -33,7 +32,7 @@ def train(model, batch, steps=40, lr=1e-2):
 
 def test_frozen_weights_bf16_trainable_float32_and_training_tracks_float32(make_model, token_batch):
     fp32 = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
-    bf16 = use_bf16(copy.deepcopy(fp32))
+    bf16 = use_bf16(copy.deepcopy(fp32), when="always")
     for name, p in bf16.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
     assert bf16.config._attn_implementation == LORAKIT_SDPA
@@ -49,7 +48,7 @@ def test_frozen_weights_bf16_trainable_float32_and_training_tracks_float32(make_
 
 
 def test_classifier_head_stays_float32(make_model, token_batch):
-    model = use_bf16(lorakit.attach(make_model("bert-cls"), lorakit.LoraConfig(r=4, alpha=8, targets="attn-qv")))
+    model = use_bf16(lorakit.attach(make_model("bert-cls"), lorakit.LoraConfig(r=4, alpha=8, targets="attn-qv")), when="always")
     assert model.classifier.weight.dtype == torch.float32
     ids, mask = token_batch()
     out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
@@ -62,6 +61,6 @@ def test_classifier_head_stays_float32(make_model, token_batch):
 def test_mixed_frozen_and_trainable_layer_is_refused(make_model):
     model = lorakit.attach(make_model("bert-cls"), lorakit.LoraConfig(r=4, alpha=8, targets="attn-qv", bias="all"))
     with pytest.raises(ConfigError, match="both frozen and trainable"):
-        use_bf16(model)
+        use_bf16(model, when="always")
     with pytest.raises(ConfigError, match="not a 16-bit float"):
         use_bf16(make_model("llama"), torch.float32)

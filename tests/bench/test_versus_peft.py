@@ -39,6 +39,21 @@ def test_exact_mode_follows_peft_step_for_step(make_model, kind):
     assert float((ours_w - twin_w).norm() / twin_w.norm()) < 1e-3
 
 
+@pytest.mark.parametrize("caller", ["lorakit", "hf-trainer"])
+def test_every_caller_runs_both_contenders_alike(make_model, caller):
+    """--caller: lorakit train's engine and HF Trainer's training_step give both contenders the same steps."""
+    cfg = vp.BenchConfig(r=4, alpha=8, lr=5e-3, caller=caller)
+    ours, peft_fp32 = vp.contenders(make_model("llama"), cfg, "exact", lm_batches(2))
+    assert type(ours) is vp.RUNNERS[caller] and type(peft_fp32) is vp.RUNNERS[caller]
+    for _ in range(6):
+        ours.step()
+        peft_fp32.step()
+    torch.testing.assert_close(torch.tensor(ours.losses), torch.tensor(peft_fp32.losses), rtol=1e-4, atol=0)
+    assert ours.losses[-1] < ours.losses[0]
+    with pytest.raises(vp.BenchError, match="--caller 'trl' is not one of loop, lorakit, hf-trainer"):
+        vp.BenchConfig(caller="trl").validate()
+
+
 def test_dropout_masks_are_shared_between_contenders(make_model, token_batch):
     base = make_model("bert-cls")
     base.config.hidden_dropout_prob = 0.2

@@ -4,7 +4,8 @@ the masks of a dropout of the whole tensor."""
 import pytest
 import torch
 
-from lorakit.kernels.dropout import FastDropout, dropout_leading_rows, fast_dropout
+from lorakit.kernels.dropout import dropout_leading_rows, fast_dropout
+from lorakit.speed.dropout import FastDropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

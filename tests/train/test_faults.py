@@ -14,25 +14,27 @@ from safetensors.torch import load_file
 
 from lorakit.train import run
 from lorakit.train import checkpoint as ckpt
-from lorakit.train import distributed as loss_site  # where the trainer takes its loss from
+from lorakit.train.distributed import LossOf  # where the trainer takes its loss from
 from lorakit.train.trainer import TrainingError, resume_command
 from test_trainer import cfg_for  # the same small runs as the trainer's tests
 
 
 def nan_on(calls):
-    """training_loss that returns NaN (keeping the graph) on the given 1-based call numbers."""
-    real, count = loss_site.training_loss, {"n": 0}
+    """LossOf.forward whose training loss is NaN (keeping the graph) on the given 1-based call numbers."""
+    real, count = LossOf.forward, {"n": 0}
 
-    def loss(model, batch):
+    def forward(self, batch, outputs=False):
+        if outputs:
+            return real(self, batch, outputs)
         count["n"] += 1
-        value = real(model, batch)
+        value = real(self, batch)
         return value * float("nan") if count["n"] in calls else value
 
-    return loss
+    return forward
 
 
 def test_non_finite_steps_are_skipped_and_counted(tiny_bert_dir, sentiment_csv, tmp_path, monkeypatch):
-    monkeypatch.setattr(loss_site, "training_loss", nan_on({3, 4}))
+    monkeypatch.setattr(LossOf, "forward", nan_on({3, 4}))
     report = run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path))
     assert report["skipped_steps"] == 2
     assert report["result"]["steps"] == 12  # the run still makes all its updates
@@ -43,7 +45,7 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_bert_dir, sentiment_csv, 
 
 
 def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(tiny_bert_dir, sentiment_csv, tmp_path, monkeypatch):
-    monkeypatch.setattr(loss_site, "training_loss", nan_on(set(range(6, 1000))))
+    monkeypatch.setattr(LossOf, "forward", nan_on(set(range(6, 1000))))
     with pytest.raises(TrainingError, match=r"3 steps in a row .* last good checkpoint is .*step-000004"):
         run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path, max_bad_steps=3))
     found = ckpt.latest(tmp_path / "checkpoints")

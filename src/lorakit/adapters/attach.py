@@ -27,6 +27,7 @@ from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.layer import BASE, LoraLinear, linear_shape
 from lorakit.adapters.targets import Resolution, _under, resolve
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.speed.forward import make_fast, remove_fast
 
 _STATE_ATTR = "_lorakit_state"
 DEFAULT = "default"
@@ -103,8 +104,8 @@ def check_ranks(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
             )
 
 
-def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DEFAULT, resolution: Resolution | None = None,
-           **overrides) -> nn.Module:
+def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DEFAULT, fast: bool = True,
+           resolution: Resolution | None = None, **overrides) -> nn.Module:
     """Wrap the target layers of ``model`` with LoRA adapters, in place, and return ``model``.
 
     ``config`` defaults to ``LoraConfig()``; keyword overrides are applied on top
@@ -112,6 +113,12 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
     guessed from module names) are issued as warnings and kept in ``summary(model)``.
     On a model that has adapters already, ``name`` adds another one (PEFT's ``add_adapter``):
     it is inactive and frozen until ``set_adapter(model, name)``.
+
+    ``fast`` (default True): the model's own forward becomes the fast one in training calls, for any
+    caller (``lorakit.speed.forward``: the fused head and loss for decoders, with ``logits`` None in
+    those calls; the one-row last layer for encoder classifiers; lorakit_sdpa attention on CPU).
+    Evaluation, no-grad and generation calls run the model's forward unchanged. ``fast=False`` keeps
+    the model's forward as it is.
     """
     cfg = (config or LoraConfig()).replace(**overrides) if overrides else (config or LoraConfig())
     if not isinstance(name, str) or not name or name == BASE or "." in name:
@@ -163,6 +170,8 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
         from lorakit import celora
 
         celora.install(model, {n: model.get_submodule(n) for n in celora_specs}, celora_specs, cfg.refresh_every)
+    if first and fast:
+        make_fast(model)
     return model
 
 
@@ -356,6 +365,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         setattr(parent, child, layer.base_layer)
     for hook in st.hooks:
         hook.remove()
+    remove_fast(model)
     delattr(model, _STATE_ATTR)
     for p in model.parameters():
         p.requires_grad_(True)

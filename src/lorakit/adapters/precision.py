@@ -12,7 +12,7 @@ optimizer state built on them:
 Buffers (rotary frequencies, position ids) keep their dtype. Unlike torch.autocast, the frozen
 weights are cast once, not at every forward.
 
-Attention goes through ``cpu_attention.lorakit_sdpa_attention`` (float32 SDPA on CPU, bf16 products
+Attention goes through ``speed.attention.lorakit_sdpa_attention`` (float32 SDPA on CPU, bf16 products
 with fast dropout when training with attention dropout). By default the model's nn.Dropout
 layers also switch to ``kernels.dropout.fast_dropout`` (3-5x faster masks on CPU; the drop
 probability rounded to a multiple of 1/65536); ``fast_dropout=False`` keeps torch's.
@@ -20,15 +20,18 @@ probability rounded to a multiple of 1/65536); ``fast_dropout=False`` keeps torc
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from lorakit.adapters.cpu_attention import use_fast_attention
 from lorakit.adapters.attach import is_adapter_parameter
 from lorakit.adapters.layer import LoraLinear
 from lorakit.adapters.targets import output_heads
 from lorakit.errors import ConfigError
-from lorakit.kernels.dropout import FastDropout
+from lorakit.speed.attention import use_fast_attention
+from lorakit.speed.gemm import bf16_decision
+from lorakit.speed.dropout import FastDropout
 
 BF16_FLAG = "_lorakit_bf16"
 
@@ -50,12 +53,26 @@ def _cast_outputs(dtype: torch.dtype):
     return hook
 
 
-def use_bf16(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, fast_dropout: bool = True) -> nn.Module:
-    """Store the frozen weights of an adapted ``model`` in ``dtype`` (see the module docstring); in place."""
+def use_bf16(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, fast_dropout: bool = True,
+             when: str = "faster") -> nn.Module:
+    """Store the frozen weights of an adapted ``model`` in ``dtype`` (see the module docstring); in place.
+
+    ``when="faster"`` (default): on a CPU whose bf16 GEMMs are slower than its fp32 ones
+    (``speed.gemm.bf16_decision``, measured once per process) the model is left in fp32, with a warning
+    that says so; ``when="always"`` applies bf16 regardless.
+    """
     if dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError(f"dtype={dtype} is not a 16-bit float; use torch.bfloat16 (or torch.float16 on GPUs)")
+    if when not in ("faster", "always"):
+        raise ConfigError(f"when={when!r} is not 'faster' or 'always'")
     if getattr(model, BF16_FLAG, None) is not None:
         return model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if when == "faster":
+        pays, why = bf16_decision(device)
+        if not pays:
+            warnings.warn(f"use_bf16: {why} (when='always' forces bf16)", stacklevel=2)
+            return model
     heads = output_heads(model)
     base_layers = {id(m.base_layer) for m in model.modules() if isinstance(m, LoraLinear)}  # the kernel casts their bias
     for name, module in model.named_modules():

@@ -9,8 +9,9 @@ as a fraction of the peak GEMM throughput measured in the same run, the loss tra
 peak resident memory of a fresh process that runs only that contender.
 
 Modes (ours / against):
-    exact   lorakit fp32 (fused LoRA kernel, fused head + cross-entropy,  vs PEFT fp32
-            ``use_fast_attention``; dropout is torch's, so the trajectories match)
+    exact   lorakit fp32 (fused LoRA kernel; the attached model's fast     vs PEFT fp32
+            forward: fused head + cross-entropy or the one-row last layer,
+            lorakit_sdpa; dropout is torch's, so the trajectories match)
     bf16    lorakit ``use_bf16`` (bf16 frozen weights, fp32 adapters)       vs PEFT fp32 and PEFT under bf16 autocast
     celora  lorakit CE-LoRA backward                                        vs PEFT fp32
     poly    lorakit poly attention (degree 2, forced)                       vs PEFT fp32
@@ -38,17 +39,19 @@ import torch
 from torch import nn
 
 from lorakit.adapters import LoraConfig, attach
-from lorakit.adapters.cpu_attention import use_fast_attention
 from lorakit.adapters.precision import use_bf16
 from lorakit.adapters.targets import compact_target_list, resolve
 from lorakit.bench.harness import Contender, alternate
 from lorakit.bench.workloads import fixed_batches, labelled_batches, machine
 from lorakit.errors import LorakitError
-from lorakit.train.loss import training_loss
 from lorakit.train.memory import reset_peak, rss_kib
 
 MODES = ("exact", "bf16", "celora", "poly", "dora")
 AGAINST = ("peft",)
+# Who calls the model, for both contenders alike: "loop", an own loop (model(**batch).loss.backward(), AdamW);
+# "lorakit", lorakit train's engine (train.distributed.LossOf); "hf-trainer", HF Trainer's training_step with
+# the num_items_in_batch it computes, and its AdamW.
+CALLERS = ("loop", "lorakit", "hf-trainer")
 # copies of the fp32 weights the timing process holds at most (base, ours, PEFT fp32, PEFT autocast)
 WEIGHT_COPIES = 4
 
@@ -74,6 +77,8 @@ class BenchConfig:
     quality_steps: int = 50  # bf16: held-out loss after this many steps of bf16 and fp32 training (0: skip)
     memory: bool = True  # peak RSS of each contender, each in a fresh process
     seed: int = 0
+    caller: str = "loop"
+    model_dropout: float | None = None  # set every nn.Dropout of the base model to this p (None: the model's own)
 
     def validate(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -92,6 +97,10 @@ class BenchConfig:
             raise BenchError(f"warmup={self.warmup} and quality_steps={self.quality_steps} must be >= 0")
         if self.task not in (None, "causal-lm", "classify"):
             raise BenchError(f"task={self.task!r} is not 'causal-lm' or 'classify'")
+        if self.caller not in CALLERS:
+            raise BenchError(f"--caller {self.caller!r} is not one of {', '.join(CALLERS)}")
+        if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
+            raise BenchError(f"--model-dropout {self.model_dropout!r} must be in [0, 1)")
 
 
 # ---------------------------------------------------------------------------- the model and its size
@@ -171,8 +180,7 @@ def peft_twin(base: nn.Module, ours: nn.Module, cfg: LoraConfig) -> nn.Module:
 
 def build_ours(base: nn.Module, cfg: BenchConfig, mode: str) -> nn.Module:
     torch.manual_seed(cfg.seed)
-    model = attach(copy.deepcopy(base), lora_config(cfg, mode))
-    use_fast_attention(model)
+    model = attach(copy.deepcopy(base), lora_config(cfg, mode))  # the fast forward, as for any caller
     if mode == "poly":
         from lorakit.limits import use_attention
 
@@ -189,7 +197,6 @@ class Runner:
     model: nn.Module
     batches: list[dict[str, torch.Tensor]]
     lr: float
-    fused_loss: bool = True
     autocast: bool = False
     seed: int = 0
     losses: list[float] = field(default_factory=list)
@@ -205,21 +212,71 @@ class Runner:
         batch = next(self._cycle)
         torch.manual_seed(self.seed + len(self.losses))  # the same dropout masks for every contender at step i
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            loss = training_loss(self.model, batch) if self.fused_loss else self.model(**batch).loss
+            loss = self.loss(batch)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         celora.step(self.model)  # a no-op for models without CE-LoRA
         self.losses.append(float(loss.detach()))
 
+    def loss(self, batch):
+        return self.model(**batch).loss
+
     @torch.no_grad()
     def eval_loss(self, batches) -> float:
         self.model.eval()
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                return statistics.fmean(float(training_loss(self.model, b)) for b in batches)
+                return statistics.fmean(float(self.model(**b).loss) for b in batches)
         finally:
             self.model.train()
+
+
+class LorakitEngineRunner(Runner):
+    """lorakit train's caller: the loss comes from its engine (``LossOf``), as in ``Trainer.fit``."""
+
+    def __post_init__(self) -> None:
+        from lorakit.train.distributed import LossOf
+
+        super().__post_init__()
+        self.engine = LossOf(self.model)
+
+    def loss(self, batch):
+        return self.engine(batch)
+
+
+class HFTrainerRunner(Runner):
+    """HF Trainer's caller: ``Trainer.training_step`` (its compute_loss, loss kwargs and backward) with the
+    ``num_items_in_batch`` that ``Trainer.get_batch_samples`` counts, then the Trainer's own AdamW."""
+
+    def __post_init__(self) -> None:
+        import tempfile
+
+        from transformers import Trainer, TrainingArguments
+
+        self.model.train()
+        self._folder = tempfile.TemporaryDirectory(prefix="lorakit-bench-")
+        args = TrainingArguments(output_dir=self._folder.name, per_device_train_batch_size=len(self.batches[0]["input_ids"]),
+                                 learning_rate=self.lr, lr_scheduler_type="constant", optim="adamw_torch", use_cpu=True,
+                                 report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True)
+        self.trainer = Trainer(model=self.model, args=args)
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=10**9)
+        self.optimizer = self.trainer.optimizer
+        self._cycle = itertools.cycle(self.batches)
+
+    def step(self) -> None:
+        batch = next(self._cycle)
+        torch.manual_seed(self.seed + len(self.losses))
+        samples, items = self.trainer.get_batch_samples(iter([batch]), 1, self.model.device)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.trainer.training_step(self.model, samples[0], items)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(float(loss))
+
+
+RUNNERS = {"loop": Runner, "lorakit": LorakitEngineRunner, "hf-trainer": HFTrainerRunner}
+
 
 
 def contender_names(mode: str) -> list[str]:
@@ -232,14 +289,14 @@ def contenders(base: nn.Module, cfg: BenchConfig, mode: str, batches, only: str 
     ours = build_ours(base, cfg, mode)
     lcfg = lora_config(cfg, mode)
     runners = []
+    runner = RUNNERS[cfg.caller]
     for name in contender_names(mode):
         if only not in (None, name):
             continue
         if name.startswith("lorakit"):
-            runners.append(Runner(name, use_bf16(ours) if mode == "bf16" else ours, batches, cfg.lr))
+            runners.append(runner(name, use_bf16(ours, when="always") if mode == "bf16" else ours, batches, cfg.lr))
         else:
-            runners.append(Runner(name, peft_twin(base, ours, lcfg), batches, cfg.lr, fused_loss=False,
-                                  autocast=name.endswith("autocast")))
+            runners.append(runner(name, peft_twin(base, ours, lcfg), batches, cfg.lr, autocast=name.endswith("autocast")))
     return runners
 
 
@@ -328,6 +385,10 @@ def _load(cfg: BenchConfig, task: str, count: int | None = None):
     from lorakit.train.models import load_model
 
     loaded = load_model(cfg.model, task, label_names=["negative", "positive"] if task == "classify" else None)
+    if cfg.model_dropout is not None:
+        for module in loaded.model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = cfg.model_dropout
     count = cfg.warmup + cfg.steps if count is None else count
     return loaded.model, loaded.tokenizer, fixed_batches(loaded.tokenizer, task, cfg.batch_size, cfg.max_length, count)
 
@@ -395,7 +456,7 @@ def bf16_quality(base, cfg: BenchConfig, tokenizer, task: str, batches, say) -> 
     else:
         held_out = fixed_batches(tokenizer, task, cfg.batch_size, cfg.max_length, 2, first=len(batches))
     fp32 = Runner("fp32", build_ours(base, cfg, "exact"), batches, cfg.lr)
-    bf16 = Runner("bf16", use_bf16(build_ours(base, cfg, "exact")), batches, cfg.lr)
+    bf16 = Runner("bf16", use_bf16(build_ours(base, cfg, "exact"), when="always"), batches, cfg.lr)
     before = fp32.eval_loss(held_out)
     for i in range(cfg.quality_steps):
         fp32.step()
@@ -422,8 +483,10 @@ def summary_line(mode: str, entry: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"# lorakit vs PEFT: {report['model']} ({report['task']}), batch {report['config']['batch_size']} x "
-             f"{report['config']['max_length']}, LoRA r={report['config']['r']} on {report['config']['targets']}",
+    c = report["config"]
+    dropout = "" if c.get("model_dropout") is None else f", model dropout {c['model_dropout']:g}"
+    lines = [f"# lorakit vs PEFT: {report['model']} ({report['task']}), batch {c['batch_size']} x "
+             f"{c['max_length']}, LoRA r={c['r']} on {c['targets']}; caller: {c.get('caller', 'loop')}{dropout}",
              "", f"Machine: {m.get('cpu')}, {m.get('threads')} threads, torch {m.get('torch')}"
              f"{', ' + m['gpu'] if 'gpu' in m else ''}. Peak GEMM measured in this run: "
              f"fp32 {report['peak_gemm_gflops']['float32']:.0f} GFLOP/s, bf16 {report['peak_gemm_gflops']['bfloat16']:.0f} GFLOP/s.",

@@ -16,7 +16,7 @@ Draws use torch's default generator: ``torch.manual_seed`` makes them reproducib
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
@@ -51,13 +51,6 @@ def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability {p} must be in [0, 1)")
     return _Dropout.apply(x, float(p))
-
-
-class FastDropout(nn.Dropout):
-    """nn.Dropout with ``fast_dropout``'s mask; drop-in (same ``p``, same state_dict)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fast_dropout(x, self.p, self.training)
 
 
 def dropout_leading_rows(x: Tensor, full_shape: tuple[int, ...], dim: int, p: float, *, fast: bool = False) -> Tensor:

@@ -1,11 +1,15 @@
 """Output projection and cross-entropy in one pass over row chunks, never holding the N x V logits.
 
 For hidden states X [N, H], output weight W [V, H] (bias b [V]) and labels y [N] (ignore_index
-rows excluded), with n the number of labelled rows:
+rows excluded), with n the number of labelled rows (or a given divisor, transformers'
+``num_items_in_batch`` under gradient accumulation):
 
-    z_i = W x_i + b,   loss = (1/n) sum_i (logsumexp(z_i) - z_i[y_i])
-    dz_i = (softmax(z_i) - onehot(y_i)) / n       (0 for ignored rows)
-    dX = dZ W,   dW = dZ^T X,   db = sum_i dz_i
+    u_i = s (W x_i + b),   z_i = c tanh(u_i / c)  (logit soft-capping, Gemma 2/3; z_i = u_i without a cap)
+    loss = (1/n) sum_i (logsumexp(z_i) - z_i[y_i])
+    dz_i = (softmax(z_i) - onehot(y_i)) / n       (0 for ignored rows),   du_i = dz_i (1 - tanh^2(u_i / c))
+    dX = s dU W,   dW = s dU^T X,   db = s sum_i du_i
+
+with s the logit scale (Cohere's ``logit_scale``, 1 / Granite's ``logits_scaling``; 1 otherwise).
 
 The gradients are formed during the forward pass, chunk by chunk, in one reused logits buffer:
 the unfused path (logits, their float copy, log_softmax, its gradient, each N x V: 200 MB apiece
@@ -35,15 +39,15 @@ def chunk_rows(vocab: int, rows: int) -> int:
     return max(1, min(rows, max(32, CHUNK_BYTES // (4 * vocab))))
 
 
-def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A flat buffer of ``numel`` elements for use within one call: on CPU the same memory every call (per thread
-    and dtype, grown when a call needs more), elsewhere a new tensor (the CUDA allocator already caches)."""
+def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: str = "logits") -> Tensor:
+    """A flat buffer of ``numel`` elements for use within one call: on CPU the same memory every call (per thread,
+    slot and dtype, grown when a call needs more), elsewhere a new tensor (the CUDA allocator already caches)."""
     if device.type != "cpu":
         return torch.empty(numel, dtype=dtype, device=device)
     buffers = _workspace.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(dtype)
+    buffer = buffers.get((slot, dtype))
     if buffer is None or buffer.numel() < numel:
-        buffers[dtype] = buffer = torch.empty(numel, dtype=dtype)
+        buffers[(slot, dtype)] = buffer = torch.empty(numel, dtype=dtype)
     return buffer[:numel]
 
 
@@ -54,7 +58,7 @@ def release_workspace() -> None:
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, valid, count, chunk):
+    def forward(ctx, hidden, weight, bias, labels, valid, divisor, chunk, scale, softcap):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = torch.empty_like(hidden) if need_x else None
@@ -65,8 +69,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # Logits are formed transposed, [V, rows] = W X_c^T: on MKL this GEMM layout runs ~1.3x faster
         # than X_c W^T for a tall W, and the reductions over V become column reductions.
         buffer = scratch(vocab * rows, hidden.dtype, hidden.device)
-        wide = scratch(vocab * rows, torch.float32, hidden.device) if hidden.dtype != torch.float32 else None
-        scale = 1.0 / max(count, 1)
+        wide = scratch(vocab * rows, torch.float32, hidden.device, "wide") if hidden.dtype != torch.float32 else None
+        slope = scratch(vocab * rows, torch.float32, hidden.device, "slope") if softcap else None
+        per_row = 1.0 / divisor
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)
             x, y, ok = hidden[start:stop], labels[start:stop], valid[start:stop]
@@ -76,6 +81,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             else:
                 torch.mm(weight, x.t(), out=z_in)
             zt = z_in if wide is None else wide[: z_in.numel()].view_as(z_in).copy_(z_in)
+            if scale != 1.0:
+                zt.mul_(scale)
+            if softcap:  # z = c tanh(u / c); keep 1 - tanh^2 for the chain rule
+                zt.div_(softcap).tanh_()
+                d = torch.mul(zt, zt, out=slope[: zt.numel()].view_as(zt)).neg_().add_(1.0)
+                zt.mul_(softcap)
             safe = torch.where(ok, y, 0).unsqueeze(0)
             target = zt.gather(0, safe).squeeze(0)
             top = zt.amax(0, keepdim=True)
@@ -85,9 +96,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             total += ((lse - target) * ok).sum()
             if dx is None and dw is None and db is None:
                 continue
-            weights = (ok.to(zt.dtype) * scale).unsqueeze(0)
+            weights = (ok.to(zt.dtype) * per_row).unsqueeze(0)
             zt.mul_(weights / norm)  # softmax / n on labelled rows, 0 elsewhere
             zt.scatter_add_(0, safe, -weights)
+            if softcap:
+                zt.mul_(d)
+            if scale != 1.0:
+                zt.mul_(scale)
             g = zt if wide is None else z_in.copy_(zt)
             if dx is not None:
                 torch.mm(g.t(), weight, out=dx[start:stop])
@@ -97,7 +112,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 db += zt.sum(1)
         ctx.save_for_backward(dx, dw, db)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return total * scale
+        return total * per_row
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -106,15 +121,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         gx = dx * grad_loss.to(dx.dtype) if dx is not None else None
         gw = (dw * grad_loss).to(wd) if dw is not None else None
         gb = (db * grad_loss).to(bd) if db is not None else None
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
-                         ignore_index: int = -100, chunk: int | None = None) -> Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels`` (see the module docstring).
+                         ignore_index: int = -100, chunk: int | None = None, scale: float = 1.0,
+                         softcap: float | None = None, divisor: float | Tensor | None = None) -> Tensor:
+    """Mean cross-entropy of ``softcap(scale * (hidden @ weight.T + bias))`` against ``labels`` (see the module
+    docstring); with ``divisor`` the summed cross-entropy / divisor (transformers' ``num_items_in_batch``).
 
     hidden: [..., H]; weight: [V, H]; labels: [...] (ints, ``ignore_index`` rows skipped); returns a
-    float32 scalar, NaN when no row is labelled (as torch's mean cross-entropy).
+    float32 scalar, NaN when no row is labelled and no divisor is given (as torch's mean cross-entropy).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"labels of shape {list(labels.shape)} do not match hidden states {list(hidden.shape)}")
@@ -126,5 +143,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
     labels = labels.reshape(-1)
     valid = labels != ignore_index
     count = int(valid.sum())
-    loss = LinearCrossEntropyFunction.apply(h, w, b, labels, valid, count, chunk)
-    return loss if count else loss * float("nan")
+    by = float(divisor) if divisor is not None else float(max(count, 1))
+    loss = LinearCrossEntropyFunction.apply(h, w, b, labels, valid, by, chunk, float(scale), float(softcap or 0.0))
+    return loss if count or divisor is not None else loss * float("nan")

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.adapters.cpu_attention import upcast_on_cpu
+from lorakit.speed.attention import attention_modules, register_attention, switch_attention, upcast_on_cpu
 from lorakit.errors import ConfigError, ModelError
 from lorakit.kernels.poly_attention import num_features, poly_attention
 from lorakit.limits.bounds import logit_bound, output_error_bound, smallest_degree
@@ -133,7 +133,7 @@ def _mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int
 
 # ---------------------------------------------------------------------- the attention functions
 def _exact(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, causal: bool, scale: float, dropout: float) -> Tensor:
-    """SDPA; 16-bit CPU inputs computed in float32 (see lorakit.adapters.cpu_attention)."""
+    """SDPA; 16-bit CPU inputs computed in float32 (see lorakit.speed.attention)."""
     dtype = q.dtype
     q, k, v = upcast_on_cpu(q, k, v)
     if allowed is not None and allowed.is_floating_point():
@@ -229,24 +229,10 @@ def register() -> None:
     """Register lorakit_poly / _auto / _softmax1 / _exact with transformers (idempotent)."""
     import functools
 
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     for mode in MODES:
         fn = functools.partial(lorakit_attention_forward, mode=mode)
         fn.__name__ = f"lorakit_{mode}_attention"  # type: ignore[attr-defined]
-        AttentionInterface.register(_registered_name(mode), fn)
-        AttentionMaskInterface.register(_registered_name(mode), _mask_function)
-
-
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that call the attention interface: they hold a config and a ``scaling`` or ``is_causal``."""
-    found = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "config") and (hasattr(module, "scaling") or hasattr(module, "is_causal")) \
-                and not hasattr(module, "get_input_embeddings"):
-            found[name] = module
-    return found
+        register_attention(_registered_name(mode), fn, _mask_function)
 
 
 def use_attention(model: nn.Module, mode: str, tolerance: float = 1e-3, *, degree: int | None = None,
@@ -265,10 +251,10 @@ def use_attention(model: nn.Module, mode: str, tolerance: float = 1e-3, *, degre
                          "transformers' AttentionInterface")
     register()
     try:
-        model.set_attn_implementation(_registered_name(mode))
+        switched = switch_attention(model, _registered_name(mode))
     except (ValueError, ImportError) as err:
         raise ModelError(f"{type(model).__name__} cannot switch attention implementation: {err}") from err
-    if model.config._attn_implementation != _registered_name(mode):
+    if not switched:
         raise ModelError(f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface; "
                          "lorakit attention cannot be used with it")
     modules = attention_modules(model)

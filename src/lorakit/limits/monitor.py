@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.limits.attention import attention_modules
+from lorakit.speed.attention import attention_modules
 from lorakit.limits.norms import measure_norms
 
 

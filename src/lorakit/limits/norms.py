@@ -32,7 +32,8 @@ from lorakit.files import write_atomic
 from lorakit.adapters.layer import LoraLinear
 from lorakit.adapters.targets import _HEURISTIC, ATTENTION_PROJECTIONS, FUSED_QKV
 from lorakit.errors import ModelError
-from lorakit.limits.attention import attention_modules, key_padding_and_causal
+from lorakit.limits.attention import key_padding_and_causal
+from lorakit.speed.attention import attention_modules
 
 BELOW, ABOVE = "below threshold", "above threshold"
 

@@ -43,7 +43,6 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.train.loss import training_loss
 
 
 @dataclass(frozen=True)
@@ -202,8 +201,8 @@ def barrier(d: Dist) -> None:
 class LossOf(nn.Module):
     """The model's training loss as a module, so that DDP and FSDP2 see the whole step as one forward.
 
-    ``forward(batch)`` is ``training_loss(model, batch)``; ``forward(batch, outputs=True)`` is the
-    model's own output (evaluation). With FSDP2 this root unit gathers the embeddings, final norm and
+    ``forward(batch)`` is ``model(**batch).loss`` (the adapted model's fast forward in training, see
+    ``lorakit.speed.forward``); ``forward(batch, outputs=True)`` is the model's whole output (evaluation). With FSDP2 this root unit gathers the embeddings, final norm and
     head, which the fused loss uses outside the decoder blocks.
     """
 
@@ -214,7 +213,7 @@ class LossOf(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], outputs: bool = False):
         if outputs:
             return self.model(**batch)
-        return training_loss(self.model, batch)
+        return self.model(**batch).loss
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

@@ -31,8 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.adapters import LoraConfig, attach, save_adapter
-from lorakit.adapters.cpu_attention import use_fast_attention
 from lorakit.adapters.precision import use_bf16
+from lorakit.speed.gemm import bf16_decision
 from lorakit.errors import ConfigError, LorakitError, TrainingError
 from lorakit.files import OutputError, OutputLock, check_output_dir, entries, write_atomic
 from lorakit.train import checkpoint as ckpt
@@ -797,10 +797,12 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
         model.to(device)
     lora_cfg = cfg.lora_config()
     attach(model, lora_cfg)
-    if cfg.bf16 and torch.device(device).type == "cpu":
-        use_bf16(model)
-    else:
-        use_fast_attention(model)
+    precision = None
+    if cfg.bf16 and torch.device(device).type == "cpu":  # bf16 only where this CPU's bf16 GEMMs are not slower
+        bf16_used, why = bf16_decision(device)
+        precision = {"bf16_used": bf16_used, "why": why}
+        if bf16_used:
+            use_bf16(model, when="always")
     from lorakit import celora
 
     hooks = list(hooks or [])
@@ -823,13 +825,15 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
                     f"{trainer.rank_batch} rows each of the global batch of {cfg.batch_size}")
     for note in data.notes:
         trainer.say("note: " + note)
+    if precision is not None:
+        trainer.say("note: --bf16: " + precision["why"])
     with StopOnSignal() as stop:
         trainer.stop_requested = stop.requested
         result = trainer.fit()
     out = Path(cfg.out)
     if "stopped_at" in result:
         result["stopped_by"] = stop.signal_name or "a signal to another process"
-    report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result,
+    report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result, "precision": precision,
               "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
               "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps, "processes": d.world,
               "sharded": d.shard, "memory_per_process": distributed.gather(d, memory.usage(trainer.device))}

@@ -1,7 +1,7 @@
 """Encoder classifiers read one token: their last layer computes that token's row alone.
 
-The BERT-family sequence classifiers (BERT and MiniLM, RoBERTa, XLM-R, CamemBERT, ELECTRA) read
-only the first position of the last hidden state ([CLS] / <s>). In the last encoder layer
+The BERT-family sequence classifiers (``speed.families.FIRST_TOKEN``: BERT and MiniLM, RoBERTa, XLM-R,
+CamemBERT, ELECTRA) read only the first position of the last hidden state ([CLS] / <s>). In the last encoder layer
 everything after the key and value projections is row-wise in the query position, so the loss
 depends on that layer only through row 0 (H: the layer input, all L rows; h_0 its first row):
 
@@ -15,8 +15,7 @@ output and feed-forward products are never formed. At MiniLM's 6 layers and 128 
 ~14% of a training step's FLOPs. Every dropout in the layer draws its mask at the full shape
 ([B, heads, L, L] or [B, L, hidden]) and keeps the first row (``kernels.dropout.dropout_leading_rows``),
 so the random stream, and the loss for a given seed, are those of the full forward.
-``train.loss.training_loss`` uses it; the model's outputs other than the loss are not affected
-outside the block.
+``speed.forward`` uses it for training calls; the model's outputs are not affected outside the block.
 """
 
 from __future__ import annotations
@@ -31,13 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.adapters.cpu_attention import FAST_DROPOUT_FLAG, LORAKIT_SDPA, masked_softmax
-from lorakit.kernels.dropout import FastDropout, dropout_leading_rows, zero_padded
-
-# classifier classes whose head reads only position 0 of the body's last hidden state
-FIRST_TOKEN_CLASSIFIERS = frozenset({"BertForSequenceClassification", "RobertaForSequenceClassification",
-                                     "XLMRobertaForSequenceClassification", "CamembertForSequenceClassification",
-                                     "ElectraForSequenceClassification"})
+from lorakit.kernels.dropout import dropout_leading_rows, zero_padded
+from lorakit.speed.attention import FAST_DROPOUT_FLAG, LORAKIT_SDPA, masked_softmax
+from lorakit.speed.dropout import FastDropout
+from lorakit.speed.families import is_first_token_classifier
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", LORAKIT_SDPA)
 _LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.self.dropout",
                 "attention.output.dense", "attention.output.dropout", "attention.output.LayerNorm",
@@ -55,7 +51,7 @@ def _has(module: nn.Module, path: str) -> bool:
 def first_token_layer(model: nn.Module) -> nn.Module | None:
     """The last encoder layer of a first-token classifier whose structure this module knows, else None."""
     config = getattr(model, "config", None)
-    if type(model).__name__ not in FIRST_TOKEN_CLASSIFIERS or config is None:
+    if not is_first_token_classifier(model) or config is None:
         return None
     if getattr(config, "_attn_implementation", None) not in ATTENTION_IMPLEMENTATIONS or config.is_decoder:
         return None
@@ -72,7 +68,7 @@ def first_token_layer(model: nn.Module) -> nn.Module | None:
 @functools.cache
 def _returns_hidden_states(layer_class: type) -> bool:
     """transformers >= 5 layers return the hidden states; older ones a tuple that the encoder indexes. Once a class
-    (training_loss asks at every step)."""
+    (asked at every training step)."""
     return inspect.signature(layer_class.forward).return_annotation in (Tensor, "torch.Tensor")
 
 

@@ -1,7 +1,12 @@
-"""Attention for training on CPU: transformers' SDPA attention with two changes measured on this CPU.
+"""lorakit's attention functions in transformers, and attention for training on CPU.
 
-``use_fast_attention(model)`` registers ``lorakit_sdpa`` with transformers' AttentionInterface
-and switches a model that uses "sdpa" to it. On CPU tensors it
+The one registration point: ``register_attention(name, function, mask)`` adds a function to
+transformers' AttentionInterface (and its mask builder to AttentionMaskInterface);
+``switch_attention(model, name)`` makes a model dispatch to it; ``attention_modules(model)`` are
+the modules that call it. ``lorakit.limits`` registers its polynomial / auto attention here.
+
+``use_fast_attention(model)`` registers ``lorakit_sdpa``, transformers' SDPA attention with two
+changes measured on CPU, and switches a model that uses "sdpa" to it. On CPU tensors it
 - computes 16-bit inputs in float32: torch's CPU flash attention is 2.5-3x slower in bf16 than in
   float32 (a MiniLM layer at 16 x 128, forward + backward: 49-61 vs 19-23 ms;
   ``benchmarks/profile_step.py --micro``);
@@ -13,6 +18,8 @@ Everything else, and every non-CPU tensor, goes to transformers' ``sdpa_attentio
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -89,27 +96,43 @@ def lorakit_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     return out.to(dtype), weights
 
 
-def register() -> None:
+def register_attention(name: str, function: Callable, mask: Callable | None = None) -> None:
+    """Register ``function`` as attention implementation ``name`` with transformers, and ``mask`` (default:
+    transformers' SDPA mask) as its mask builder (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(LORAKIT_SDPA, lorakit_sdpa_attention)
-    AttentionMaskInterface.register(LORAKIT_SDPA, sdpa_mask)
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, mask or sdpa_mask)
+
+
+def switch_attention(model: nn.Module, name: str) -> bool:
+    """Make a transformers model dispatch its attention to implementation ``name``; whether it now does."""
+    if not hasattr(model, "set_attn_implementation"):
+        return False
+    model.set_attn_implementation(name)
+    return getattr(model.config, "_attn_implementation", None) == name
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that call the attention interface: they hold a config and a ``scaling`` or ``is_causal``."""
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "config") and (hasattr(module, "scaling") or hasattr(module, "is_causal")) \
+                and not hasattr(module, "get_input_embeddings"):
+            found[name] = module
+    return found
 
 
 def use_fast_attention(model: nn.Module, *, fast_dropout: bool = False) -> bool:
     """Switch a transformers model that uses "sdpa" (or lorakit_sdpa already) to ``lorakit_sdpa``; returns
     whether it did. Other implementations (eager, flash, lorakit poly/auto) are left alone."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", LORAKIT_SDPA) \
-            or not hasattr(model, "set_attn_implementation"):
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", LORAKIT_SDPA):
         return False
-    register()
-    model.set_attn_implementation(LORAKIT_SDPA)
-    if model.config._attn_implementation != LORAKIT_SDPA:
+    register_attention(LORAKIT_SDPA, lorakit_sdpa_attention)
+    if not switch_attention(model, LORAKIT_SDPA):
         return False
-    from lorakit.limits.attention import attention_modules
-
     for module in attention_modules(model).values():
         setattr(module, FAST_DROPOUT_FLAG, fast_dropout)
     return True

@@ -5,7 +5,7 @@ import copy
 import torch
 
 import lorakit
-from lorakit.adapters.cpu_attention import LORAKIT_SDPA, use_fast_attention
+from lorakit.speed.attention import LORAKIT_SDPA, use_fast_attention
 
 
 def test_same_logits_and_gradients_as_sdpa_with_grouped_query_heads(make_model, token_batch):

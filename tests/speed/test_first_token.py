@@ -6,9 +6,9 @@ import torch
 import transformers as tf
 
 import lorakit
-from lorakit.adapters.cpu_attention import use_fast_attention
-from lorakit.train.first_token import first_token_layer, first_token_only
-from lorakit.train.loss import training_loss
+from lorakit.speed import own_forward
+from lorakit.speed.attention import use_fast_attention
+from lorakit.speed.first_token import first_token_layer, first_token_only
 
 SIZES = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
              max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2)
@@ -54,8 +54,9 @@ def test_same_loss_gradients_and_dropout_draws_as_the_full_forward(family, atten
     model, data = classifier(family, attention), batch()
     layer = first_token_layer(model)
     assert layer is not None
-    full = loss_grads_and_random_state(model, lambda: model(**data).loss)
-    ours = loss_grads_and_random_state(model, lambda: training_loss(model, data))
+    with own_forward(model):
+        full = loss_grads_and_random_state(model, lambda: model(**data).loss)
+    ours = loss_grads_and_random_state(model, lambda: model(**data).loss)  # the attached model's fast forward
     torch.testing.assert_close(ours[0], full[0], rtol=1e-6, atol=1e-7)
     for name, grad in full[1].items():
         torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -76,9 +77,10 @@ def test_row_zero_of_the_last_hidden_state_is_the_full_ones():
 
 
 def test_bf16_fast_dropout_draws_the_full_masks():
-    model, data = lorakit.use_bf16(classifier("bert", "lorakit")), batch()
-    full = loss_grads_and_random_state(model, lambda: model(**data).loss)
-    ours = loss_grads_and_random_state(model, lambda: training_loss(model, data))
+    model, data = lorakit.use_bf16(classifier("bert", "lorakit"), when="always"), batch()
+    with own_forward(model):
+        full = loss_grads_and_random_state(model, lambda: model(**data).loss)
+    ours = loss_grads_and_random_state(model, lambda: model(**data).loss)
     torch.testing.assert_close(ours[0], full[0], rtol=2e-2, atol=1e-3)
     assert torch.equal(ours[2], full[2])
 

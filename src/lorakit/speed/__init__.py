@@ -1,0 +1,15 @@
+"""Speed: the fast paths of an adapted model, whoever calls it.
+
+    families     which models each fast path covers (one table per path)
+    forward      make_fast / remove_fast / own_forward: the model's own forward, fast in training calls
+    fused_head   a decoder's loss with the head and cross-entropy fused (logit scale and soft-cap included)
+    first_token  an encoder classifier's last layer computing the one row its head reads
+    attention    the registration point for lorakit attention in transformers; lorakit_sdpa for CPU training
+    dropout      FastDropout, nn.Dropout with kernels.dropout's faster mask
+
+Kernels (pure tensor functions) live in ``lorakit.kernels``; this package applies them to models.
+"""
+
+from lorakit.speed.forward import fast_path, make_fast, own_forward, remove_fast
+
+__all__ = ["fast_path", "make_fast", "own_forward", "remove_fast"]

@@ -1,0 +1,61 @@
+"""Whether bf16 matrix products pay on this machine: measured once per process, in well under a second.
+
+``use_bf16`` and ``lorakit train --bf16`` store the frozen weights in bf16 so that the frozen
+products run as bf16 GEMMs. That is faster only where the CPU's bf16 GEMM is: on an AMD EPYC without
+AVX512-BF16 a bf16 product ran at ~1 GFLOP/s against ~100 fp32; on an Intel Xeon with AVX512-BF16
+(no AMX) at 73-157 against 127-273. ``bf16_decision()`` times one n x n product in each precision
+(n = 512, a few repeats within a time budget) and keeps fp32 unless bf16 is at least as fast:
+bf16 is then never slower than fp32 by its products. GPUs are not measured (their bf16 is faster).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemmSpeeds:
+    fp32_gflops: float
+    bf16_gflops: float
+    size: int
+
+    @property
+    def bf16_pays(self) -> bool:
+        return self.bf16_gflops >= self.fp32_gflops
+
+    def describe(self) -> str:
+        return (f"bf16 GEMMs run at {self.bf16_gflops:.0f} GFLOP/s on this CPU against {self.fp32_gflops:.0f} fp32 "
+                f"({self.size}^2 products, measured now)")
+
+
+def _gflops(dtype: torch.dtype, n: int, budget_s: float) -> float:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up (and oneDNN's kernel choice)
+    reps, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        reps += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget_s or reps >= 50:
+            return 2 * n**3 * reps / elapsed / 1e9
+
+
+@functools.cache
+def cpu_gemm_speeds(n: int = 512, budget_s: float = 0.1) -> GemmSpeeds:
+    """fp32 and bf16 GEMM throughput of this CPU (cached for the process)."""
+    return GemmSpeeds(_gflops(torch.float32, n, budget_s), _gflops(torch.bfloat16, n, budget_s), n)
+
+
+def bf16_decision(device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """(use bf16 compute, why) for ``device``."""
+    if torch.device(device).type != "cpu":
+        return True, f"bf16 on {torch.device(device).type}"
+    speeds = cpu_gemm_speeds()
+    if speeds.bf16_pays:
+        return True, f"{speeds.describe()}: bf16 weights and products"
+    return False, f"{speeds.describe()}: bf16 would be slower, so the weights and products stay fp32"
