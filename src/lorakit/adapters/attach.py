@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.layer import BASE, LoraLinear, linear_shape
+from lorakit.adapters.layer import BASE, LoraLinear
+from lorakit.module_kinds import linear_shape
 from lorakit.adapters.targets import Resolution, _under, resolve
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.speed.forward import make_fast, remove_fast

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from lorakit.adapters.attach import DEFAULT, attach, is_adapter_parameter, is_attached, lora_layers, state
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.layer import LoraLinear, linear_shape
+from lorakit.adapters.layer import LoraLinear
+from lorakit.module_kinds import linear_shape
 from lorakit.adapters.targets import Resolution, _under, compact_target_list, resolve
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError, closest
 from lorakit.files import OutputError, write_directory

@@ -36,25 +36,9 @@ from torch.nn import functional as F
 
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.kernels.lora_linear import FrozenInputGrad, lora_linear
-
-try:  # GPT-2 style Conv1D: weight stored as [in, out], y = x W + b
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()  # type: ignore[assignment]
+from lorakit.module_kinds import is_adaptable, linear_shape
 
 BASE = "__base__"  # the row name that selects the base model in a mixed batch (PEFT's)
-
-
-def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    in_f, out_f = module.weight.shape  # Conv1D
-    return in_f, out_f
 
 
 def adapter_dtype(weight: Tensor) -> torch.dtype:

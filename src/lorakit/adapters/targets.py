@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.adapters.config import PRESETS, LoraConfig
-from lorakit.adapters.layer import LoraLinear, is_adaptable
+from lorakit.adapters.layer import LoraLinear
+from lorakit.module_kinds import is_adaptable
 from lorakit.errors import TargetError, closest
 
 _QKV_SEPARATE = {

@@ -85,13 +85,13 @@ class FlopReport:
 
 def _linear_layers(model: nn.Module):
     """(name, module, LoraLinear or None) for every linear layer, adapters counted with their base."""
-    from lorakit.adapters.layer import LoraLinear, is_adaptable
+    from lorakit.module_kinds import is_adaptable, is_adapted
 
     skip: set[str] = set()
     for name, module in model.named_modules():
         if any(name.startswith(s + ".") for s in skip):
             continue
-        if isinstance(module, LoraLinear):
+        if is_adapted(module):
             skip.add(name)
             yield name, module, module
         elif is_adaptable(module):
@@ -114,7 +114,7 @@ def _trace_input_grads(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict
 
 def flops(model: nn.Module, tokens: int, *, batch: dict[str, torch.Tensor] | None = None) -> FlopReport:
     """Per-layer forward and backward FLOPs for ``tokens`` tokens, exact vs CE-LoRA."""
-    from lorakit.adapters.layer import linear_shape
+    from lorakit.module_kinds import linear_shape
     from lorakit.kernels.amm import kept_features
 
     from lorakit.celora import controller

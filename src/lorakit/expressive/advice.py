@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.layer import linear_shape
+from lorakit.module_kinds import linear_shape
 from lorakit.errors import ConfigError, ModelError
 from lorakit.files import write_atomic
 
