@@ -2,7 +2,7 @@
 
     import lorakit
     cfg = lorakit.LoraConfig(r=8, alpha=16, targets="attn-qv")
-    model = lorakit.attach(model, cfg)
+    model = lorakit.attach(model, cfg)         # its own forward is now the fast one in training calls (fast=False: not)
     lorakit.save_adapter(model, "out/")        # PEFT format
     lorakit.load_adapter(model, "out/")        # ours or PEFT's
     lorakit.merge(model); lorakit.unmerge(model); base = lorakit.unload(model, merge=True)

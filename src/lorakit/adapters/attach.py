@@ -185,17 +185,14 @@ def _check_can_add(model: nn.Module, cfg: LoraConfig, name: str) -> None:
     if any(layer.merged for _, layer in lora_layers(model)):
         raise LorakitError("the model's adapters are merged into its weights; lorakit.unmerge(model) before adding one")
     for other, c in [(name, cfg)] + [(n, e.config) for n, e in st.adapters.items()]:
-        if c.init == "pissa" or c.backward == "celora" or c.bias != "none" or (other != name and e_mts(st, other)):
-            what = ("init='pissa' (it rewrites the base weights)" if c.init == "pissa" else
-                    "backward='celora' (its approximation is installed per layer)" if c.backward == "celora" else
-                    f"bias={c.bias!r} (the base biases would be shared by both adapters)" if c.bias != "none" else
-                    f"modules_to_save={e_mts(st, other)} (trained in place, they would be shared by both adapters)")
+        shared = st.adapters[other].modules_to_save if other in st.adapters else []
+        what = ("init='pissa' (it rewrites the base weights)" if c.init == "pissa" else
+                "backward='celora' (its approximation is installed per layer)" if c.backward == "celora" else
+                f"bias={c.bias!r} (the base biases would be shared by both adapters)" if c.bias != "none" else
+                f"modules_to_save={shared} (trained in place, they would be shared by both adapters)" if shared else None)
+        if what:
             raise ConfigError(f"adapter {other!r} has {what}, which lorakit supports with one adapter per model only; "
                               "use a separate model for it")
-
-
-def e_mts(st: AdapterState, name: str) -> list[str]:
-    return st.adapters[name].modules_to_save
 
 
 def set_adapter(model: nn.Module, adapters: str | Sequence[str]) -> nn.Module:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from lorakit.adapters import LoraConfig, attach, save_adapter
 from lorakit.adapters.precision import use_bf16
+from lorakit.speed.forward import fast_path
 from lorakit.speed.gemm import bf16_decision
 from lorakit.errors import ConfigError, LorakitError, TrainingError
 from lorakit.files import OutputError, OutputLock, check_output_dir, entries, write_atomic
@@ -827,6 +828,9 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
         trainer.say("note: " + note)
     if precision is not None:
         trainer.say("note: --bf16: " + precision["why"])
+    path = fast_path(model)
+    if path is not None:
+        trainer.say(f"training calls: {path.describe()}")
     with StopOnSignal() as stop:
         trainer.stop_requested = stop.requested
         result = trainer.fit()
