@@ -203,3 +203,20 @@ def test_trl_sft_trainer_step(minilm_tokenizer, tmp_path):
     assert trained[True][0] == pytest.approx(trained[False][0], rel=1e-5)
     for n, p in trained[False][1].items():
         torch.testing.assert_close(trained[True][1][n], p, rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_torch_save_and_deepcopy_keep_the_fast_model():
+    import io
+
+    fast, _ = pair("llama")
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    for model in (torch.load(buffer, weights_only=False), copy.deepcopy(fast)):
+        assert type(model) is type(fast) and fast_path(model).kind == "fused-head"
+        batch = rows("llama")
+        assert model.train()(**batch).logits is None
+        torch.testing.assert_close(model(**batch).loss, fast(**batch).loss)
+        model.eval()
+        out = model(input_ids=batch["input_ids"], adapter_names=["default", "__base__", "default", "__base__"])
+        assert out.logits.shape[0] == 4  # the mixed-batch hook survives too

@@ -250,32 +250,32 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 def _install_row_adapters(model: nn.Module) -> None:
     """``model(..., adapter_names=[...])``: the keyword is taken off the call before the model's own forward
     sees it and given to every adapted layer for that call (PEFT's mixed-batch inference)."""
-    st = state(model)
+    state(model).hooks = [model.register_forward_pre_hook(_take_row_adapters, with_kwargs=True),
+                          model.register_forward_hook(_clear_row_adapters, always_call=True)]
 
-    def take(module, args, kwargs):
-        rows = kwargs.pop("adapter_names", None)
-        if rows is None:
-            return None
-        rows = list(rows)
-        unknown = sorted({r for r in rows if r != BASE and r not in st.adapters})
-        if unknown:
-            raise LorakitError(f"adapter_names holds {unknown}, which the model does not have; its adapters are "
-                               f"{sorted(st.adapters)} (and {BASE!r} for the base model)")
-        if any(st.adapters[r].config.use_dora for r in set(rows) - {BASE}):
-            raise ConfigError("adapter_names with a DoRA adapter is not supported (PEFT refuses it too); "
-                              "run its rows in a batch of their own with set_adapter")
-        if any(layer.merged for _, layer in lora_layers(module)):
-            raise LorakitError("adapter_names cannot be used while adapters are merged; lorakit.unmerge(model) first")
-        for _, layer in lora_layers(module):
-            layer.row_adapters = rows
-        return args, kwargs
 
-    def clear(module, args, output):
-        for _, layer in lora_layers(module):
-            layer.row_adapters = None
+def _take_row_adapters(model: nn.Module, args, kwargs):
+    rows = kwargs.pop("adapter_names", None)
+    if rows is None:
+        return None
+    st, rows = state(model), list(rows)
+    unknown = sorted({r for r in rows if r != BASE and r not in st.adapters})
+    if unknown:
+        raise LorakitError(f"adapter_names holds {unknown}, which the model does not have; its adapters are "
+                           f"{sorted(st.adapters)} (and {BASE!r} for the base model)")
+    if any(st.adapters[r].config.use_dora for r in set(rows) - {BASE}):
+        raise ConfigError("adapter_names with a DoRA adapter is not supported (PEFT refuses it too); "
+                          "run its rows in a batch of their own with set_adapter")
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise LorakitError("adapter_names cannot be used while adapters are merged; lorakit.unmerge(model) first")
+    for _, layer in lora_layers(model):
+        layer.row_adapters = rows
+    return args, kwargs
 
-    st.hooks = [model.register_forward_pre_hook(take, with_kwargs=True),
-                model.register_forward_hook(clear, always_call=True)]
+
+def _clear_row_adapters(model: nn.Module, args, output) -> None:
+    for _, layer in lora_layers(model):
+        layer.row_adapters = None
 
 
 def _plan_celora(model: nn.Module, cfg: LoraConfig, targets: list[str]):

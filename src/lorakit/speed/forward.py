@@ -132,10 +132,28 @@ def _fast_subclass(cls: type) -> type:
                     return out
             return own(self, *args, **kwargs)
 
+        def __reduce_ex__(self, protocol):
+            """Pickle (torch.save) and deepcopy as the model's own class, then swap back in (``_remake``): the
+            subclass has the original's name, so pickle could not find it by reference."""
+            fast_class = type(self)
+            self.__class__ = cls
+            try:
+                reduced = self.__reduce_ex__(protocol)
+            finally:
+                self.__class__ = fast_class
+            return (_remake, (reduced[0], reduced[1])) + tuple(reduced[2:])
+
         # the same name as the model's class: HF Trainer, save_pretrained and lorakit read type(model).__name__
-        _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
-                                                       "__qualname__": cls.__qualname__})
+        _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__reduce_ex__": __reduce_ex__,
+                                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return _SUBCLASSES[cls]
+
+
+def _remake(make, args):
+    """Unpickling / deepcopy of a fast model: build it as its own class, give it the fast subclass again."""
+    model = make(*args)
+    model.__class__ = _fast_subclass(type(model))
+    return model
 
 
 def _wants_more(model: nn.Module, kwargs: dict) -> bool:
