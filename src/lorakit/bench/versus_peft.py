@@ -29,7 +29,6 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters import LoraConfig, attach
+from lorakit.speed.gemm import peak_gemm
 from lorakit.adapters.precision import use_bf16
 from lorakit.adapters.targets import compact_target_list, resolve
 from lorakit.bench.harness import Contender, alternate
@@ -328,28 +328,6 @@ def step_flops(step: Callable[[], None]) -> int:
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step()
     return int(counter.get_total_flops())
-
-
-def peak_gemm(dtype: torch.dtype, sizes=(1024, 2048, 3072), repeats: int = 3, budget_s: float = 0.5) -> float:
-    """The best GEMM throughput (GFLOP/s) over square sizes on this machine, now.
-
-    A product that takes longer than ``budget_s`` ends the measurement there (its own time counts):
-    on CPUs without bf16 instructions a 3072^2 bf16 product takes minutes (0.8 GFLOP/s on an AMD
-    EPYC without AVX512-BF16, against 90 fp32)."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        first = time.perf_counter() - t
-        best = max(best, 2 * n**3 / first / 1e9)
-        if first > budget_s:
-            break
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 # ---------------------------------------------------------------------------- memory: one fresh process a contender
