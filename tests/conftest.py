@@ -181,3 +181,31 @@ def fill(disk: Path) -> None:
                 fh.write(b"\0" * 4096)
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------------- chat: SmolLM2's tokenizer and template
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (built in; its chat template is ChatML)."""
+    from lorakit.train.models import load_tokenizer
+
+    return load_tokenizer("builtin:smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny Llama on disk with SmolLM2's tokenizer and chat template, as a user's own chat model would be."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tok = smollm2_tokenizer
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=True)
+    return _save(tf.LlamaForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-chat-llama"))
+
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_DATA = REPO / "tests" / "data" / "chat.jsonl"
+GEMMA3_TEMPLATE = REPO / "examples" / "chat_templates" / "gemma3.jinja"

@@ -9,9 +9,8 @@
     lorakit.use_bf16(model)                    # frozen weights in bf16, adapters and optimizer in fp32
     lorakit.attach(model, other, name="b"); lorakit.set_adapter(model, "b")   # several named adapters
     print(lorakit.summary(model))
+    print(lorakit.generate(model, tokenizer, "What is 7 times 8?"))   # a causal LM's reply, chat template applied
 """
-
-__version__ = "0.1.0"
 
 from lorakit.adapters import (  # noqa: E402
     LoraConfig,
@@ -33,11 +32,23 @@ from lorakit.adapters import (  # noqa: E402
     unload,
     unmerge,
 )
+from lorakit.adapters.io import lorakit_version  # noqa: E402
 from lorakit.adapters.precision import use_bf16  # noqa: E402
 from lorakit.errors import LorakitError  # noqa: E402
+
+__version__ = lorakit_version()  # pyproject.toml's, as installed
 
 __all__ = [
     "LoraConfig", "LoraLinear", "LorakitError", "active_adapters", "adapter_names", "add_weighted_adapter", "attach",
     "delete_adapter", "disabled", "is_attached", "load_adapter", "lora_layers", "merge", "read_config", "save_adapter",
     "set_adapter", "summary", "unload", "unmerge", "use_bf16", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``lorakit.generate``: loaded on first use (it brings transformers' generation code with it)."""
+    if name == "generate":
+        from lorakit.train.generate import generate
+
+        return generate
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

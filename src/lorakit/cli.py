@@ -3,6 +3,7 @@
     lorakit train [--model ...] [--data ...] [...]    fine-tune (no arguments: MiniLM on sentiment)
     lorakit eval  --adapter DIR [--model ...] [--data ...]
     lorakit merge --adapter DIR --out DIR [--model ...]
+    lorakit generate --adapter DIR (--prompt TEXT | --chat) [--temperature T] [--max-new-tokens N]
     lorakit info  DIR
     lorakit bench [--model ...] [--modes exact,bf16,celora,poly,dora] [--against peft]
 """
@@ -83,13 +84,22 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a LoRA adapter", description="Fine-tune a LoRA adapter. "
                        "With no arguments: MiniLM on fresh-vs-rotten sentiment, 200 steps.")
     p.add_argument("--model", default="builtin:minilm", help="builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file")
-    p.add_argument("--data", default=None, help="builtin:rotten-tomatoes | builtin:hamlet | FILE.csv | FILE.jsonl | FILE.txt "
+    p.add_argument("--data", default=None, help="builtin:rotten-tomatoes | builtin:hamlet | FILE.csv | FILE.jsonl | FILE.parquet | FILE.txt "
                    "(default: rotten-tomatoes for an encoder, hamlet for builtin:smollm2)")
     p.add_argument("--eval-data", default=None, help="a held-out file (default: a fixed 10%% of --data)")
     p.add_argument("--task", choices=["classify", "causal-lm"], default=None, help="default: inferred from the data")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows (counted in the report) instead of stopping")
+    p.add_argument("--loss-on", choices=["assistant", "all"], default="assistant",
+                   help="conversations (\"messages\" rows): the loss on assistant turns (default) or on every token; "
+                        "prompt/response rows: on the response or on every token")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template for conversational data, replacing the tokenizer's (needed when it has "
+                        "none, e.g. examples/chat_templates/gemma3.jinja for the Gemma 3 GGUF)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="causal LM: pack several rows into each sequence of --max-length tokens, no attention across "
+                        "rows (default: on where a check shows the model keeps packed rows apart exactly)")
     p.add_argument("--targets", type=_targets, default="attn-qv", help="attn-qv | attn-qkv | all-linear | a regex | comma-separated names")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rank-pattern", type=_rank_pattern, default=None,
@@ -166,7 +176,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         data = "builtin:hamlet" if (a.task or builtin_default_task(a.model)) == "causal-lm" else "builtin:rotten-tomatoes"
     cfg = TrainConfig(
         model=a.model, data=data, task=a.task, eval_data=a.eval_data, text_column=a.text_column, label_column=a.label_column,
-        skip_bad_rows=a.skip_bad_rows, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora, dora=a.dora,
+        skip_bad_rows=a.skip_bad_rows, loss_on=a.loss_on, chat_template=a.chat_template, packing=a.packing, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora, dora=a.dora,
         init=a.init, rank_pattern=a.rank_pattern, layers=a.layers, layers_pattern=a.layers_pattern, backward=a.backward, keep_ratio=a.keep_ratio, refresh_every=a.refresh_every, svd_rank=a.svd_rank,
         selection=a.selection, norm_cap=a.norm_cap, attention=a.attention, attention_tolerance=a.attention_tolerance,
         norm_every=a.norm_every, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
@@ -249,6 +259,41 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
     path = merge_adapter(a.adapter, a.out, model=a.model, overwrite=a.overwrite)
     print(f"wrote the merged model to {path}/ (loads with transformers' from_pretrained)")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="talk to a causal LM with its adapter (no merge needed)",
+                       description="Text from the base model plus the adapter: the prompt in the chat template (the one "
+                       "saved with the adapter, else the tokenizer's), the reply streamed as it is generated.")
+    p.add_argument("--adapter", default=None, help="an adapter directory (without it: the --model alone)")
+    p.add_argument("--model", default=None, help="default: the base model recorded in the adapter")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", default=None, help="one user turn; the reply is printed")
+    what.add_argument("--chat", action="store_true", help="an interactive conversation (empty line or /exit ends it, "
+                      "/reset forgets it)")
+    p.add_argument("--system", default=None, help="a system turn put first")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this "
+                   "probability mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="for sampling")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template (default: the "
+                   "adapter's chat_template.jinja, else the tokenizer's)")
+    p.add_argument("--raw", action="store_true", help="feed --prompt as it is, without the chat template")
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from lorakit.train.apply import load_for_generation
+    from lorakit.train.generate import chat_loop, generate
+
+    loaded = load_for_generation(a.adapter, a.model, chat_template=a.chat_template)
+    options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    if a.chat:
+        chat_loop(loaded.model, loaded.tokenizer, system=a.system, **options)
+    else:
+        generate(loaded.model, loaded.tokenizer, a.prompt, system=a.system, raw=a.raw, stream=sys.stdout, **options)
+        print()
     return 0
 
 
@@ -459,6 +504,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, cmd_train),
     "eval": (_add_eval, cmd_eval),
     "merge": (_add_merge, cmd_merge),
+    "generate": (_add_generate, cmd_generate),
     "info": (_add_info, cmd_info),
     "norms": (_add_norms, cmd_norms),
     "rank-advice": (_add_rank_advice, cmd_rank_advice),

@@ -45,7 +45,9 @@ def test_missing_empty_and_unsupported_files(tmp_path):
         D.load_data(write(tmp_path / "e.csv", ""), "classify", TOK, 16)
     with pytest.raises(DataError, match="holds no rows"):
         D.load_data(write(tmp_path / "h.csv", "text,label\n"), "classify", TOK, 16)
-    with pytest.raises(DataError, match="unsupported file type .parquet"):
+    with pytest.raises(DataError, match="unsupported file type .xlsx"):
+        D.load_data(write(tmp_path / "x.xlsx", "x"), "classify", TOK, 16)
+    with pytest.raises(DataError, match="could not be read as Parquet"):
         D.load_data(write(tmp_path / "x.parquet", "x"), "classify", TOK, 16)
     with pytest.raises(DataError, match="holds no text"):
         D.load_data(write(tmp_path / "t.txt", "  \n\n"), "causal-lm", TOK, 16)

@@ -139,7 +139,7 @@ def _save_one(model: nn.Module, name: str, path: Path, convert_pissa: bool, meta
     tensors = {PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_tensors(model, name, convert_pissa=convert_pissa).items()}
     fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model, name))
     doc = cfg.to_peft(compact_target_list(entry.targets, model, cfg), fan_in_fan_out)
-    meta = {"format": "pt", "lorakit_version": _version(),
+    meta = {"format": "pt", "lorakit_version": lorakit_version(),
             SAVED_FIELDS_KEY: json.dumps({k: doc.get(k) for k in WEIGHT_FIELDS}, sort_keys=True)}
     if labels is not None:
         meta.update(lorakit_task="classify", lorakit_labels=json.dumps(list(labels)))
@@ -166,10 +166,14 @@ def are_label_names(labels: Any) -> bool:
             and len(set(labels)) == len(labels))
 
 
-def _version() -> str:
-    from lorakit import __version__
+def lorakit_version() -> str:
+    """lorakit's version as installed (the package metadata: importing the root package would import every layer)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("lorakit")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 # ---------------------------------------------------------------------- reading

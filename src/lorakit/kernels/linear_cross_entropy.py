@@ -31,6 +31,7 @@ import threading
 import torch
 from torch import Tensor
 
+IGNORE_INDEX = -100  # the label of a position without loss (PyTorch's and transformers' convention)
 CHUNK_BYTES = 96 * 2**20  # logits per chunk (rows = this / (4 V), at least 32): 512 rows for a 49k vocabulary
 _workspace = threading.local()
 
@@ -125,7 +126,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
-                         ignore_index: int = -100, chunk: int | None = None, scale: float = 1.0,
+                         ignore_index: int = IGNORE_INDEX, chunk: int | None = None, scale: float = 1.0,
                          softcap: float | None = None, divisor: float | Tensor | None = None) -> Tensor:
     """Mean cross-entropy of ``softcap(scale * (hidden @ weight.T + bias))`` against ``labels`` (see the module
     docstring); with ``divisor`` the summed cross-entropy / divisor (transformers' ``num_items_in_batch``).

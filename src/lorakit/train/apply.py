@@ -12,7 +12,7 @@ from lorakit.adapters.io import CONFIG_NAME, WEIGHTS_NAME, are_label_names, read
 from lorakit.errors import AdapterFileError, DataError, LorakitError
 from lorakit.files import OutputError, check_output_dir, entries, write_directory
 from lorakit.train.data import BUILTIN_DATA, load_data
-from lorakit.train.models import load_model, load_tokenizer, model_dir
+from lorakit.train.models import gguf_identity, load_model, load_tokenizer, model_dir
 from lorakit.train.trainer import DEFAULT_MAX_LENGTH, evaluate
 
 _TASK_OF_PEFT = {"SEQ_CLS": "classify", "CAUSAL_LM": "causal-lm"}
@@ -54,9 +54,48 @@ def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, l
     if task == "classify" and labels is None:
         raise AdapterFileError(f"{adapter}: a classification adapter without label names (lorakit_labels metadata); "
                                "pass them in the order of the classifier's outputs: --labels neg,pos")
+    if model is None:
+        check_base_file(adapter, spec)
     loaded = load_model(spec, task, label_names=labels, tokenizer=load_tokenizer(spec))
     load_adapter(loaded.model, adapter)
     return loaded, task, labels
+
+
+def check_base_file(adapter: str | os.PathLike, spec: str) -> None:
+    """Refuse a recorded .gguf base that is no longer the file the adapter was trained on (its size and sha256 are in
+    the adapter's metadata): the adapter would load without a word and compute something else."""
+    _, meta = read_tensors(adapter)
+    if "lorakit_base_sha256" not in meta:
+        return
+    now = gguf_identity(spec)
+    if now is None:
+        return
+    if now["sha256"] != meta["lorakit_base_sha256"]:
+        raise AdapterFileError(f"{spec} is not the file {adapter} was trained on: sha256 {now['sha256'][:12]}, "
+                               f"{now['size']:,} bytes now; {meta['lorakit_base_sha256'][:12]}, "
+                               f"{int(meta.get('lorakit_base_size', 0)):,} bytes then. Restore that file, or pass "
+                               "--model to use this one anyway")
+
+
+def load_for_generation(adapter: str | None, model: str | None = None, *, chat_template: str | None = None):
+    """A causal LM with ``adapter`` loaded (or ``model`` alone), its tokenizer set to the chat template to talk
+    with (``chat_template`` FILE, else the adapter's chat_template.jinja, else the tokenizer's)."""
+    from lorakit.train.generate import adapter_chat_template
+
+    template = adapter_chat_template(adapter, chat_template)  # a bad file fails before the model loads
+    if adapter is not None:
+        task, _, _ = adapter_task(adapter)
+        if task != "causal-lm":
+            raise LorakitError(f"{adapter} is a {task} adapter; lorakit generate needs a causal-LM one "
+                               "(lorakit eval measures a classifier)")
+        loaded, _, _ = load_with_adapter(adapter, model)
+    elif model is None:
+        raise LorakitError("give --adapter, --model, or both")
+    else:
+        loaded = load_model(model, "causal-lm")
+    if template is not None:
+        loaded.tokenizer.chat_template = template
+    return loaded
 
 
 def recorded_run(adapter: str | os.PathLike) -> dict[str, Any]:
@@ -109,8 +148,8 @@ def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite
     spec = model or _recorded_base(adapter)
     inputs: dict[str, Any] = {"--adapter": adapter}
     if spec:
-        folder, gguf = model_dir(spec)
-        inputs["--model"] = folder / gguf if gguf else folder
+        given = Path(spec).expanduser()
+        inputs["--model"] = given if given.is_file() else model_dir(spec)  # a .gguf: the file, not its cached copy
     out_path = check_output_dir(out, inputs=inputs)
     if entries(out_path) and not overwrite:
         raise OutputError(f"--out {out_path} exists and is not empty; choose another directory or pass --overwrite "

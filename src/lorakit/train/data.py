@@ -5,7 +5,9 @@
                              held-out split of 2,000 snippets
     builtin:hamlet           the play as plain text (causal LM), the last 10% held out
     FILE.csv / FILE.jsonl    classification (a text and a label column) or, for causal LM,
-                             "prompt"/"response" rows (loss on the response only) or a text column
+    / FILE.parquet           "prompt"/"response" (or TRL's "prompt"/"completion") rows, loss on the
+                             response only, or a text column; or conversations ("messages" rows,
+                             formatted with the chat template, loss on assistant turns: train/chat.py)
     FILE.txt                 plain text for causal LM, cut into blocks of max_length tokens
 
 Rows are plain dicts: {"input_ids": [...], "labels": int} for classification and
@@ -31,8 +33,9 @@ from typing import Any
 import torch
 
 from lorakit.errors import DataError
+from lorakit.kernels.linear_cross_entropy import IGNORE_INDEX
+from lorakit.train.chat import chat_rows, is_chat_row, use_chat_template
 
-IGNORE_INDEX = -100
 BUILTIN_DATA = {
     "rotten-tomatoes": "classify",
     "hamlet": "causal-lm",
@@ -53,6 +56,7 @@ class Dataset:
     source: str = ""
     notes: list[str] = field(default_factory=list)
     bad_rows: int = 0
+    conversations: bool = False  # rows formatted with the chat template
 
 
 # ---------------------------------------------------------------------- raw readers
@@ -72,8 +76,8 @@ _READ_ERRORS = (OSError, EOFError, csv.Error, zlib.error)
 def _kind(path: Path) -> str:
     suffixes = [s for s in path.suffixes if s not in (".bz2", ".gz")]
     ext = suffixes[-1].lower() if suffixes else ""
-    if ext not in (".csv", ".jsonl", ".txt", ".tsv"):
-        raise DataError(f"{path}: unsupported file type {ext or '(none)'}; use .csv, .tsv, .jsonl or .txt")
+    if ext not in (".csv", ".jsonl", ".txt", ".tsv", ".parquet"):
+        raise DataError(f"{path}: unsupported file type {ext or '(none)'}; use .csv, .tsv, .jsonl, .parquet or .txt")
     return ext[1:]
 
 
@@ -94,6 +98,8 @@ def read_rows(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[list[di
     path = Path(path)
     _check_file(path)
     kind = _kind(path)
+    if kind == "parquet":
+        return _parquet_rows(path), 0
     rows: list[dict[str, Any]] = []
     bad = 0
     try:
@@ -143,6 +149,21 @@ def read_rows(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[list[di
     if not rows:
         raise DataError(f"data file {path} holds no rows")
     return rows, bad
+
+
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a Parquet file as dicts (nested lists and structs as Python lists and dicts)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow (or convert the file to JSONL)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: could not be read as Parquet ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not rows:
+        raise DataError(f"data file {path} holds no rows")
+    return rows
 
 
 def read_text(path: str | Path) -> str:
@@ -223,15 +244,17 @@ def text_blocks(tokenizer, text: str, max_length: int) -> list[dict[str, Any]]:
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
-def prompt_response_rows(tokenizer, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
-    """Prompt then response (then EOS); loss on the response tokens only."""
+def prompt_response_rows(tokenizer, rows: list[dict[str, Any]], max_length: int, *, response: str = "response",
+                         loss_on: str = "assistant") -> list[dict[str, Any]]:
+    """Prompt then response (then EOS); the loss on the response tokens only (``loss_on="all"``: on every token).
+    ``response`` names the column: "response", or "completion" as TRL's prompt-completion rows call it."""
     out = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for row in rows:
         p = tokenizer(str(row["prompt"]), add_special_tokens=True)["input_ids"]
-        r = tokenizer(str(row["response"]), add_special_tokens=False)["input_ids"] + eos
+        r = tokenizer(str(row[response]), add_special_tokens=False)["input_ids"] + eos
         ids = (p + r)[:max_length]
-        labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]
+        labels = ((list(p) if loss_on == "all" else [IGNORE_INDEX] * len(p)) + r)[:max_length]
         if any(label != IGNORE_INDEX for label in labels):
             out.append({"input_ids": ids, "labels": labels})
     return out
@@ -334,12 +357,16 @@ def load_data(
     eval_spec: str | None = None,
     skip_bad_rows: bool = False,
     split: bool = True,
+    loss_on: str = "assistant",
+    chat_template: str | None = None,
 ) -> Dataset:
     """Read and tokenise ``spec`` for ``task``.
 
     ``split``: hold out a fixed part as the evaluation set (built-in sets have their own);
     without it every row goes to ``eval`` (what ``lorakit eval`` uses on a user file).
     ``label_names``: the training label order, when evaluating a trained classifier.
+    ``loss_on``: "assistant" (conversations: assistant turns; prompt rows: the response) or "all".
+    ``chat_template``: Jinja text replacing the tokenizer's chat template (conversations only).
     """
     if spec.startswith("builtin:"):
         key = spec.split(":", 1)[1]
@@ -360,6 +387,8 @@ def load_data(
     path = Path(spec)
     kind = _kind_or_error(path)
     bad = 0
+    notes: list[str] = []
+    conversations = False
     if task == "classify":
         if kind == "txt":
             raise DataError(f"{path}: classification needs a CSV/JSONL file with {text_column!r} and {label_column!r} columns")
@@ -380,9 +409,21 @@ def load_data(
     else:
         rows, bad = read_rows(path, skip_bad_rows=skip_bad_rows)
         names = None
-        if "prompt" in rows[0] and "response" in rows[0]:
-            _require_columns(rows, path, "prompt", "response")
-            all_rows = prompt_response_rows(tokenizer, rows, max_length)
+        conversations = is_chat_row(rows[0])
+        if conversations:
+            use_chat_template(tokenizer, chat_template, str(path))
+            chats = chat_rows(tokenizer, rows, max_length, loss_on=loss_on, source=str(path))
+            all_rows = chats.rows
+            if chats.cut:
+                notes.append(f"{chats.cut} of {len(rows)} conversations in {path} are longer than --max-length "
+                             f"{max_length} tokens and were cut there")
+            if chats.dropped:
+                notes.append(f"dropped {chats.dropped} conversation(s) of {path} with no assistant token within "
+                             f"--max-length {max_length}; raise --max-length to keep them")
+        elif "prompt" in rows[0] and ("response" in rows[0] or "completion" in rows[0]):
+            response = "response" if "response" in rows[0] else "completion"
+            _require_columns(rows, path, "prompt", response)
+            all_rows = prompt_response_rows(tokenizer, rows, max_length, response=response, loss_on=loss_on)
         else:
             _require_columns(rows, path, text_column)
             all_rows = []
@@ -391,13 +432,15 @@ def load_data(
                     all_rows.append({"input_ids": ids, "labels": list(ids)})
     if not all_rows:
         raise DataError(f"{path}: no usable rows after tokenisation")
-    notes = [f"skipped {bad} malformed row(s) in {path}"] if bad else []
+    if bad:
+        notes.insert(0, f"skipped {bad} malformed row(s) in {path}")
     if eval_spec is not None:
         held = load_data(eval_spec, task, tokenizer, max_length, text_column=text_column, label_column=label_column,
-                         label_names=names, skip_bad_rows=skip_bad_rows, split=False)
-        return Dataset(task, all_rows, held.eval, names, spec, notes + held.notes, bad + held.bad_rows)
+                         label_names=names, skip_bad_rows=skip_bad_rows, split=False, loss_on=loss_on,
+                         chat_template=chat_template)
+        return Dataset(task, all_rows, held.eval, names, spec, notes + held.notes, bad + held.bad_rows, conversations)
     if not split:
-        return Dataset(task, [], all_rows, names, spec, notes, bad)
+        return Dataset(task, [], all_rows, names, spec, notes, bad, conversations)
     order = list(range(len(all_rows)))
     random.Random(20240613).shuffle(order)
     n_eval = max(1, int(len(all_rows) * HELD_OUT_FRACTION)) if len(all_rows) > 1 else 0
@@ -408,12 +451,27 @@ def load_data(
     if n_eval < FEW_HELD_OUT:
         notes.append(f"{n_eval} of {len(all_rows)} rows of {path} are held out for evaluation ({HELD_OUT_FRACTION:.0%}); "
                      "metrics on so few rows are noisy: pass --eval-data FILE for a held-out set of your own")
-    return Dataset(task, train, held, names, spec, notes, bad)
+    return Dataset(task, train, held, names, spec, notes, bad, conversations)
 
 
 # ---------------------------------------------------------------------- batching
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest row; classification labels stay one per row, LM labels are padded with -100."""
+    """Pad to the longest row; classification labels stay one per row, LM labels are padded with -100.
+
+    Packed rows (with "position_ids", train/packing.py) get no attention_mask: the padding at the end is a
+    sequence of its own (positions from 0, no labels), and causal attention never reads ahead into it."""
+    if "position_ids" in rows[0]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.arange(width).repeat(len(rows), 1)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            positions[i, :n] = torch.tensor(r["position_ids"])
+            positions[i, n:] -= n
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

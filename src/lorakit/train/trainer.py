@@ -35,10 +35,14 @@ from lorakit.adapters.precision import use_bf16
 from lorakit.speed.forward import fast_path
 from lorakit.speed.gemm import bf16_decision
 from lorakit.errors import ConfigError, LorakitError, TrainingError
+from lorakit.kernels.linear_cross_entropy import IGNORE_INDEX
 from lorakit.files import OutputError, OutputLock, check_output_dir, entries, write_atomic
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed, memory
+from lorakit.train.chat import CHAT_TEMPLATE_FILE, LOSS_ON, read_chat_template
 from lorakit.train.data import Dataset, collate
+from lorakit.train.models import gguf_identity
+from lorakit.train.packing import pack_rows, packing_is_exact, padding_fraction
 from lorakit.train.distributed import Dist
 
 DEFAULT_STEPS = 200
@@ -61,6 +65,9 @@ class TrainConfig:
     text_column: str = "text"
     label_column: str = "label"
     skip_bad_rows: bool = False
+    loss_on: str = "assistant"  # conversations: assistant turns; prompt/response rows: the response; "all": every token
+    chat_template: str | None = None  # a Jinja file replacing the tokenizer's chat template
+    packing: bool | None = None  # causal LM: several rows per sequence; None: where the model keeps them apart exactly
     targets: str | list[str] = "attn-qv"
     rank: int = 8
     alpha: float = 16.0
@@ -132,6 +139,10 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one of them")
         check_device(self.device)
+        if self.loss_on not in LOSS_ON:
+            raise ConfigError(f"loss_on={self.loss_on!r} must be one of {', '.join(LOSS_ON)}")
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a missing or non-Jinja file fails before any model is loaded
         if self.attention is not None:
             from lorakit.limits.attention import AttentionPolicy
 
@@ -269,7 +280,7 @@ class MetricsLog:
 def loss_targets(b: dict[str, torch.Tensor]) -> int:
     """What the batch loss is a mean over: rows (classification) or labelled next tokens (causal LM)."""
     labels = b["labels"]
-    return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum().item())
+    return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum().item())
 
 
 @torch.no_grad()
@@ -516,7 +527,8 @@ class Trainer:
             start = self.micro * self.rank_batch
             idx = order[start : start + self.rank_batch]
             real = idx[: max(0, self.real_rows - start)]  # the sampler's padding rows carry no weight
-            b = self.batch([self.data.train[i] for i in (real or idx)])
+            rows = [self.data.train[i] for i in (real or idx)]
+            b = self.batch(rows)
             last_micro = micro_in_step + 1 == cfg.grad_accum
             with distributed.gradient_sync(self.engine, last_micro):
                 with self.autocast():
@@ -526,7 +538,7 @@ class Trainer:
                     weight *= distributed.loss_weight(self.dist, loss_targets(b) if real else 0, self.device)
                 (loss.float() * weight).backward()
             loss_acc += loss.detach().float().item() * weight
-            tokens += int(b["attention_mask"].sum().item())
+            tokens += sum(len(r["input_ids"]) for r in rows)
             self.micro += 1
             micro_in_step += 1
             if not last_micro:
@@ -672,9 +684,10 @@ def prepare(cfg: TrainConfig):
     cfg.task = cfg.task or infer_task(cfg.data, label_column=cfg.label_column)
     check_max_length(cfg.model, cfg.max_length or DEFAULT_MAX_LENGTH[cfg.task])
     tokenizer = load_tokenizer(cfg.model)
+    template = read_chat_template(cfg.chat_template) if cfg.chat_template else None
     data = load_data(cfg.data, cfg.task, tokenizer, cfg.max_length or DEFAULT_MAX_LENGTH[cfg.task],
                      text_column=cfg.text_column, label_column=cfg.label_column, eval_spec=cfg.eval_data,
-                     skip_bad_rows=cfg.skip_bad_rows)
+                     skip_bad_rows=cfg.skip_bad_rows, loss_on=cfg.loss_on, chat_template=template)
     loaded = load_model(cfg.model, cfg.task, label_names=data.label_names, tokenizer=tokenizer)
     return loaded, data
 
@@ -727,6 +740,26 @@ def _limits_hooks(cfg: TrainConfig, model: nn.Module, data, pad_id: int) -> list
     return hooks
 
 
+def _pack(cfg: TrainConfig, model: nn.Module, data: Dataset) -> str | None:
+    """Pack the causal-LM training rows where the model keeps packed rows apart exactly; what was done, as a note."""
+    if data.task != "causal-lm" or cfg.packing is False:
+        return None
+    max_length = cfg.max_length or DEFAULT_MAX_LENGTH[data.task]
+    if not packing_is_exact(model, data.train):  # checked without a KV cache, as the training calls then run
+        why = (f"{type(model).__name__} with this attention gives other logits for rows packed together than for "
+               "each alone (it does not restart attention at packed row boundaries)")
+        if cfg.packing:
+            raise ConfigError(f"--packing: {why}; drop --packing (batches are then padded)")
+        return f"packing off: {why}; batches are padded"
+    model.config.use_cache = False  # transformers honours the packed rows' boundaries only without a cache
+    padded = padding_fraction(data.train, cfg.batch_size)
+    n_rows = len(data.train)
+    data.train = pack_rows(data.train, max_length)
+    filled = sum(len(r["input_ids"]) for r in data.train) / (len(data.train) * max_length)
+    return (f"packing: {n_rows:,} rows in {len(data.train):,} sequences of up to {max_length} tokens ({filled:.0%} full; "
+            f"{padded:.0%} of padded batches' tokens would be padding); --batch-size counts sequences (--no-packing: padded batches of rows)")
+
+
 def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, Any]:
     """The whole job: load, attach, train, write the adapter and the report into cfg.out.
 
@@ -742,7 +775,8 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
 
 
 # What a run writes into --out; --overwrite replaces exactly these, and other files there are left alone.
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "run.json", "training.png", "norms.png")
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "run.json", "training.png", "norms.png",
+             CHAT_TEMPLATE_FILE)
 
 
 def check_output(cfg: TrainConfig) -> Path:
@@ -810,7 +844,12 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
     if celora.controller(model) is not None:
         hooks.append(celora.Refresher(model))
     hooks += _limits_hooks(cfg, model, data, loaded.tokenizer.pad_token_id)
+    n_rows = len(data.train)
+    packing = _pack(cfg, model, data)
     meta = {"lorakit_task": data.task}
+    base_file = gguf_identity(cfg.model)
+    if base_file is not None:  # the adapter records which file it was trained on
+        meta.update(lorakit_base_size=str(base_file["size"]), lorakit_base_sha256=base_file["sha256"])
     if data.label_names:
         meta["lorakit_labels"] = json.dumps(data.label_names)
     trainer = Trainer(model, data, cfg, pad_id=loaded.tokenizer.pad_token_id, hooks=hooks, checkpoint_meta=meta, dist=d,
@@ -818,13 +857,13 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
     from lorakit.adapters import summary
 
     s = summary(model)
-    trainer.say(f"{loaded.name} on {data.source} ({data.task}): {len(data.train):,} training rows, {len(data.eval):,} held out; "
+    trainer.say(f"{loaded.name} on {data.source} ({data.task}): {n_rows:,} training rows, {len(data.eval):,} held out; "
                 f"{s.adapter_params:,} adapter parameters in {len(s.rows)} modules, {s.trainable:,} trainable")
     if d.active:
         how = "FSDP2, base sharded" if d.shard else "DDP over the adapter"
         trainer.say(f"{d.world} processes ({how}, {'nccl' if trainer.device.type == 'cuda' else 'gloo'}): "
                     f"{trainer.rank_batch} rows each of the global batch of {cfg.batch_size}")
-    for note in data.notes:
+    for note in data.notes + ([packing] if packing else []):
         trainer.say("note: " + note)
     if precision is not None:
         trainer.say("note: --bf16: " + precision["why"])
@@ -845,6 +884,8 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
         if d.is_main:
             try:
                 save_adapter(model, out, metadata=meta)
+                if loaded.tokenizer.chat_template and (cfg.chat_template or data.conversations):
+                    write_atomic(out / CHAT_TEMPLATE_FILE, lambda tmp: Path(tmp).write_text(loaded.tokenizer.chat_template))
             except LorakitError as exc:
                 last = ckpt.latest(trainer.checkpoint_root)
                 kept = f"checkpoint {last.path} (step {last.step}) is intact" if last else "no checkpoint was written"
