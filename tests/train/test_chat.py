@@ -186,3 +186,10 @@ def test_chat_fine_tune_lowers_the_assistant_loss_and_keeps_the_template(tmp_pat
     assert (out / "chat_template.jinja").read_text().startswith("{% for message in messages %}")
     code = cli.main(["generate", "--adapter", str(out), "--prompt", "What is 3 plus 4?", "--max-new-tokens", "8"])
     assert code == 0 and capsys.readouterr().out.strip()
+
+
+def test_a_chat_template_for_text_data_is_reported_unused(tiny_llama_dir, corpus_txt):
+    from lorakit.train.trainer import TrainConfig, prepare
+
+    _, data = prepare(TrainConfig(model=tiny_llama_dir, data=corpus_txt, chat_template=str(GEMMA3_TEMPLATE)))
+    assert any("--chat-template" in n and "is not used" in n for n in data.notes) and not data.conversations

@@ -688,6 +688,9 @@ def prepare(cfg: TrainConfig):
     data = load_data(cfg.data, cfg.task, tokenizer, cfg.max_length or DEFAULT_MAX_LENGTH[cfg.task],
                      text_column=cfg.text_column, label_column=cfg.label_column, eval_spec=cfg.eval_data,
                      skip_bad_rows=cfg.skip_bad_rows, loss_on=cfg.loss_on, chat_template=template)
+    if template is not None and not data.conversations:
+        data.notes.append(f"--chat-template {cfg.chat_template} is not used: {cfg.data} holds no conversations "
+                          "(\"messages\" rows)")
     loaded = load_model(cfg.model, cfg.task, label_names=data.label_names, tokenizer=tokenizer)
     return loaded, data
 
