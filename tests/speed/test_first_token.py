@@ -8,19 +8,31 @@ import transformers as tf
 import lorakit
 from lorakit.speed import own_forward
 from lorakit.speed.attention import use_fast_attention
+from lorakit.speed.families import FIRST_TOKEN
 from lorakit.speed.first_token import first_token_layer, first_token_only
 
 SIZES = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
              max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2)
 FAMILIES = {"bert": (tf.BertConfig, tf.BertForSequenceClassification),
             "roberta": (tf.RobertaConfig, tf.RobertaForSequenceClassification),
-            "electra": (tf.ElectraConfig, tf.ElectraForSequenceClassification)}
+            "xlm-roberta": (tf.XLMRobertaConfig, tf.XLMRobertaForSequenceClassification),
+            "camembert": (tf.CamembertConfig, tf.CamembertForSequenceClassification),
+            "electra": (tf.ElectraConfig, tf.ElectraForSequenceClassification),
+            "ernie": (tf.ErnieConfig, tf.ErnieForSequenceClassification),
+            "data2vec-text": (tf.Data2VecTextConfig, tf.Data2VecTextForSequenceClassification),
+            "distilbert": (tf.DistilBertConfig, tf.DistilBertForSequenceClassification)}
+DISTILBERT_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                    "intermediate_size": "hidden_dim", "hidden_dropout_prob": "dropout",
+                    "attention_probs_dropout_prob": "attention_dropout"}
 
 
 def classifier(family: str, attention: str = "sdpa", **overrides):
     config_class, model_class = FAMILIES[family]
     torch.manual_seed(0)
-    config = config_class(**{**SIZES, **overrides}, attn_implementation="eager" if attention == "eager" else "sdpa")
+    sizes = {**SIZES, **overrides}
+    if family == "distilbert":
+        sizes = {DISTILBERT_NAMES.get(k, k): v for k, v in sizes.items()} | {"seq_classif_dropout": 0.1}
+    config = config_class(**sizes, attn_implementation="eager" if attention == "eager" else "sdpa")
     model = lorakit.attach(model_class(config), lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
@@ -49,11 +61,14 @@ def loss_grads_and_random_state(model, step):
 
 
 @pytest.mark.parametrize("family, attention", [("bert", "lorakit"), ("bert", "eager"), ("bert", "sdpa"),
-                                               ("roberta", "lorakit"), ("electra", "lorakit")])
+                                               ("roberta", "lorakit"), ("xlm-roberta", "lorakit"),
+                                               ("camembert", "lorakit"), ("electra", "lorakit"), ("ernie", "lorakit"),
+                                               ("data2vec-text", "lorakit"), ("distilbert", "lorakit"),
+                                               ("distilbert", "eager"), ("distilbert", "sdpa")])
 def test_same_loss_gradients_and_dropout_draws_as_the_full_forward(family, attention):
     model, data = classifier(family, attention), batch()
-    layer = first_token_layer(model)
-    assert layer is not None
+    found = first_token_layer(model)
+    assert found is not None and found.layout.query.endswith(("query", "q_lin"))
     with own_forward(model):
         full = loss_grads_and_random_state(model, lambda: model(**data).loss)
     ours = loss_grads_and_random_state(model, lambda: model(**data).loss)  # the attached model's fast forward
@@ -61,7 +76,7 @@ def test_same_loss_gradients_and_dropout_draws_as_the_full_forward(family, atten
     for name, grad in full[1].items():
         torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert torch.equal(ours[2], full[2])  # every later draw (the next step's masks) is the same too
-    assert "forward" not in layer.__dict__  # the layer is itself again after the loss
+    assert "forward" not in found.layer.__dict__  # the layer is itself again after the loss
 
 
 def test_row_zero_of_the_last_hidden_state_is_the_full_ones():
@@ -85,6 +100,12 @@ def test_bf16_fast_dropout_draws_the_full_masks():
     assert torch.equal(ours[2], full[2])
 
 
+def test_every_family_of_the_table_is_tested_here():
+    assert set(FAMILIES) == set(FIRST_TOKEN)
+    for family, (_, model_class) in FAMILIES.items():
+        assert FIRST_TOKEN[family].classifier == model_class.__name__
+
+
 def test_only_models_whose_head_reads_the_first_token(make_model):
     assert first_token_layer(make_model("llama-cls")) is None  # pools the last token
     token = tf.BertForTokenClassification(tf.BertConfig(**SIZES))
@@ -92,15 +113,18 @@ def test_only_models_whose_head_reads_the_first_token(make_model):
     decoder = classifier("bert", is_decoder=True)
     assert first_token_layer(decoder) is None
     poly = classifier("bert", "lorakit")
-    lorakit.limits.use_attention(poly, "poly", degree=2)
+    from lorakit.limits import use_attention
+
+    use_attention(poly, "poly", degree=2)
     assert first_token_layer(poly) is None  # the poly kernel decides per layer; left alone
+    assert first_token_layer(classifier("distilbert", chunk_size_feed_forward=4)) is None  # a chunked feed-forward
 
 
 def test_a_forward_set_on_the_instance_is_put_back():
     model = classifier("bert", "lorakit")
-    layer = first_token_layer(model)
-    own = layer.forward
-    layer.forward = own  # e.g. a hook library's wrapper
-    with first_token_only(layer):
-        assert layer.forward.__func__.__name__ == "_first_token_forward"
-    assert layer.__dict__["forward"] is own
+    found = first_token_layer(model)
+    own = found.layer.forward
+    found.layer.forward = own  # e.g. a hook library's wrapper
+    with first_token_only(found):
+        assert found.layer.forward.func.__name__ == "_first_token_forward"
+    assert found.layer.__dict__["forward"] is own

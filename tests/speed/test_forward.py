@@ -35,6 +35,8 @@ def build(family: str):
         return tf.GraniteForCausalLM(tf.GraniteConfig(**DECODER, logits_scaling=4.0))
     if family == "cohere":  # logits * logit_scale
         return tf.CohereForCausalLM(tf.CohereConfig(**DECODER, logit_scale=0.5))
+    if family == "mixtral":  # mixture of experts: the router's aux loss only with output_router_logits
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2))
     if family == "gpt2":
         return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
@@ -42,6 +44,10 @@ def build(family: str):
         return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
                                               num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
                                               dropout=0.0, attention_dropout=0.0, pad_token_id=1))
+    if family == "distilbert":
+        return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=40, max_position_embeddings=64, num_labels=3,
+            dropout=0.1, attention_dropout=0.1))
     classes = {"bert": (tf.BertConfig, tf.BertForSequenceClassification),
                "roberta": (tf.RobertaConfig, tf.RobertaForSequenceClassification),
                "electra": (tf.ElectraConfig, tf.ElectraForSequenceClassification)}
@@ -49,8 +55,8 @@ def build(family: str):
     return model_class(config_class(**ENCODER))
 
 
-DECODERS = ["llama", "qwen2", "gpt2", "opt", "gemma3", "gemma2", "granite", "cohere"]
-ENCODERS = ["bert", "roberta", "electra"]
+DECODERS = ["llama", "qwen2", "gpt2", "opt", "gemma3", "gemma2", "granite", "cohere", "mixtral"]
+ENCODERS = ["bert", "roberta", "electra", "distilbert"]
 
 
 def pair(family: str, **cfg):
@@ -113,7 +119,7 @@ def test_own_loop_loss_and_gradients_equal_the_plain_model(family):
     torch.testing.assert_close(fast(**batch).logits, slow.eval()(**batch).logits, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "bert"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "bert", "distilbert"])
 def test_hf_trainer_step_with_gradient_accumulation(family, tmp_path):
     """One optimizer step of HF Trainer (SGD, lr 1: the update is the gradient) over 2 micro-batches of 2 rows;
     the fused loss honours num_items_in_batch exactly as transformers' loss does."""
@@ -133,6 +139,19 @@ def test_hf_trainer_step_with_gradient_accumulation(family, tmp_path):
     assert trained["fast"][0] == pytest.approx(trained["slow"][0], rel=1e-5)
     for n, p in trained["slow"][1].items():
         torch.testing.assert_close(trained["fast"][1][n], p, rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_router_logits_asked_for_take_the_own_forward_with_its_aux_loss():
+    fast, slow = pair("mixtral")
+    batch = rows("mixtral")
+    out, grads = loss_and_grads(fast, {**batch, "output_router_logits": True})
+    ref, ref_grads = loss_and_grads(slow, {**batch, "output_router_logits": True})
+    assert out.logits is not None and out.aux_loss is not None  # the model's own forward ran
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    fused = fast(**batch)
+    assert fused.logits is None and fused.aux_loss is None  # router logits not asked for: the fused loss
+    torch.testing.assert_close(fused.loss, out.loss - fast.config.router_aux_loss_coef * out.aux_loss, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_calls_the_fast_path_does_not_cover_run_the_own_forward():

@@ -1,17 +1,18 @@
 """Encoder classifiers read one token: their last layer computes that token's row alone.
 
-The BERT-family sequence classifiers (``speed.families.FIRST_TOKEN``: BERT and MiniLM, RoBERTa, XLM-R,
-CamemBERT, ELECTRA) read only the first position of the last hidden state ([CLS] / <s>). In the last encoder layer
-everything after the key and value projections is row-wise in the query position, so the loss
-depends on that layer only through row 0 (H: the layer input, all L rows; h_0 its first row):
+The sequence classifiers of ``speed.families.FIRST_TOKEN`` (BERT and MiniLM, RoBERTa, XLM-R,
+CamemBERT, ELECTRA, ERNIE, Data2Vec-Text, DistilBERT) read only the first position of the last
+hidden state ([CLS] / <s>). In the last encoder layer everything after the key and value
+projections is row-wise in the query position, so the loss depends on that layer only through
+row 0 (H: the layer input, all L rows; h_0 its first row):
 
     K = H Wk + bk,  V = H Wv + bv                        (every row: the first token attends to all)
     q_0 = h_0 Wq + bq,  a_0 = drop(softmax(q_0 K^T * scale + mask_0)) V
     o_0 = LN(drop(a_0 Wo + bo) + h_0),  out_0 = LN(drop(act(o_0 W1 + b1) W2 + b2) + o_0)
 
-``first_token_layer(model)`` finds such a layer and ``first_token_only(layer)`` makes it compute
-exactly this for the duration of a ``with`` block; the other L - 1 rows of its query, attention,
-output and feed-forward products are never formed. At MiniLM's 6 layers and 128 tokens that is
+``first_token_layer(model)`` finds such a layer (with its family's ``EncoderLayout``) and
+``first_token_only(found)`` makes it compute exactly this for the duration of a ``with`` block;
+the other L - 1 rows of its query, attention, output and feed-forward products are never formed. At MiniLM's 6 layers and 128 tokens that is
 ~14% of a training step's FLOPs. Every dropout in the layer draws its mask at the full shape
 ([B, heads, L, L] or [B, L, hidden]) and keeps the first row (``kernels.dropout.dropout_leading_rows``),
 so the random stream, and the loss for a given seed, are those of the full forward.
@@ -21,10 +22,11 @@ so the random stream, and the loss for a given seed, are those of the full forwa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
-import types
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,36 +35,40 @@ from torch import Tensor, nn
 from lorakit.kernels.dropout import dropout_leading_rows, zero_padded
 from lorakit.speed.attention import FAST_DROPOUT_FLAG, LORAKIT_SDPA, masked_softmax
 from lorakit.speed.dropout import FastDropout
-from lorakit.speed.families import is_first_token_classifier
+from lorakit.speed.families import EncoderLayout, first_token_family
+
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", LORAKIT_SDPA)
-_LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.self.dropout",
-                "attention.output.dense", "attention.output.dropout", "attention.output.LayerNorm",
-                "intermediate", "output.dense", "output.dropout", "output.LayerNorm")
 
 
-def _has(module: nn.Module, path: str) -> bool:
-    for part in path.split("."):
+class FirstTokenLayer(NamedTuple):
+    layer: nn.Module
+    layout: EncoderLayout
+
+
+def _get(module: nn.Module, path: str):
+    for part in filter(None, path.split(".")):
         module = getattr(module, part, None)
         if module is None:
-            return False
-    return True
+            return None
+    return module
 
 
-def first_token_layer(model: nn.Module) -> nn.Module | None:
-    """The last encoder layer of a first-token classifier whose structure this module knows, else None."""
-    config = getattr(model, "config", None)
-    if not is_first_token_classifier(model) or config is None:
+def first_token_layer(model: nn.Module) -> FirstTokenLayer | None:
+    """The last encoder layer of a first-token classifier whose layout this module knows, else None."""
+    family, config = first_token_family(model), getattr(model, "config", None)
+    if family is None or config is None:
         return None
-    if getattr(config, "_attn_implementation", None) not in ATTENTION_IMPLEMENTATIONS or config.is_decoder:
+    if getattr(config, "_attn_implementation", None) not in ATTENTION_IMPLEMENTATIONS or getattr(config, "is_decoder", False):
         return None
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    layers = getattr(getattr(body, "encoder", None), "layer", None)
+    layout = family.layout
+    layers = _get(getattr(model, getattr(model, "base_model_prefix", ""), None), layout.layers)
     if not isinstance(layers, nn.ModuleList) or not layers:
         return None
     layer = layers[-1]
-    if not all(_has(layer, part) for part in _LAYER_PARTS) or getattr(layer, "chunk_size_feed_forward", 0):
+    parts = [path for path in dataclasses.astuple(layout)[1:] if path]  # all but ``layers``, which is found
+    if any(_get(layer, path) is None for path in parts) or getattr(_get(layer, layout.chunking), "chunk_size_feed_forward", 0):
         return None
-    return layer if _returns_hidden_states(type(layer)) else None
+    return FirstTokenLayer(layer, layout) if _returns_hidden_states(type(layer)) else None
 
 
 @functools.cache
@@ -96,31 +102,39 @@ def _first_query_attention(attention: nn.Module, q: Tensor, k: Tensor, v: Tensor
     return torch.matmul(probs, v)
 
 
-def _first_token_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                         *args, **kwargs) -> Tensor:
+def _first_token_forward(layer: nn.Module, layout: EncoderLayout, hidden_states: Tensor,
+                         attention_mask: Tensor | None = None, *args, **kwargs) -> Tensor:
     """The layer's output at position 0 only, [B, 1, hidden] (see the module docstring)."""
-    sa, so = layer.attention.self, layer.attention.output
+    part = functools.partial(_get, layer)
+    attention = part(layout.attention)
     b, length, width = hidden_states.shape
     first = hidden_states[:, :1]
-    d = sa.attention_head_size
-    q = sa.query(first).view(b, 1, -1, d).transpose(1, 2)
-    k = sa.key(hidden_states).view(b, length, -1, d).transpose(1, 2)
-    v = sa.value(hidden_states).view(b, length, -1, d).transpose(1, 2)
-    context = _first_query_attention(sa, q, k, v, attention_mask).transpose(1, 2).reshape(b, 1, -1)
+    d = attention.attention_head_size
+    q = part(layout.query)(first).view(b, 1, -1, d).transpose(1, 2)
+    k = part(layout.key)(hidden_states).view(b, length, -1, d).transpose(1, 2)
+    v = part(layout.value)(hidden_states).view(b, length, -1, d).transpose(1, 2)
+    context = _first_query_attention(attention, q, k, v, attention_mask).transpose(1, 2).reshape(b, 1, -1)
     full = (b, length, width)
-    attended = so.LayerNorm(_dropout(so.dropout, so.dense(context), full) + first)
-    out = layer.output
-    return out.LayerNorm(_dropout(out.dropout, out.dense(layer.intermediate(attended)), full) + attended)
+    attended = part(layout.attention_out)(context)
+    if layout.attention_out_dropout:
+        attended = _dropout(part(layout.attention_out_dropout), attended, full)
+    attended = part(layout.attention_norm)(attended + first)
+    inner = part(layout.ffn_in)(attended)
+    if layout.ffn_activation:
+        inner = part(layout.ffn_activation)(inner)
+    out = _dropout(part(layout.ffn_dropout), part(layout.ffn_out)(inner), full)
+    return part(layout.output_norm)(out + attended)
 
 
 @contextlib.contextmanager
-def first_token_only(layer: nn.Module | None) -> Iterator[None]:
-    """Within the block, ``layer`` (from ``first_token_layer``) returns only its first row; a no-op for None."""
-    if layer is None:
+def first_token_only(found: FirstTokenLayer | None) -> Iterator[None]:
+    """Within the block, the layer (from ``first_token_layer``) returns only its first row; a no-op for None."""
+    if found is None:
         yield
         return
+    layer = found.layer
     own = layer.__dict__.get("forward")  # a forward set on the instance (by a hook library) is put back
-    layer.forward = types.MethodType(_first_token_forward, layer)
+    layer.forward = functools.partial(_first_token_forward, layer, found.layout)
     try:
         yield
     finally:

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from lorakit.speed.attention import LORAKIT_SDPA, switch_attention, use_fast_attention
-from lorakit.speed.families import causal_lm_parts, is_first_token_classifier
+from lorakit.speed.families import causal_lm_parts
 from lorakit.speed.first_token import first_token_layer, first_token_only
 from lorakit.speed.fused_head import fused_loss_forward
 
 FAST_ATTR = "_lorakit_fast"
 _SUBCLASSES: dict[type, type] = {}
-_EXTRA_OUTPUTS = ("output_hidden_states", "output_attentions")
+_EXTRA_OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_logits")  # (the last: MoE aux loss)
 
 
 @dataclass
@@ -58,7 +58,7 @@ def fast_kind(model: nn.Module) -> str | None:
     """The fast path this model's family has ("fused-head", "first-token"), or None."""
     if causal_lm_parts(model) is not None:
         return "fused-head"
-    if is_first_token_classifier(model) and first_token_layer(model) is not None:
+    if first_token_layer(model) is not None:
         return "first-token"
     return None
 
@@ -157,6 +157,7 @@ def _remake(make, args):
 
 
 def _wants_more(model: nn.Module, kwargs: dict) -> bool:
-    """The call asks for outputs the fast paths do not produce (all hidden states, attention weights)."""
+    """The call asks for outputs the fast paths do not produce (all hidden states, attention weights, the router
+    logits a mixture-of-experts decoder adds its load-balancing loss from)."""
     config = getattr(model, "config", None)
-    return any(kwargs.get(k, getattr(config, k, False)) for k in _EXTRA_OUTPUTS)
+    return any(kwargs[k] if kwargs.get(k) is not None else getattr(config, k, False) for k in _EXTRA_OUTPUTS)

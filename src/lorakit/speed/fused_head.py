@@ -52,7 +52,8 @@ def fused_loss_forward(parts: CausalLMParts, arguments: dict[str, Any]):
     loss = linear_cross_entropy(hidden, head.weight, shifted_labels(labels, ignore_index), head.bias,
                                 ignore_index=ignore_index, scale=parts.scale, softcap=parts.softcap,
                                 divisor=arguments.get("num_items_in_batch"))
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
-                                  attentions=getattr(out, "attentions", None))
+    output = MoeCausalLMOutputWithPast if hasattr(out, "router_logits") else CausalLMOutputWithPast
+    return output(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
+                  attentions=getattr(out, "attentions", None))
