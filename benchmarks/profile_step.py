@@ -9,8 +9,9 @@ steps), grouped as matrix products (mm/addmm/bmm), attention kernels, dropout ma
 bit-based masks' randint) and the rest, as shares of the step's self CPU time, plus the top operators.
 --micro: medians of torch's dropout vs kernels.dropout masks on MiniLM's attention probabilities,
 CPU flash attention with enable_gqa vs repeated heads (SmolLM2 shapes), its bf16 vs float32 backward
-(MiniLM shapes), the fused head + cross-entropy with its chunk buffers kept vs allocated each call, and
-torch's dropout mask drawn before vs beside GEMMs on a second thread.
+(MiniLM shapes), the fused head + cross-entropy with its chunk buffers kept vs allocated each call,
+torch's dropout mask drawn before vs beside GEMMs on a second thread, and bf16 weight storage with
+fp32 products against fp32 weights (SmolLM2 layer shapes).
 """
 
 import argparse
@@ -103,6 +104,33 @@ def micro():
 
         print(f"fused head + cross-entropy fwd+bwd, SmolLM2 4 x 256, {dtype}: buffers kept "
               f"{median_ms(lambda: loss(False)):.0f} ms, fresh each call {median_ms(lambda: loss(True)):.0f} ms")
+
+    from lorakit.kernels.lora_linear import lora_linear
+
+    # bf16 storage with fp32 products (the fallback for CPUs whose bf16 GEMMs are slow): one SmolLM2 layer's seven
+    # LoRA projections at 4 x 256 tokens, forward + backward, frozen weights in fp32 vs bf16 upcast at every product
+    n, h, inner, r = 1024, 576, 1536, 16
+    shapes = [(h, h), (192, h), (192, h), (h, h), (inner, h), (inner, h), (h, inner)]
+    inputs = {width: torch.randn(n, width, requires_grad=True) for width in (h, inner)}
+
+    def projections(dtype):
+        return [(torch.randn(o, i).mul_(0.02).to(dtype), torch.randn(r, i, requires_grad=True),
+                 torch.zeros(o, r, requires_grad=True)) for o, i in shapes]
+
+    def layer_step(weights):
+        sum(lora_linear(inputs[w.shape[1]], w, None, a, b, 2.0).sum() for w, a, b in weights).backward()
+
+    fp32_weights, bf16_weights = projections(torch.float32), projections(torch.bfloat16)
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for round_ in range(23):  # alternating, the first 3 rounds warm-up
+        for name, weights in (("fp32", fp32_weights), ("bf16", bf16_weights)):
+            t = time.perf_counter()
+            layer_step(weights)
+            if round_ >= 3:
+                times[name].append(1e3 * (time.perf_counter() - t))
+    fp32_ms, bf16_ms = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    print(f"SmolLM2 layer's LoRA projections fwd+bwd, 4 x 256: fp32 weights {fp32_ms:.1f} ms, bf16 weights with fp32 "
+          f"products {bf16_ms:.1f} ms ({bf16_ms / fp32_ms:.2f}x, half the frozen-weight memory)")
 
 
 def profile():
