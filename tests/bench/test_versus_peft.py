@@ -89,7 +89,9 @@ def test_bench_cli_writes_json_markdown_and_png(tiny_llama_dir, tmp_path, capsys
     assert set(bf16["contenders"]) == {"lorakit bf16", "peft fp32", "peft bf16 autocast"}
     for c in bf16["contenders"].values():
         assert c["median_s"] > 0 and c["step_gflop"] > 0 and 0 < c["fraction_of_peak"] and c["peak_rss_mb"] > 0
-    assert bf16["ratio_to_peft_fp32"] > 0 and bf16["ratio_to_peft_bf16_autocast"] > 0
+    medians = {name: c["median_s"] for name, c in bf16["contenders"].items()}
+    assert bf16["ratio_to_peft_fp32"] == pytest.approx(medians["lorakit bf16"] / medians["peft fp32"])
+    assert bf16["ratio_to_peft_bf16_autocast"] == pytest.approx(medians["lorakit bf16"] / medians["peft bf16 autocast"])
     assert report["modes"]["exact"]["loss_max_relative_difference"] < 1e-4
     assert 0 <= bf16["quality"]["relative_difference"] < 0.05
     assert report["peak_gemm_gflops"]["float32"] > 0
@@ -136,6 +138,8 @@ def test_dora_mode_runs_against_peft_dora(tiny_llama_dir, tmp_path, capsys):
                  "--warmup", "1", "--modes", "dora", "--r", "4", "--no-memory", "--out", str(out)])
     assert code == 0
     entry = json.loads((out / "bench.json").read_text())["modes"]["dora"]
-    assert set(entry["contenders"]) == {"lorakit dora", "peft dora fp32"} and entry["ratio_to_peft_fp32"] > 0
+    assert set(entry["contenders"]) == {"lorakit dora", "peft dora fp32"}
+    medians = {name: c["median_s"] for name, c in entry["contenders"].items()}
+    assert entry["ratio_to_peft_fp32"] == pytest.approx(medians["lorakit dora"] / medians["peft dora fp32"])
     assert entry["loss_max_relative_difference"] < 1e-4  # the same DoRA trajectory as PEFT's
     assert "x PEFT DoRA fp32" in capsys.readouterr().out
