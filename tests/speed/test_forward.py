@@ -119,26 +119,39 @@ def test_own_loop_loss_and_gradients_equal_the_plain_model(family):
     torch.testing.assert_close(fast(**batch).logits, slow.eval()(**batch).logits, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "bert", "distilbert"])
-def test_hf_trainer_step_with_gradient_accumulation(family, tmp_path):
-    """One optimizer step of HF Trainer (SGD, lr 1: the update is the gradient) over 2 micro-batches of 2 rows;
-    the fused loss honours num_items_in_batch exactly as transformers' loss does."""
-    fast, slow = pair(family)
+def hf_trainer_step(model, family, folder):
+    """One optimizer step of HF Trainer (SGD, lr 1: the update is the gradient) over 2 micro-batches of 2 rows."""
     data = [{k: v[i] for k, v in rows(family).items()} for i in range(4)]
-    trained = {}
-    for name, model in (("fast", fast), ("slow", slow)):
-        args = tf.TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=2,
-                                    gradient_accumulation_steps=2, max_steps=1, learning_rate=1.0, optim="sgd",
-                                    lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no",
-                                    logging_strategy="no", seed=5, dataloader_num_workers=0)
-        trainer = tf.Trainer(model=model, args=args, train_dataset=data)
-        result = trainer.train()
-        trained[name] = (result.training_loss, {n: p.detach().clone() for n, p in model.named_parameters()
-                                                if p.requires_grad}, trainer.model_accepts_loss_kwargs)
-    assert trained["fast"][2] == trained["slow"][2]  # HF Trainer reads the same signature in both
-    assert trained["fast"][0] == pytest.approx(trained["slow"][0], rel=1e-5)
-    for n, p in trained["slow"][1].items():
-        torch.testing.assert_close(trained["fast"][1][n], p, rtol=1e-5, atol=1e-5, msg=n)
+    args = tf.TrainingArguments(output_dir=str(folder), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", use_cpu=True,
+                                report_to=[], save_strategy="no", logging_strategy="no", seed=5, dataloader_num_workers=0)
+    trainer = tf.Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return result.training_loss, trained, trainer.model_accepts_loss_kwargs
+
+
+@pytest.mark.parametrize("family", DECODERS + ENCODERS)
+def test_hf_trainer_step_with_gradient_accumulation(family, tmp_path):
+    """The fused loss honours num_items_in_batch exactly as transformers' loss does; the first-token layer too."""
+    fast, slow = pair(family)
+    ours, ref = hf_trainer_step(fast, family, tmp_path / "fast"), hf_trainer_step(slow, family, tmp_path / "slow")
+    assert ours[2] == ref[2]  # HF Trainer reads the same signature in both
+    assert ours[0] == pytest.approx(ref[0], rel=1e-5)
+    for n, p in ref[1].items():
+        torch.testing.assert_close(ours[1][n], p, rtol=1e-5, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "bert"])
+def test_hf_trainer_step_with_bf16_storage(family, tmp_path):
+    """bf16 frozen weights on both sides: the fast and the own forward differ only in bf16 rounding."""
+    fast, slow = pair(family)
+    for model in (fast, slow):
+        lorakit.use_bf16(model, fast_dropout=False, when="always")
+    ours, ref = hf_trainer_step(fast, family, tmp_path / "fast"), hf_trainer_step(slow, family, tmp_path / "slow")
+    assert ours[0] == pytest.approx(ref[0], rel=1e-2)
+    for n, p in ref[1].items():
+        torch.testing.assert_close(ours[1][n], p, rtol=5e-2, atol=5e-3, msg=n)
 
 
 def test_router_logits_asked_for_take_the_own_forward_with_its_aux_loss():
