@@ -12,8 +12,8 @@ row 0 (H: the layer input, all L rows; h_0 its first row):
 
 ``first_token_layer(model)`` finds such a layer (with its family's ``EncoderLayout``) and
 ``first_token_only(found)`` makes it compute exactly this for the duration of a ``with`` block;
-the other L - 1 rows of its query, attention, output and feed-forward products are never formed. At MiniLM's 6 layers and 128 tokens that is
-~14% of a training step's FLOPs. Every dropout in the layer draws its mask at the full shape
+the other L - 1 rows of its query, attention, output and feed-forward products are never formed.
+At MiniLM's 6 layers and 128 tokens that is ~14% of a training step's FLOPs. Every dropout in the layer draws its mask at the full shape
 ([B, heads, L, L] or [B, L, hidden]) and keeps the first row (``kernels.dropout.dropout_leading_rows``),
 so the random stream, and the loss for a given seed, are those of the full forward.
 ``speed.forward`` uses it for training calls; the model's outputs are not affected outside the block.
@@ -65,8 +65,10 @@ def first_token_layer(model: nn.Module) -> FirstTokenLayer | None:
     if not isinstance(layers, nn.ModuleList) or not layers:
         return None
     layer = layers[-1]
-    parts = [path for path in dataclasses.astuple(layout)[1:] if path]  # all but ``layers``, which is found
-    if any(_get(layer, path) is None for path in parts) or getattr(_get(layer, layout.chunking), "chunk_size_feed_forward", 0):
+    parts = [getattr(layout, f.name) for f in dataclasses.fields(layout) if f.name != "layers"]
+    if any(_get(layer, path) is None for path in parts if path is not None):
+        return None
+    if getattr(_get(layer, layout.chunking), "chunk_size_feed_forward", 0):
         return None
     return FirstTokenLayer(layer, layout) if _returns_hidden_states(type(layer)) else None
 
