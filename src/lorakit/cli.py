@@ -320,7 +320,9 @@ def _add_norms(sub) -> None:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--attention", choices=["poly", "auto", "softmax1", "exact"], default=None,
                    help="measure with lorakit attention (shows its per-layer decision)")
-    p.add_argument("--tolerance", type=float, default=1e-3)
+    p.add_argument("--attention-tolerance", type=float, default=1e-3,
+                   help="with --attention auto: the error poly must stay under (as in lorakit train)")
+    hidden_alias(p, "--tolerance", "attention_tolerance", float)
     p.add_argument("--per-head", action="store_true", help="one row per head (default: per layer, worst head)")
     p.add_argument("--out", default="norms", help="directory for norms.json and norms.png")
 
@@ -332,7 +334,7 @@ def cmd_norms(a: argparse.Namespace) -> int:
     out = check_output_dir(a.out)  # before the model loads
 
     report = model_norms(a.model, a.adapter, a.data, rows=a.rows, max_length=a.max_length, attention=a.attention,
-                         tolerance=a.tolerance)
+                         tolerance=a.attention_tolerance)
     print(report.table(by="head" if a.per_head else "layer"))
     report.to_json(out / "norms.json")
     report.plot(out / "norms.png")
@@ -465,7 +467,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--modes", default="exact,bf16", help="comma-separated: exact, bf16, celora, poly, dora (DoRA against PEFT DoRA)")
     p.add_argument("--against", default="peft")
-    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--rank", dest="r", type=int, default=16, help="LoRA rank r (as in lorakit train)")
+    hidden_alias(p, "--r", "r", int)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--targets", type=_targets, default="all-linear")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -477,6 +480,11 @@ def _add_bench(sub) -> None:
                    "hf-trainer (HF Trainer's training_step)")
     p.add_argument("--model-dropout", type=float, default=None, help="set every dropout of the base model to this p")
     p.add_argument("--out", default="bench")
+
+
+def hidden_alias(p: argparse.ArgumentParser, spelling: str, dest: str, kind: type) -> None:
+    """An older spelling of an option, still accepted, not shown in --help."""
+    p.add_argument(spelling, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def vp_callers() -> tuple[str, ...]:

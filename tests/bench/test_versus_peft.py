@@ -135,7 +135,7 @@ def test_model_too_big_is_refused_before_loading(tiny_llama_dir, monkeypatch):
 def test_dora_mode_runs_against_peft_dora(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--model", tiny_llama_dir, "--batch-size", "2", "--max-length", "16", "--steps", "3",
-                 "--warmup", "1", "--modes", "dora", "--r", "4", "--no-memory", "--out", str(out)])
+                 "--warmup", "1", "--modes", "dora", "--rank", "4", "--no-memory", "--out", str(out)])
     assert code == 0
     entry = json.loads((out / "bench.json").read_text())["modes"]["dora"]
     assert set(entry["contenders"]) == {"lorakit dora", "peft dora fp32"}
