@@ -13,9 +13,10 @@ row 0 (H: the layer input, all L rows; h_0 its first row):
 ``first_token_layer(model)`` finds such a layer (with its family's ``EncoderLayout``) and
 ``first_token_only(found)`` makes it compute exactly this for the duration of a ``with`` block;
 the other L - 1 rows of its query, attention, output and feed-forward products are never formed.
-At MiniLM's 6 layers and 128 tokens that is ~14% of a training step's FLOPs. Every dropout in the layer draws its mask at the full shape
-([B, heads, L, L] or [B, L, hidden]) and keeps the first row (``kernels.dropout.dropout_leading_rows``),
-so the random stream, and the loss for a given seed, are those of the full forward.
+At MiniLM's 6 layers and 128 tokens that is ~14% of a training step's FLOPs. Every dropout in the
+layer draws its mask at the full shape ([B, heads, L, L] or [B, L, hidden]) and keeps the first row
+(``kernels.dropout.dropout_leading_rows``), so the random stream, and the loss for a given seed,
+are those of the full forward.
 ``speed.forward`` uses it for training calls; the model's outputs are not affected outside the block.
 """
 
@@ -55,9 +56,10 @@ def _get(module: nn.Module, path: str):
 
 def first_token_layer(model: nn.Module) -> FirstTokenLayer | None:
     """The last encoder layer of a first-token classifier whose layout this module knows, else None."""
-    family, config = first_token_family(model), getattr(model, "config", None)
-    if family is None or config is None:
+    family = first_token_family(model)  # (None without a config)
+    if family is None:
         return None
+    config = model.config
     if getattr(config, "_attn_implementation", None) not in ATTENTION_IMPLEMENTATIONS or getattr(config, "is_decoder", False):
         return None
     layout = family.layout

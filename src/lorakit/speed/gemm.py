@@ -4,9 +4,10 @@
 products run as bf16 GEMMs. That is faster only where the CPU's bf16 GEMM is: on an AMD EPYC without
 AVX512-BF16 a bf16 product ran at ~1 GFLOP/s against ~100 fp32; on an Intel Xeon with AVX512-BF16
 (no AMX) at 73-157 against 127-273; on an AMD EPYC Zen 4 (AVX512-BF16) at 374-423 against 142-185,
-where a bf16 training step takes 0.48-0.60 of the fp32 one. ``bf16_decision()`` times one n x n product in each precision
-(n = 512, the best of a few repeats, ``peak_gemm``, which ``lorakit bench`` also reports) and keeps fp32 unless bf16 is at least as fast:
-bf16 is then never slower than fp32 by its products. GPUs are not measured (their bf16 is faster).
+where a bf16 training step takes 0.48-0.60 of the fp32 one. ``bf16_decision()`` times one n x n
+product in each precision (n = 512, the best of a few repeats, ``peak_gemm``, which ``lorakit bench``
+also reports) and keeps fp32 unless bf16 is at least as fast: bf16 is then never slower than fp32
+by its products. GPUs are not measured (their bf16 is faster).
 """
 
 from __future__ import annotations
