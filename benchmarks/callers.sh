@@ -29,12 +29,13 @@ models=${1:-"minilm-d01 minilm-d0 smollm2 gemma3"}
 callers=${2:-"loop lorakit hf-trainer"}
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+for model in $models; do args_for "$model" > /dev/null; done  # an unknown name stops here, before any run
 for model in $models; do
+  args=$(args_for "$model")
   for caller in $callers; do
     echo "== $model, caller $caller"
-    # shellcheck disable=SC2046
-    $LORAKIT bench $(args_for "$model") --modes exact,bf16 --quality-steps 0 --no-memory --caller "$caller" \
-      --out "$scratch/run"
+    # shellcheck disable=SC2086
+    $LORAKIT bench $args --modes exact,bf16 --quality-steps 0 --no-memory --caller "$caller" --out "$scratch/run"
     cp "$scratch/run/bench.json" "$RESULTS/$model-$caller.json"
     cp "$scratch/run/bench.md" "$RESULTS/$model-$caller.md"
   done
