@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lorakit.adapters import LoraConfig
 from lorakit.expressive import advice as ad
 from lorakit.train import TrainConfig, run
 
@@ -39,8 +40,9 @@ log(advice.table())
 runs = {"uniform": [], "advised": []}
 for seed in range(args.seeds):
     for variant in ("uniform", "advised"):
-        cfg = TrainConfig(model="builtin:minilm", data="builtin:rotten-tomatoes", targets="all-linear", rank=args.rank,
-                          rank_pattern=advice.rank_pattern() if variant == "advised" else None, steps=args.steps,
+        lora = LoraConfig(r=args.rank, targets="all-linear",
+                          rank_pattern=advice.rank_pattern() if variant == "advised" else {})
+        cfg = TrainConfig(model="builtin:minilm", data="builtin:rotten-tomatoes", lora=lora, steps=args.steps,
                           seed=seed, out=str(work / f"{variant}-{seed}"), quiet=True, save_every=None, eval_every=args.steps)
         report = run(cfg)
         acc = report["result"]["after"]["eval_accuracy"]

@@ -21,6 +21,23 @@ warnings.filterwarnings("ignore", message=".*eos_token_id must be.*")
 VOCAB = 97
 
 
+def train_config(**options):
+    """A TrainConfig from options named as lorakit train's flags (rank=4 for --rank, dora=True for --dora): the
+    spelling each field declares, so the tests need no table of their own."""
+    from lorakit import options as opt
+    from lorakit.train import TrainConfig
+
+    path = {fl.spelling.removeprefix("--").replace("-", "_"): fl.path for fl in opt.flags(TrainConfig)}
+    nested: dict = {}
+    for name, value in options.items():
+        *groups, leaf = path[name].split(".")
+        inner = nested
+        for g in groups:
+            inner = inner.setdefault(g, {})
+        inner[leaf] = value
+    return opt.build(TrainConfig, nested)
+
+
 def tiny_model(kind: str, *, seed: int = 0, num_labels: int = 2, vocab: int = VOCAB, dtype=torch.float32):
     """A randomly initialised 2-layer model of the given family, dropout off, in eval mode."""
     import transformers as tf

@@ -75,7 +75,7 @@ def test_causal_lm_train_and_merge(cli, tiny_llama_dir, corpus_txt, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--rank", "0"], "rank=0 must be a positive integer"),
+    (["--rank", "0"], "--rank: r=0 must be a positive integer"),
     (["--alpha", "0"], "alpha=0.0 must be a positive number"),
     (["--rank", "64"], "exceeds min(in, out) = 32"),
     (["--targets", "qurey,value"], "'qurey' matches no module"),

@@ -13,7 +13,9 @@
 """
 
 from lorakit.adapters import (  # noqa: E402
+    CeloraConfig,
     LoraConfig,
+    NormControl,
     LoraLinear,
     active_adapters,
     adapter_names,
@@ -39,7 +41,7 @@ from lorakit.errors import LorakitError  # noqa: E402
 __version__ = lorakit_version()  # pyproject.toml's, as installed
 
 __all__ = [
-    "LoraConfig", "LoraLinear", "LorakitError", "active_adapters", "adapter_names", "add_weighted_adapter", "attach",
+    "CeloraConfig", "LoraConfig", "NormControl", "LoraLinear", "LorakitError", "active_adapters", "adapter_names", "add_weighted_adapter", "attach",
     "delete_adapter", "disabled", "is_attached", "load_adapter", "lora_layers", "merge", "read_config", "save_adapter",
     "set_adapter", "summary", "unload", "unmerge", "use_bf16", "__version__",
 ]

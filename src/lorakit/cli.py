@@ -16,205 +16,36 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from lorakit.errors import ConfigError, LorakitError
-
-
-def _targets(value: str) -> str | list[str]:
-    """A preset or regex stays a string; "a,b,c" becomes a list of names."""
-    return [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
-
-
-def _keep_ratio(value: str) -> float | dict[str, float]:
-    """0.6, or "v_proj=0.55,down_proj=0.65"."""
-    try:
-        if "=" not in value:
-            return float(value)
-        pairs = (item.split("=", 1) for item in value.split(",") if item.strip())
-        return {k.strip(): float(v) for k, v in pairs}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor name=ratio pairs (v_proj=0.55,o_proj=0.55)") from None
-
-
-def _svd_rank(value: str) -> int | str:
-    if value == "balanced":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither an integer nor 'balanced'") from None
-
-
-def _layers(value: str) -> list[int]:
-    """"0-5", "0,2,4" or "0-3,8" -> the sorted layer indices."""
-    out: set[int] = set()
-    try:
-        for part in (p.strip() for p in value.split(",")):
-            first, dash, last = part.partition("-")
-            lo, hi = int(first), int(last) if dash else int(first)
-            if lo < 0 or hi < lo:
-                raise ValueError
-            out.update(range(lo, hi + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a list of layer indices; use e.g. 0-5 or 0,2,4 or 0-3,8") from None
-    return sorted(out)
-
-
-def _rank_pattern(value: str) -> dict[str, int]:
-    from pathlib import Path
-
-    if value.endswith(".json") or Path(value).is_file():
-        try:
-            doc = json.loads(Path(value).read_text())
-        except (OSError, ValueError, RecursionError) as exc:
-            raise argparse.ArgumentTypeError(f"cannot read {value}: {type(exc).__name__}: {str(exc)[:100]}") from None
-        doc = doc.get("rank_pattern", doc) if isinstance(doc, dict) else doc
-        if not isinstance(doc, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in doc.values()):
-            raise argparse.ArgumentTypeError(f"{value}: expected {{module: rank}} or an object with a rank_pattern")
-        return doc
-    out = {}
-    for part in value.split(","):
-        name, _, r = part.partition("=")
-        if not name or not r.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"--rank-pattern {value!r}: use name=r,name=r or a JSON file")
-        out[name.strip()] = int(r)
-    return out
+from lorakit.errors import LorakitError
+from lorakit.options import add_flags, from_flags, parse_names
 
 
 def _add_train(sub) -> None:
+    from lorakit.train.config import TrainConfig
+
     p = sub.add_parser("train", help="fine-tune a LoRA adapter", description="Fine-tune a LoRA adapter. "
-                       "With no arguments: MiniLM on fresh-vs-rotten sentiment, 200 steps.")
-    p.add_argument("--model", default="builtin:minilm", help="builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file")
-    p.add_argument("--data", default=None, help="builtin:rotten-tomatoes | builtin:hamlet | FILE.csv | FILE.jsonl | FILE.parquet | FILE.txt "
-                   "(default: rotten-tomatoes for an encoder, hamlet for builtin:smollm2)")
-    p.add_argument("--eval-data", default=None, help="a held-out file (default: a fixed 10%% of --data)")
-    p.add_argument("--task", choices=["classify", "causal-lm"], default=None, help="default: inferred from the data")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows (counted in the report) instead of stopping")
-    p.add_argument("--loss-on", choices=["assistant", "all"], default="assistant",
-                   help="conversations (\"messages\" rows): the loss on assistant turns (default) or on every token; "
-                        "prompt/response rows: on the response or on every token")
-    p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a Jinja chat template for conversational data, replacing the tokenizer's (needed when it has "
-                        "none, e.g. examples/chat_templates/gemma3.jinja for the Gemma 3 GGUF)")
-    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
-                   help="causal LM: pack several rows into each sequence of --max-length tokens, no attention across "
-                        "rows (default: on where a check shows the model keeps packed rows apart exactly)")
-    p.add_argument("--targets", type=_targets, default="attn-qv", help="attn-qv | attn-qkv | all-linear | a regex | comma-separated names")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--rank-pattern", type=_rank_pattern, default=None,
-                   help="per-module ranks: a JSON file (rank-advice's advice.json or {module: rank}) or name=r,name=r")
-    p.add_argument("--layers", type=_layers, default=None,
-                   help="adapt the targets in these blocks only: 0-5, 0,2,4 (PEFT's layers_to_transform)")
-    p.add_argument("--layers-pattern", default=None,
-                   help="the name of the block list the --layers index (layers, layer, h, ...; default: the first "
-                        "numbered segment of a module's path)")
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude per output feature, "
-                   "W' = m (W0 + s B A) / ||W0 + s B A||_row (Liu et al. 2024; PEFT's use_dora)")
-    p.add_argument("--init", choices=["kaiming", "gaussian", "pissa"], default="kaiming")
-    ce = p.add_argument_group("CE-LoRA (approximate frozen-weight backward)")
-    ce.add_argument("--backward", choices=["exact", "celora"], default="exact")
-    ce.add_argument("--keep-ratio", type=_keep_ratio, default=None,
-                    help="kept output features: one number (all but query/key/gate) or v_proj=0.55,down_proj=0.65 "
-                         "(default: the architecture's preset)")
-    ce.add_argument("--refresh-every", type=int, default=200, help="optimizer steps between feature re-selections")
-    ce.add_argument("--svd-rank", type=_svd_rank, default=None, help="Double-LoRA rank r0: an integer (0 = none) or "
-                    "'balanced' (default: the adapter rank)")
-    ce.add_argument("--selection", choices=["score", "weight", "sample"], default="score")
-    lim = p.add_argument_group("computational limits (attention norms)")
-    lim.add_argument("--attention", choices=["poly", "auto", "softmax1", "exact"], default=None,
-                     help="lorakit attention: auto = polynomial where the certified logit bound allows it (default: the model's own)")
-    lim.add_argument("--attention-tolerance", type=float, default=1e-3,
-                     help="allowed attention-output error relative to max|v| for poly/auto")
-    lim.add_argument("--norm-cap", type=float, default=None, help="clip the spectral norm of (alpha/r) B A after every step")
-    lim.add_argument("--norm-every", type=int, default=None,
-                     help="measure the attention norms every N steps (metrics.jsonl, norms.png)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=None)
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200 when --epochs is not given)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="default 2e-3 for classify, 2e-4 for causal-lm")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=float, default=0.06, help="a fraction of the steps (< 1) or a step count")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--max-length", type=int, default=None, help="tokens per row (default 128 classify, 256 causal-lm)")
-    p.add_argument("--bf16", action="store_true",
-                   help="bf16 training: frozen weights stored in bf16, adapters and optimizer in fp32 (CPU); bf16 autocast on GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: four times per run)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out rows only")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
-    p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps (metrics.jsonl)")
-    p.add_argument("--max-bad-steps", type=int, default=5,
-                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
-    p.add_argument("--out", default="out")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT/checkpoints "
-                   "(refused if it was written with other options, another model or other data)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT (its adapter, metrics.jsonl, "
-                   "plots, run.json and checkpoints; other files there stay). Without it a non-empty OUT is refused")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    dp = p.add_argument_group("several processes (torch.distributed)")
-    dp.add_argument("--nproc", type=int, default=None,
-                    help="train on N processes of this machine (torchrun; gloo on CPU, nccl on CUDA); --batch-size is the "
-                         "global batch. On several machines run torchrun ... -m lorakit train instead")
-    dp.add_argument("--shard", action="store_true",
-                    help="FSDP2: split the frozen base across the processes (for a model too big for one process)")
+                       "With no arguments: MiniLM on fresh-vs-rotten sentiment, 200 steps. Every option is a field of "
+                       "lorakit.train.TrainConfig (the LoRA ones of its LoraConfig), with the same help.")
+    add_flags(p, TrainConfig)
+    processes = next(g for g in p._action_groups if g.title == "several processes (torch.distributed)")
+    processes.add_argument("--nproc", type=int, default=None,
+                           help="train on N processes of this machine (torchrun; gloo on CPU, nccl on CUDA); --batch-size "
+                                "is the global batch. On several machines run torchrun ... -m lorakit train instead")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from lorakit.train import TrainConfig, distributed, run
-    from lorakit.train.trainer import check_output
-    from lorakit.train.models import builtin_default_task
+    from lorakit.train import TrainConfig, run
+    from lorakit.train.trainer import held_out_change, launch_processes
 
-    data = a.data
-    if data is None:
-        data = "builtin:hamlet" if (a.task or builtin_default_task(a.model)) == "causal-lm" else "builtin:rotten-tomatoes"
-    cfg = TrainConfig(
-        model=a.model, data=data, task=a.task, eval_data=a.eval_data, text_column=a.text_column, label_column=a.label_column,
-        skip_bad_rows=a.skip_bad_rows, loss_on=a.loss_on, chat_template=a.chat_template, packing=a.packing, targets=a.targets, rank=a.rank, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora, dora=a.dora,
-        init=a.init, rank_pattern=a.rank_pattern, layers=a.layers, layers_pattern=a.layers_pattern, backward=a.backward, keep_ratio=a.keep_ratio, refresh_every=a.refresh_every, svd_rank=a.svd_rank,
-        selection=a.selection, norm_cap=a.norm_cap, attention=a.attention, attention_tolerance=a.attention_tolerance,
-        norm_every=a.norm_every, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
-        weight_decay=a.weight_decay, warmup=a.warmup, max_grad_norm=a.max_grad_norm, max_length=a.max_length, bf16=a.bf16,
-        seed=a.seed, eval_every=a.eval_every, eval_limit=a.eval_limit, save_every=a.save_every, max_bad_steps=a.max_bad_steps,
-        log_every=a.log_every, out=a.out, resume=a.resume, overwrite=a.overwrite, quiet=a.quiet, device=a.device, shard=a.shard,
-    )
-    if a.nproc is not None and not distributed.launched_by_torchrun():
-        if a.nproc < 1:
-            raise ConfigError(f"--nproc {a.nproc} must be >= 1")
-        cfg.validate()  # bad options fail here, once, before any process starts
-        check_output(cfg)
-        distributed.rank_batch_size(cfg.batch_size, distributed.Dist(world=a.nproc))
-        if a.nproc > 1:
-            return distributed.launch(a.nproc, _without_nproc(a.argv))
-    report = run(cfg)
-    result = report["result"]
-    if "after" in result and int(os.environ.get("RANK", "0")) == 0:
-        before, after = result.get("before", {}), result["after"]
-        key = "eval_accuracy" if "eval_accuracy" in after else "eval_loss"
-        if key in before:
-            print(f"held-out {key.removeprefix('eval_')}: {before[key]:.4f} -> {after[key]:.4f}")
-        else:
-            print(f"held-out {key.removeprefix('eval_')}: {after[key]:.4f}")
+    cfg = from_flags(TrainConfig, a)
+    if a.nproc is not None:
+        status = launch_processes(cfg, a.nproc, a.argv)
+        if status is not None:
+            return status
+    line = held_out_change(run(cfg))
+    if line:
+        print(line)
     return 0
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The train arguments minus --nproc (torchrun's workers must not launch again)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
 
 
 def _add_eval(sub) -> None:
@@ -354,7 +185,7 @@ def _add_rank_advice(sub) -> None:
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--tol", type=float, help="relative Frobenius error left per module, e.g. 0.5")
     goal.add_argument("--budget", type=int, help="adapter parameters to split across modules")
-    p.add_argument("--targets", type=_targets, default="all-linear")
+    p.add_argument("--targets", type=parse_names, default="all-linear")
     p.add_argument("--steps", type=int, default=100, help="full fine-tuning steps with --data")
     p.add_argument("--lr", type=float, default=1e-4, help="full fine-tuning learning rate with --data")
     p.add_argument("--out", default="rank-advice", help="directory for advice.json")
@@ -470,7 +301,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--rank", dest="r", type=int, default=16, help="LoRA rank r (as in lorakit train)")
     hidden_alias(p, "--r", "r", int)
     p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--targets", type=_targets, default="all-linear")
+    p.add_argument("--targets", type=parse_names, default="all-linear")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--quality-steps", type=int, default=50,
                    help="bf16 mode: held-out loss after this many bf16 and fp32 steps (0 skips it)")

@@ -134,3 +134,8 @@ def test_summary_counts(make_model):
     assert s.trainable == s.adapter_params
     assert s.total == sum(p.numel() for p in m.parameters())
     assert re.search(r"4 adapted modules, 448 adapter parameters", str(s))
+
+
+def test_an_exclude_that_excludes_nothing_is_said(make_model):
+    with pytest.warns(UserWarning, match=r"exclude='k_proj' excludes none of the targets \(a regex is matched against the whole"):
+        lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=2, targets="attn-qkv", exclude="k_proj"))

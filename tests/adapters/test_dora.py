@@ -90,7 +90,7 @@ def test_merge_unmerge_round_trip_and_refusals(make_model, token_batch, tmp_path
     with pytest.raises(ConfigError, match="use_dora=True with init='pissa'"):
         lorakit.LoraConfig(use_dora=True, init="pissa")
     with pytest.raises(ConfigError, match="norm_cap with use_dora=True"):
-        lorakit.LoraConfig(use_dora=True, norm_cap=1.0)
+        lorakit.LoraConfig(use_dora=True, norm_control=lorakit.NormControl(1.0))
 
 
 def test_bf16_storage_keeps_dora_close(make_model, token_batch):

@@ -42,7 +42,8 @@ def randomise_b(model, seed=1):
 def pair(**celora_kw):
     base = llama()
     exact = lorakit.attach(copy.deepcopy(base), lorakit.LoraConfig(r=4, targets="all-linear"))
-    approx = lorakit.attach(copy.deepcopy(base), lorakit.LoraConfig(r=4, targets="all-linear", backward="celora", **celora_kw))
+    approx = lorakit.attach(copy.deepcopy(base), lorakit.LoraConfig(r=4, targets="all-linear", backward="celora",
+                                                                     celora=lorakit.CeloraConfig(**celora_kw)))
     randomise_b(exact)
     with torch.no_grad():  # the same adapter weights in both
         source = dict(exact.named_parameters())
@@ -89,7 +90,8 @@ def test_exact_until_the_first_refresh_then_approximate():
 def test_refresh_counts_optimizer_steps_under_gradient_accumulation():
     """Acceptance 3: with grad accumulation 4, refreshes follow optimizer steps, not forward calls,
     and the scores of a refresh step are summed over all its micro-batches."""
-    model = lorakit.attach(llama(), lorakit.LoraConfig(r=4, targets="all-linear", backward="celora", refresh_every=3, keep_ratio=0.5))
+    model = lorakit.attach(llama(), lorakit.LoraConfig(r=4, targets="all-linear", backward="celora",
+                                                             celora=lorakit.CeloraConfig(refresh_every=3, keep_ratio=0.5)))
     randomise_b(model)
     ctl = celora.controller(model)
     name = "model.layers.0.mlp.down_proj"
@@ -128,9 +130,10 @@ def test_refresh_counts_optimizer_steps_under_gradient_accumulation():
 
 
 def test_trainer_drives_refreshes_by_step(tiny_llama_dir, corpus_txt, tmp_path):
-    from lorakit.train import TrainConfig, run
+    from conftest import train_config
+    from lorakit.train import run
 
-    run(TrainConfig(model=tiny_llama_dir, data=corpus_txt, out=str(tmp_path), steps=8, batch_size=2, grad_accum=4,
+    run(train_config(model=tiny_llama_dir, data=corpus_txt, out=str(tmp_path), steps=8, batch_size=2, grad_accum=4,
                     max_length=32, targets="all-linear", backward="celora", keep_ratio=0.5, refresh_every=3,
                     quiet=True, log_every=100, save_every=None))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -140,10 +143,11 @@ def test_trainer_drives_refreshes_by_step(tiny_llama_dir, corpus_txt, tmp_path):
 def test_resume_restores_the_feature_cache(tiny_llama_dir, corpus_txt, tmp_path):
     from safetensors.torch import load_file
 
-    from lorakit.train import TrainConfig, run
+    from conftest import train_config
+    from lorakit.train import run
 
     def cfg(out, **kw):
-        return TrainConfig(model=tiny_llama_dir, data=corpus_txt, out=str(out), steps=9, batch_size=4, max_length=32,
+        return train_config(model=tiny_llama_dir, data=corpus_txt, out=str(out), steps=9, batch_size=4, max_length=32,
                            targets="all-linear", backward="celora", keep_ratio=0.5, refresh_every=4, save_every=3,
                            selection="sample", quiet=True, **kw)
 
@@ -165,7 +169,8 @@ def test_balanced_rank_lowers_trainable_rank_and_files_say_so(tmp_path):
     import peft
 
     base = llama()
-    model = lorakit.attach(copy.deepcopy(base), lorakit.LoraConfig(r=8, targets="all-linear", backward="celora", svd_rank="balanced"))
+    model = lorakit.attach(copy.deepcopy(base), lorakit.LoraConfig(r=8, targets="all-linear", backward="celora",
+                                                                        celora=lorakit.CeloraConfig(svd_rank="balanced")))
     ranks = {n.rsplit(".", 1)[1]: layer.r for n, layer in lorakit.lora_layers(model)}
     assert ranks == {"q_proj": 8, "k_proj": 8, "v_proj": 7, "o_proj": 7, "gate_proj": 8, "up_proj": 7, "down_proj": 7}
     sel = celora.controller(model).selectors["model.layers.0.mlp.up_proj"]
@@ -179,7 +184,8 @@ def test_balanced_rank_lowers_trainable_rank_and_files_say_so(tmp_path):
 
 def test_flops_of_one_layer():
     model = lorakit.attach(llama(), lorakit.LoraConfig(r=4, targets=["layers.1.mlp.up_proj", "layers.1.mlp.down_proj"],
-                                                       backward="celora", keep_ratio={"up_proj": 0.5}, svd_rank=2))
+                                                       backward="celora",
+                                                       celora=lorakit.CeloraConfig(keep_ratio={"up_proj": 0.5}, svd_rank=2)))
     report = celora.flops(model, 10)
     up = next(layer for layer in report.layers if layer.name.endswith("layers.1.mlp.up_proj"))
     n, i, o, r, k, r0 = 10, 64, 128, 4, 64, 2
@@ -204,7 +210,8 @@ def test_flops_of_one_layer():
 ])
 def test_bad_celora_options(kw, needle):
     with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
-        lorakit.attach(llama(), lorakit.LoraConfig(r=4, targets="all-linear", backward="celora", **kw))
+        lorakit.attach(llama(), lorakit.LoraConfig(r=4, targets="all-linear", backward="celora",
+                                                   celora=lorakit.CeloraConfig(**kw)))
 
 
 def test_unknown_architecture_needs_explicit_keep_ratio(make_model):

@@ -102,9 +102,10 @@ def test_auto_trains_end_to_end(tiny_llama_dir, corpus_txt, tmp_path):
     import json
 
     out = tmp_path / "run"
-    from lorakit.train import TrainConfig, run
+    from conftest import train_config
+    from lorakit.train import run
 
-    report = run(TrainConfig(model=tiny_llama_dir, data=corpus_txt, steps=4, batch_size=4, max_length=32, attention="auto",
+    report = run(train_config(model=tiny_llama_dir, data=corpus_txt, steps=4, batch_size=4, max_length=32, attention="auto",
                              log_every=2, norm_every=2, norm_cap=0.5, targets="attn-qkv", out=str(out), quiet=True,
                              save_every=None, eval_limit=16))
     assert math.isfinite(report["result"]["after"]["eval_loss"])

@@ -33,7 +33,7 @@ def test_norm_cap_holds_after_every_step():
     """Acceptance 5: with LoraConfig(norm_cap=c) and an aggressive optimiser, ||s B A||_2 <= c after each step."""
     torch.manual_seed(0)
     model = tiny_model("llama")
-    lorakit.attach(model, lorakit.LoraConfig(r=4, alpha=8, targets="attn-qkv", norm_cap=0.3))
+    lorakit.attach(model, lorakit.LoraConfig(r=4, alpha=8, targets="attn-qkv", norm_control=lorakit.NormControl(0.3)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=0.5)
     install_norm_cap(opt, model)
@@ -55,6 +55,6 @@ def test_cap_norms_without_a_cap_is_a_no_op_and_bad_caps_fail():
     lorakit.attach(model, lorakit.LoraConfig(r=2, targets="attn-qv"))
     assert cap_norms(model) == {}
     with pytest.raises(ConfigError, match="norm_cap=0"):
-        lorakit.LoraConfig(norm_cap=0)
+        lorakit.NormControl(0)
     with pytest.raises(ConfigError, match="norm_cap=-1"):
-        lorakit.LoraConfig(norm_cap=-1.0)
+        lorakit.NormControl(-1.0)

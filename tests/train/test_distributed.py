@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.train import TrainConfig, run
+from conftest import train_config
+from lorakit.train import run
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.distributed import Dist, epoch_indices, real_rows
 from lorakit.train.trainer import resume_command
@@ -27,7 +28,7 @@ SETTINGS = dict(steps=20, batch_size=8, grad_accum=2, max_length=32, targets="al
 
 
 def config(model_dir, data, out, **kw):
-    return TrainConfig(model=model_dir, data=data, out=str(out), **{**SETTINGS, **kw})
+    return train_config(model=model_dir, data=data, out=str(out), **{**SETTINGS, **kw})
 
 
 def cli_args(model_dir, data, out, **kw):

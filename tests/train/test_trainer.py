@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.errors import ConfigError
+from conftest import train_config
 from lorakit.train import TrainConfig, run
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.trainer import linear_schedule
@@ -16,7 +17,7 @@ def cfg_for(model_dir, data, out, **kw):
     base = dict(model=model_dir, data=data, out=str(out), steps=12, batch_size=8, save_every=4, log_every=2,
                 eval_every=6, quiet=True, rank=4, alpha=8, lr=5e-3)
     base.update(kw)
-    return TrainConfig(**base)
+    return train_config(**base)
 
 
 def adapter_weights(out):

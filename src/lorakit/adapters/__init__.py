@@ -15,12 +15,12 @@ from lorakit.adapters.attach import (
     unmerge,
 )
 from lorakit.adapters.combine import add_weighted_adapter
-from lorakit.adapters.config import LoraConfig
+from lorakit.adapters.config import CeloraConfig, LoraConfig, NormControl
 from lorakit.adapters.io import load_adapter, read_config, save_adapter
 from lorakit.adapters.layer import LoraLinear
 
 __all__ = [
-    "LoraConfig", "LoraLinear", "active_adapters", "adapter_names", "add_weighted_adapter", "attach", "delete_adapter",
+    "CeloraConfig", "LoraConfig", "NormControl", "LoraLinear", "active_adapters", "adapter_names", "add_weighted_adapter", "attach", "delete_adapter",
     "disabled", "is_attached", "load_adapter", "lora_layers", "merge", "read_config", "save_adapter", "set_adapter",
     "summary", "unload", "unmerge",
 ]

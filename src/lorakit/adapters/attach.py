@@ -170,7 +170,7 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
     if celora_specs:
         from lorakit import celora
 
-        celora.install(model, {n: model.get_submodule(n) for n in celora_specs}, celora_specs, cfg.refresh_every)
+        celora.install(model, {n: model.get_submodule(n) for n in celora_specs}, celora_specs, cfg.celora.refresh_every)
     if first and fast:
         make_fast(model)
     return model
@@ -285,8 +285,9 @@ def _plan_celora(model: nn.Module, cfg: LoraConfig, targets: list[str]):
 
     shapes = {n: (*linear_shape(model.get_submodule(n)), cfg.rank_for(n)) for n in targets}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    specs = plan_layers(model_type, shapes, keep_ratio=cfg.keep_ratio, svd_rank=cfg.svd_rank, selection=cfg.selection)
-    if cfg.svd_rank == "balanced":
+    ce = cfg.celora
+    specs = plan_layers(model_type, shapes, keep_ratio=ce.keep_ratio, svd_rank=ce.svd_rank, selection=ce.selection)
+    if ce.svd_rank == "balanced":
         pattern = dict(cfg.rank_pattern)
         pattern.update({name: balanced_rank(cfg.rank_for(name)) for name in specs})
         cfg = cfg.replace(rank_pattern=pattern)

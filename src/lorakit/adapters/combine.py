@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.attach import attach, lora_layers, state
+from lorakit.adapters.config import NormControl
 from lorakit.adapters.targets import Resolution
 from lorakit.errors import ConfigError, LorakitError
 
@@ -63,7 +64,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     targets = list(dict.fromkeys(t for a in adapters for t in st.adapters[a].targets))
     cfg = configs[0].replace(r=rank, alpha=float(rank), rslora=False, rank_pattern={}, alpha_pattern={}, targets=targets,
                              layers_to_transform=None, layers_pattern=None, exclude=None, use_dora=False, init="kaiming",
-                             modules_to_save=[], norm_cap=None)
+                             modules_to_save=[], norm_control=NormControl())
     attach(model, cfg, name=adapter_name, resolution=Resolution(targets, [], []))
     with torch.no_grad():
         for path, layer in lora_layers(model, adapter_name):

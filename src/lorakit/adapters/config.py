@@ -10,16 +10,30 @@ import dataclasses
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from lorakit.celora.plan import check_keep_ratio
+from lorakit.celora.selector import SELECTIONS
 from lorakit.errors import ConfigError
+from lorakit.options import (
+    build,
+    group,
+    option,
+    parse_alpha_pattern,
+    parse_keep_ratio,
+    parse_layers,
+    parse_name_list,
+    parse_names,
+    parse_rank_pattern,
+    parse_regexes,
+    parse_svd_rank,
+)
 
 PRESETS = ("attn-qv", "attn-qkv", "all-linear")
 INITS = ("kaiming", "gaussian", "pissa")
 BIASES = ("none", "all", "lora_only")
 BACKWARDS = ("exact", "celora")
-SELECTIONS = ("score", "weight", "sample")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # PEFT adapter_config.json fields lorakit understands; every other field is ignored with a
@@ -48,74 +62,110 @@ def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
 
 
 @dataclass
-class LoraConfig:
-    """Configuration of a LoRA adapter.
+class CeloraConfig:
+    """CE-LoRA (Chen et al. 2025): how the frozen-weight activation gradient G W0 of chosen layers is
+    approximated by Double-LoRA plus selected output features, with ``LoraConfig(backward="celora")``.
+    Training only, not written to adapter files (as PEFT groups LoftQ's options in LoftQConfig).
 
-    Args:
-        r: adapter rank (r >= 1; at most min(in, out) of every target, checked at attach).
-        alpha: scale numerator; the adapter is multiplied by alpha / r (alpha / sqrt(r) with rslora).
-        targets: a preset ("attn-qv", "attn-qkv", "all-linear"), a regex string matched in full
-            against module paths, or a list of module paths or dotted suffixes.
-        dropout: dropout probability on the adapter's input (0 <= p < 1).
-        bias: which biases train: "none", "all", or "lora_only" (biases of adapted layers).
-        rslora: use alpha / sqrt(r) as the scale (rank-stabilised LoRA).
-        init: "kaiming" (A Kaiming-uniform, B = 0; PEFT's default), "gaussian"
-            (A ~ N(0, 1/r^2), B = 0) or "pissa" (A, B from the top-r singular triplets of W,
-            the residual W - s B A kept frozen; Meng et al. 2024).
-        modules_to_save: extra modules trained in full (e.g. a classifier head).
-        exclude: module paths, suffixes or a full-match regex never adapted.
-        rank_pattern / alpha_pattern: per-module rank / alpha overrides, keyed like PEFT
-            (a regex that must match a dotted suffix of the module path).
-        use_dora: DoRA (Liu et al. 2024): W' = m (W0 + s B A) / ||W0 + s B A||_row with a trained
-            magnitude m per output feature (see lorakit.adapters.layer).
-        layers_to_transform: adapt only the blocks with these indices (an int or a list), PEFT's
-            semantics: the index is the first number in the module path after a segment matching
-            ``layers_pattern`` (any segment when it is None), e.g. ``model.layers.3.self_attn.q_proj``.
-            With a preset or a list of names; not with a regex (PEFT refuses that too). A list entry
-            that is a module's full path selects it whatever its layer.
-        layers_pattern: the name (regex) of the block list, e.g. "layers", "layer" (BERT) or "h" (GPT-2).
-        task_type: PEFT task type written to adapter_config.json (e.g. "SEQ_CLS", "CAUSAL_LM").
-        base_model: name or path of the base model, written to adapter_config.json.
-
-    CE-LoRA (Chen et al. 2025; training only, not written to adapter files):
-        backward: "exact", or "celora" to approximate the frozen-weight activation gradient
-            G W0 of chosen layers by Double-LoRA plus selected output features.
-        keep_ratio: None (the architecture's preset: value/output/up/down projections), one
-            float for every adapted layer but query/key/gate, or {module suffix: ratio}.
-        refresh_every: optimizer steps between re-selections of the kept features.
-        svd_rank: rank r0 of the frozen SVD part: None (= r), an int (0 = none) or "balanced"
-            (trainable rank and r0 both int(7r/8) on approximated layers).
-        selection: "score" (||G[:, i]|| * ||R[i, :]||), "weight" (||R[i, :]|| only) or
-            "sample" (unbiased sampling proportional to the score).
-
-    Norm control (Hu et al. 2025; training only, not written to adapter files):
-        norm_cap: after every optimizer step, the singular values of (alpha/r) B A above this
-            value are clipped to it (``lorakit.limits.cap_norms``), so the adapter cannot push a
-            layer's query/key norms past the almost-linear threshold by more than the cap.
+        dX ~= G_I W0[I, :] + (G - G_I-part) B0 A0    (I: the kept output features, B0 A0 the frozen rank-r0 SVD of W0)
     """
 
-    r: int = 8
-    alpha: float = 16
-    targets: str | list[str] = "attn-qv"
-    dropout: float = 0.0
-    bias: str = "none"
-    rslora: bool = False
-    init: str = "kaiming"
-    modules_to_save: list[str] | None = None
-    exclude: str | list[str] | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    use_dora: bool = False
-    layers_to_transform: int | list[int] | None = None
-    layers_pattern: str | list[str] | None = None
-    task_type: str | None = None
-    base_model: str | None = None
-    backward: str = "exact"
-    keep_ratio: float | dict[str, float] | None = None
-    refresh_every: int = 200
-    svd_rank: int | str | None = None
-    selection: str = "score"
-    norm_cap: float | None = None
+    keep_ratio: float | dict[str, float] | None = option(
+        None, "fraction of output features kept in the backward: one number (every adapted layer but query/key/gate) "
+        "or v_proj=0.55,down_proj=0.65", parse=parse_keep_ratio, metavar="RATIO",
+        default_text="the architecture's preset: value/output 0.55, up/down 0.65")
+    refresh_every: int = option(200, "optimizer steps between re-selections of the kept features")
+    svd_rank: int | str | None = option(
+        None, "rank r0 of the frozen Double-LoRA part: an integer (0 = none) or 'balanced' (trainable rank and r0 both "
+        "int(7r/8))", parse=parse_svd_rank, metavar="R0", default_text="the adapter rank r")
+    selection: str = option("score", "how features are kept: score (||G[:, i]|| ||R[i, :]||), weight (||R[i, :]||) or "
+                            "sample (unbiased, proportional to the score)", choices=SELECTIONS)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every <= 0:
+            raise ConfigError(f"refresh_every={self.refresh_every!r} must be a positive number of optimizer steps")
+        if not (self.svd_rank is None or self.svd_rank == "balanced"
+                or (isinstance(self.svd_rank, int) and not isinstance(self.svd_rank, bool) and self.svd_rank >= 0)):
+            raise ConfigError(f"svd_rank={self.svd_rank!r} must be None, 'balanced' or an integer >= 0")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection={self.selection!r} is not one of {SELECTIONS}")
+        ratios = self.keep_ratio.items() if isinstance(self.keep_ratio, dict) else [("", self.keep_ratio)]
+        for key, value in ratios:
+            if value is None and key == "":
+                continue
+            check_keep_ratio(f"keep_ratio[{key!r}]" if key else "keep_ratio", value)
+
+
+@dataclass
+class NormControl:
+    """Norm control (Hu et al. 2025, Section 4): keep the adapted attention's logits under the almost-linear
+    threshold. Training only, not written to adapter files."""
+
+    cap: float | None = option(
+        None, "after every optimizer step, clip the singular values of (alpha/r) B A to this value "
+        "(lorakit.limits.cap_norms), so the adapter cannot raise a layer's query/key norms by more", flag="--norm-cap",
+        metavar="CAP")
+
+    def __post_init__(self) -> None:
+        cap = self.cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)
+                                or cap <= 0):
+            raise ConfigError(f"norm_cap={cap!r} must be a positive number: the largest spectral norm "
+                              "allowed for (alpha/r) B A, e.g. norm_cap=1.0")
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of a LoRA adapter: W (out x in) becomes W + s B A, B (out x r), A (r x in),
+    s = alpha / r (alpha / sqrt(r) with rslora). Each field's help below is also its ``lorakit train`` flag's.
+
+    PEFT semantics for targets, exclude, modules_to_save, rank_pattern / alpha_pattern (keys are regexes that
+    match a dotted suffix of the module path), layers_to_transform / layers_pattern (the index is the first
+    number in the module path after a segment matching layers_pattern, any segment when it is None; a list
+    entry that is a full module path selects it whatever its layer; not with a regex target, as in PEFT).
+    ``init="pissa"``: A, B from the top-r singular triplets of W, the residual W - s B A kept frozen
+    (Meng et al. 2024). ``use_dora``: W' = m (W0 + s B A) / ||W0 + s B A||_row (Liu et al. 2024).
+    ``celora`` and ``norm_control`` group the options of CE-LoRA and of norm control (training only).
+    """
+
+    r: int = option(8, "adapter rank r (at most min(in, out) of every target)", flag="--rank")
+    alpha: float = option(16, "scale numerator: the adapter is multiplied by alpha / r (alpha / sqrt(r) with --rslora)")
+    targets: str | list[str] = option(
+        "attn-qv", "which layers get an adapter: attn-qv | attn-qkv | all-linear | a regex matched in full against "
+        "module paths | comma-separated module names or dotted suffixes", parse=parse_names, metavar="TARGETS")
+    dropout: float = option(0.0, "dropout probability on the adapter's input (0 <= p < 1)")
+    bias: str = option("none", "which biases train: none, all, or lora_only (those of adapted layers)", choices=BIASES)
+    rslora: bool = option(False, "scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA)")
+    init: str = option("kaiming", "initialisation: kaiming (A Kaiming-uniform, B = 0; PEFT's default), gaussian "
+                       "(A ~ N(0, 1/r^2), B = 0) or pissa (from the top-r singular triplets of W)", choices=INITS)
+    modules_to_save: list[str] | None = option(
+        None, "modules trained in full, comma-separated (e.g. classifier); '' for none", parse=parse_name_list,
+        metavar="NAMES", default_text="the task head of a classifier")
+    exclude: str | list[str] | None = option(
+        None, "modules never adapted: comma-separated names or dotted suffixes, or a regex matched in full",
+        parse=parse_names, metavar="NAMES")
+    rank_pattern: dict[str, int] = option(
+        help="per-module ranks: name=r,name=r or a JSON file (rank-advice's advice.json, or {module: rank})",
+        factory=dict, parse=parse_rank_pattern, metavar="PATTERN")
+    alpha_pattern: dict[str, float] = option(
+        help="per-module alphas: name=alpha,name=alpha or a JSON file {module: alpha}", factory=dict,
+        parse=parse_alpha_pattern, metavar="PATTERN")
+    use_dora: bool = option(False, "DoRA: also train a magnitude per output feature, W' = m (W0 + s B A) / "
+                            "||W0 + s B A||_row (Liu et al. 2024; PEFT's use_dora)", flag="--dora")
+    layers_to_transform: int | list[int] | None = option(
+        None, "adapt the targets in these blocks only: 0-5, 0,2,4 or 0-3,8 (PEFT's layers_to_transform)",
+        flag="--layers", parse=parse_layers, metavar="LAYERS")
+    layers_pattern: str | list[str] | None = option(
+        None, "the name (regex) of the block list --layers indexes: layers, layer (BERT), h (GPT-2), ...",
+        parse=parse_regexes, metavar="NAME", default_text="the first numbered segment of a module's path")
+    task_type: str | None = option(None, "PEFT task type written to adapter_config.json", choices=TASK_TYPES,
+                                   default_text="from the model's class")
+    base_model: str | None = option(None, "base model name or path written to adapter_config.json",
+                                    default_text="--model, a local path made absolute")
+    backward: str = option("exact", "the frozen-weight backward: exact, or celora (CE-LoRA, options below)",
+                           choices=BACKWARDS)
+    celora: CeloraConfig = group(CeloraConfig, "CE-LoRA (with --backward celora)")
+    norm_control: NormControl = group(NormControl, "norm control (computational limits of LoRA)")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -124,6 +174,10 @@ class LoraConfig:
             self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
+        if isinstance(self.celora, dict):  # from JSON (run.json, a checkpoint)
+            self.celora = build(CeloraConfig, self.celora)
+        if isinstance(self.norm_control, dict):
+            self.norm_control = build(NormControl, self.norm_control)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -140,9 +194,12 @@ class LoraConfig:
             raise ConfigError(f"rslora={self.rslora!r} must be true or false")
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora={self.use_dora!r} must be true or false")
+        if not isinstance(self.celora, CeloraConfig) or not isinstance(self.norm_control, NormControl):
+            raise ConfigError(f"celora={self.celora!r} and norm_control={self.norm_control!r} must be a CeloraConfig and "
+                              "a NormControl (lorakit.adapters.config)")
         if self.use_dora and self.init == "pissa":
             raise ConfigError("use_dora=True with init='pissa' is not supported; use init='kaiming' or 'gaussian'")
-        if self.use_dora and self.norm_cap is not None:
+        if self.use_dora and self.norm_control.cap is not None:
             raise ConfigError("norm_cap with use_dora=True: the cap bounds s B A, but DoRA also rescales every row of "
                               "W0 + s B A by its trained magnitude, so the cap would certify nothing; drop one of them")
         if self.exclude is not None:
@@ -171,26 +228,8 @@ class LoraConfig:
                 raise ConfigError(f"targets={self.targets!r} must be a non-empty list of module names")
         else:
             raise ConfigError(f"targets={self.targets!r} must be a preset name, a regex string or a list of module names")
-        if self.norm_cap is not None and (isinstance(self.norm_cap, bool) or not isinstance(self.norm_cap, (int, float))
-                                          or not math.isfinite(self.norm_cap) or self.norm_cap <= 0):
-            raise ConfigError(f"norm_cap={self.norm_cap!r} must be a positive number: the largest spectral norm "
-                              "allowed for (alpha/r) B A, e.g. norm_cap=1.0")
         if self.backward not in BACKWARDS:
             raise ConfigError(f"backward={self.backward!r} is not one of {BACKWARDS}")
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"selection={self.selection!r} is not one of {SELECTIONS}")
-        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every <= 0:
-            raise ConfigError(f"refresh_every={self.refresh_every!r} must be a positive number of optimizer steps")
-        if not (self.svd_rank is None or self.svd_rank == "balanced"
-                or (isinstance(self.svd_rank, int) and not isinstance(self.svd_rank, bool) and self.svd_rank >= 0)):
-            raise ConfigError(f"svd_rank={self.svd_rank!r} must be None, 'balanced' or an integer >= 0")
-        ratios = self.keep_ratio.items() if isinstance(self.keep_ratio, dict) else [("", self.keep_ratio)]
-        for key, value in ratios:
-            if value is None and key == "":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-                where = f"keep_ratio[{key!r}]" if key else "keep_ratio"
-                raise ConfigError(f"{where}={value!r} must be in (0, 1]: the fraction of output features kept in the backward")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"task_type={self.task_type!r} is not one of {TASK_TYPES} or None")
 

@@ -199,10 +199,15 @@ def resolve(model: nn.Module, cfg: LoraConfig, *, strict_entries: bool = True) -
             )
 
     if cfg.exclude:
+        before = len(chosen)
         if isinstance(cfg.exclude, str):
             chosen = [n for n in chosen if not re.fullmatch(cfg.exclude, n)]
         else:
             chosen = [n for n in chosen if not matches(n, cfg.exclude)]
+        if len(chosen) == before:
+            how = "a regex is matched against the whole module path" if isinstance(cfg.exclude, str) else \
+                "names match a whole path or a dotted suffix"
+            notes.append(f"exclude={cfg.exclude!r} excludes none of the targets ({how})")
     chosen = [n for n in chosen if not _under(n, modules_to_save)]
     if not chosen:
         leaves = sorted({leaf(n) for n in adaptable})

@@ -18,6 +18,7 @@ import torch
 
 from lorakit import celora
 from lorakit.adapters import LoraConfig, attach
+from lorakit.adapters.config import CeloraConfig
 from lorakit.bench.harness import Contender, SectionTimer, alternate
 from lorakit.bench.workloads import fixed_batch, machine
 from lorakit.train.models import builtin_default_task, load_model
@@ -48,8 +49,9 @@ def run(model: str = "builtin:smollm2", *, batch_size: int = 4, seq_len: int = 2
     base = loaded.model
     torch.manual_seed(0)
     exact = attach(copy.deepcopy(base), LoraConfig(r=rank, alpha=alpha, targets="all-linear"))
-    approx = attach(base, LoraConfig(r=rank, alpha=alpha, targets="all-linear", backward="celora", keep_ratio=keep_ratio,
-                                     svd_rank=svd_rank, selection=selection, refresh_every=10**9))
+    approx = attach(base, LoraConfig(r=rank, alpha=alpha, targets="all-linear", backward="celora",
+                                     celora=CeloraConfig(keep_ratio=keep_ratio, svd_rank=svd_rank, selection=selection,
+                                                         refresh_every=10**9)))
     with torch.no_grad():
         src = dict(exact.named_parameters())
         for n, p in approx.named_parameters():

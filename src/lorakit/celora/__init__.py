@@ -1,7 +1,7 @@
 """CE-LoRA (Chen et al. 2025): an approximate frozen-weight backward for LoRA layers.
 
     cfg = lorakit.LoraConfig(r=16, alpha=32, targets="all-linear", backward="celora",
-                             keep_ratio=None, refresh_every=200, svd_rank=None, selection="score")
+                             celora=lorakit.CeloraConfig(keep_ratio=None, refresh_every=200, svd_rank=None, selection="score"))
     model = lorakit.attach(model, cfg)
     ...  loss.backward(); optimizer.step(); lorakit.celora.step(model)   # plain PyTorch loop
 

@@ -35,7 +35,8 @@ EXACT_LEAVES = {"q_proj", "k_proj", "gate_proj", "query", "key", "q_lin", "k_lin
                 "c_attn", "query_key_value", "qkv_proj", "Wqkv"}
 
 
-def _check_ratio(where: str, value) -> float:
+def check_keep_ratio(where: str, value) -> float:
+    """A keep ratio in (0, 1]; CeloraConfig checks every one it is given (plan_layers trusts them)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise ConfigError(f"{where}={value!r} must be in (0, 1]: the fraction of output features kept in the backward")
     return float(value)
@@ -52,7 +53,7 @@ def balanced_rank(r: int) -> int:
 def keep_ratios(model_type: str | None, layer_names: list[str], keep_ratio) -> dict[str, float]:
     """{layer name: keep ratio} for the approximated layers (see the module docstring)."""
     if isinstance(keep_ratio, dict):
-        mapping = {k: _check_ratio(f"keep_ratio[{k!r}]", v) for k, v in keep_ratio.items()}
+        mapping = {k: float(v) for k, v in keep_ratio.items()}
     elif keep_ratio is None:
         if model_type not in KEEP_PRESETS:
             raise ConfigError(
@@ -61,7 +62,7 @@ def keep_ratios(model_type: str | None, layer_names: list[str], keep_ratio) -> d
             )
         mapping = KEEP_PRESETS[model_type]
     else:
-        ratio = _check_ratio("keep_ratio", keep_ratio)
+        ratio = float(keep_ratio)
         return {n: ratio for n in layer_names if n.rsplit(".", 1)[-1] not in EXACT_LEAVES}
     if isinstance(keep_ratio, dict):
         leaves = sorted({n.rsplit(".", 1)[-1] for n in layer_names})

@@ -58,7 +58,7 @@ def cap_norms(model: nn.Module, cap: float | None = None) -> dict[str, float]:
     spectral norms before capping, per module. A no-op without a cap."""
     st = state(model)
     if cap is None:
-        cap = st.config.norm_cap
+        cap = st.config.norm_control.cap
     if cap is None:
         return {}
     return {name: cap_adapter(layer, cap) for name, layer in lora_layers(model, st.active_name)}

@@ -40,11 +40,14 @@ class Budget:
         return cls(seeds=3, minilm_steps=400, smollm2_steps=200, refresh_every=100)
 
 
-def _train(model: str, data: str, out: Path, backward: str, seed: int, steps: int, budget: Budget, **kw) -> dict[str, Any]:
+def _train(model: str, data: str, out: Path, backward: str, seed: int, steps: int, budget: Budget, rank: int,
+           **kw) -> dict[str, Any]:
+    from lorakit.adapters.config import CeloraConfig, LoraConfig
     from lorakit.train import TrainConfig, run
 
-    cfg = TrainConfig(model=model, data=data, out=str(out), steps=steps, seed=seed, targets="all-linear",
-                      backward=backward, refresh_every=budget.refresh_every, quiet=True, save_every=None,
+    lora = LoraConfig(r=rank, alpha=2 * rank, targets="all-linear", backward=backward,
+                      celora=CeloraConfig(refresh_every=budget.refresh_every))
+    cfg = TrainConfig(model=model, data=data, out=str(out), steps=steps, seed=seed, lora=lora, quiet=True, save_every=None,
                       eval_limit=budget.eval_limit, **kw)
     report = run(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -134,7 +137,7 @@ def run(out: str | Path = "reproduce/celora", *, budget: Budget | None = None, p
             for backward in ("exact", "celora"):
                 say(f"MiniLM sentiment, seed {seed}, {backward} ...")
                 group.append(_train("builtin:minilm", "builtin:rotten-tomatoes", out / f"minilm-{backward}-{seed}", backward,
-                                    seed, budget.minilm_steps, budget, rank=rank, alpha=2 * rank))
+                                    seed, budget.minilm_steps, budget, rank))
         result["runs"]["minilm"] = group
         acc = {b: statistics.mean(r["after"]["eval_accuracy"] for r in group if r["backward"] == b) for b in ("exact", "celora")}
         step = {b: statistics.mean(r["mean_step_s"] for r in group if r["backward"] == b) for b in ("exact", "celora")}
@@ -147,7 +150,7 @@ def run(out: str | Path = "reproduce/celora", *, budget: Budget | None = None, p
         for backward in ("exact", "celora"):
             say(f"SmolLM2 on Hamlet, {backward} ...")
             group.append(_train("builtin:smollm2", "builtin:hamlet", out / f"smollm2-{backward}", backward, 0,
-                                budget.smollm2_steps, budget, rank=rank, alpha=2 * rank, batch_size=budget.smollm2_batch,
+                                budget.smollm2_steps, budget, rank, batch_size=budget.smollm2_batch,
                                 max_length=budget.smollm2_length))
         result["runs"]["smollm2"] = group
         loss = {r["backward"]: r["after"]["eval_loss"] for r in group}

@@ -238,7 +238,7 @@ def _variant(size: tuple[int, int], variant: str, budget: SpeedBudget, vocab: in
     gamma = budget.standard_gamma if variant == "standard" else budget.controlled_gamma
     rescale_query_key(model, probe, gamma, match=True)
     cfg = lorakit.LoraConfig(r=budget.rank, alpha=2 * budget.rank, targets="attn-qkv",
-                             norm_cap=budget.norm_cap if variant == "norm-controlled" else None)
+                             norm_control=lorakit.NormControl(budget.norm_cap if variant == "norm-controlled" else None))
     lorakit.attach(model, cfg)
     use_attention(model, "auto", budget.tolerance)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -256,7 +256,7 @@ def _variant(size: tuple[int, int], variant: str, budget: SpeedBudget, vocab: in
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if cfg.norm_cap is not None:
+            if cfg.norm_control.cap is not None:
                 cap_norms(model)
             losses.append(float(loss.detach()))
         epoch_seconds.append(time.perf_counter() - t0)

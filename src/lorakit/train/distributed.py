@@ -322,12 +322,13 @@ RESUME_ARGV_ENV = "LORAKIT_LAUNCH_ARGV"
 
 
 def launch(nproc: int, train_argv: list[str]) -> int:
-    """Run ``lorakit train train_argv`` on ``nproc`` processes of this machine through torchrun.
+    """Run ``lorakit train train_argv`` (its --nproc left out) on ``nproc`` processes of this machine through torchrun.
 
     SIGINT and SIGTERM are passed on as SIGTERM to every worker (listed through /proc; to torchrun
     where they cannot be listed, which passes it on but then exits non-zero): the workers finish the
     step, checkpoint and exit 0, and so does torchrun. Returns torchrun's exit status.
     """
+    train_argv = without_nproc(train_argv)  # the workers must not launch again
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "lorakit", "train", *train_argv]
     env = dict(os.environ)
@@ -348,6 +349,19 @@ def launch(nproc: int, train_argv: list[str]) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The train arguments minus --nproc."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _children(pid: int) -> list[int]:

@@ -12,7 +12,6 @@ method, ``after_step(step, model) -> dict | None``; what they return is logged.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -22,7 +21,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.adapters import LoraConfig, attach, save_adapter
+from lorakit.adapters import attach, save_adapter
 from lorakit.adapters.precision import use_bf16
 from lorakit.speed.forward import fast_path
 from lorakit.speed.gemm import bf16_decision
@@ -39,185 +37,15 @@ from lorakit.kernels.linear_cross_entropy import IGNORE_INDEX
 from lorakit.files import OutputError, OutputLock, check_output_dir, entries, write_atomic
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed, memory
-from lorakit.train.chat import CHAT_TEMPLATE_FILE, LOSS_ON, read_chat_template
+from lorakit.train.chat import CHAT_TEMPLATE_FILE, read_chat_template
 from lorakit.train.data import Dataset, collate
 from lorakit.train.models import gguf_identity
 from lorakit.train.packing import pack_rows, packing_is_exact, padding_fraction
+from lorakit.train.config import DEFAULT_LR, DEFAULT_MAX_LENGTH, DEFAULT_STEPS, TrainConfig, resume_differences
 from lorakit.train.distributed import Dist
-
-DEFAULT_STEPS = 200
-DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
-DEFAULT_MAX_LENGTH = {"classify": 128, "causal-lm": 256}
-
 
 class StepHook(Protocol):
     def after_step(self, step: int, model: nn.Module) -> dict[str, Any] | None: ...
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``lorakit train`` accepts. None means "the default for the task"."""
-
-    model: str = "builtin:minilm"
-    data: str = "builtin:rotten-tomatoes"
-    task: str | None = None
-    eval_data: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    skip_bad_rows: bool = False
-    loss_on: str = "assistant"  # conversations: assistant turns; prompt/response rows: the response; "all": every token
-    chat_template: str | None = None  # a Jinja file replacing the tokenizer's chat template
-    packing: bool | None = None  # causal LM: several rows per sequence; None: where the model keeps them apart exactly
-    targets: str | list[str] = "attn-qv"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    dora: bool = False  # DoRA: a trained magnitude per output feature (LoraConfig.use_dora)
-    init: str = "kaiming"
-    backward: str = "exact"
-    keep_ratio: float | dict[str, float] | None = None
-    refresh_every: int = 200
-    svd_rank: int | str | None = None
-    selection: str = "score"
-    norm_cap: float | None = None
-    rank_pattern: dict[str, int] | None = None  # per-module ranks (e.g. from lorakit rank-advice)
-    layers: list[int] | None = None  # adapt only these blocks (LoraConfig.layers_to_transform)
-    layers_pattern: str | None = None
-    attention: str | None = None  # None: the model's own; "poly" | "auto" | "softmax1" | "exact"
-    attention_tolerance: float = 1e-3
-    norm_every: int | None = None
-    epochs: int | None = None
-    steps: int | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    eval_limit: int | None = None  # evaluate on the first N held-out rows only
-    grad_accum: int = 1
-    lr: float | None = None
-    weight_decay: float = 0.0
-    warmup: float = 0.06  # a fraction of the steps if < 1, else a number of steps
-    max_grad_norm: float = 1.0
-    max_length: int | None = None
-    bf16: bool = False
-    shard: bool = False  # FSDP2: split the frozen base across the processes (torchrun / --nproc)
-    seed: int = 0
-    eval_every: int | None = None  # None: four evaluations per run
-    save_every: int | None = 100
-    keep_checkpoints: int = 2
-    max_bad_steps: int = 5  # non-finite loss or gradients this many steps in a row stops the run
-    log_every: int = 10
-    out: str = "out"
-    resume: bool = False
-    overwrite: bool = False  # replace a previous run's files in out (its adapter, metrics, plots, checkpoints)
-    quiet: bool = False
-    device: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # options of later features (celora, norms, ...)
-
-    def validate(self) -> None:
-        positive = {"rank": self.rank, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
-                    "grad_accum": self.grad_accum, "log_every": self.log_every, "keep_checkpoints": self.keep_checkpoints,
-                    "max_bad_steps": self.max_bad_steps}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
-        for name in ("epochs", "steps", "eval_every", "save_every", "max_length", "eval_limit", "norm_every"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if self.epochs is not None and self.steps is not None:
-            raise ConfigError("give either --epochs or --steps, not both")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr={self.lr!r} must be a positive number")
-        if not (self.warmup >= 0 and math.isfinite(self.warmup)):
-            raise ConfigError(f"warmup={self.warmup!r} must be a finite number >= 0 (a fraction below 1, or a step count)")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be > 0")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ConfigError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0 (e.g. 0.01)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed={self.seed!r} must be an integer from 0 to 2**63 - 1")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one of them")
-        check_device(self.device)
-        if self.loss_on not in LOSS_ON:
-            raise ConfigError(f"loss_on={self.loss_on!r} must be one of {', '.join(LOSS_ON)}")
-        if self.chat_template is not None:
-            read_chat_template(self.chat_template)  # a missing or non-Jinja file fails before any model is loaded
-        if self.attention is not None:
-            from lorakit.limits.attention import AttentionPolicy
-
-            AttentionPolicy(mode=self.attention, tolerance=self.attention_tolerance)  # fails on a bad mode or tolerance
-        if self.shard:
-            needs_whole = {"--norm-cap": self.norm_cap is not None, "--attention": self.attention is not None,
-                           "--norm-every": self.norm_every is not None, "--backward celora": self.backward == "celora"}
-            bad = [name for name, used in needs_whole.items() if used]
-            on_cpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
-            if self.bf16 and on_cpu:
-                raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) "
-                                  "needs one dtype per sharded block; on CPU use --shard without --bf16, or --bf16 without "
-                                  "--shard")
-            if bad:
-                raise ConfigError(f"{', '.join(bad)} cannot be used with --shard: it needs the whole frozen weights between "
-                                  "steps and --shard keeps a slice in each process; drop --shard (DDP keeps a whole copy "
-                                  "per process) or the option")
-        self.lora_config()  # LoRA options fail here, before any model is loaded
-
-    def lora_config(self) -> LoraConfig:
-        # a local model is recorded by its absolute path, so the adapter works from any directory
-        base = self.model if self.model.startswith("builtin:") else str(Path(self.model).expanduser().resolve())
-        return LoraConfig(r=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
-                          rslora=self.rslora, use_dora=self.dora, init=self.init, base_model=base, backward=self.backward,
-                          keep_ratio=self.keep_ratio, refresh_every=self.refresh_every, svd_rank=self.svd_rank,
-                          selection=self.selection, norm_cap=self.norm_cap, rank_pattern=dict(self.rank_pattern or {}),
-                          layers_to_transform=self.layers, layers_pattern=self.layers_pattern)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def check_device(device: str | None) -> None:
-    """A device string torch understands and this machine has (None: cuda when present, else cpu)."""
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"device={device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r}: CUDA is not available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError(f"device={device!r}: MPS is not available on this machine; use --device cpu")
-    elif dev.type != "cpu":
-        raise ConfigError(f"device={device!r}: lorakit trains on cpu, cuda or mps")
-
-
-# Options that change neither the model, the data nor the training trajectory: a resume may change them.
-RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "quiet", "device", "shard", "eval_every", "eval_limit",
-                     "eval_batch_size", "save_every", "keep_checkpoints", "log_every", "max_bad_steps")
-# Paths compared by what they name, not how they are spelled.
-_PATH_FIELDS = ("model", "data", "eval_data")
-
-
-def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The options of ``now`` that differ from the checkpoint's ``saved`` config, as "--flag X here, Y there"."""
-    def norm(name: str, value: Any) -> Any:
-        if name in _PATH_FIELDS and isinstance(value, str) and not value.startswith("builtin:"):
-            return str(Path(value).expanduser().resolve())
-        return value
-
-    out = []
-    for name in sorted(set(saved) | set(now)):
-        if name in RESUME_MAY_CHANGE or name not in saved:  # a field added after the checkpoint was written
-            continue
-        a, b = norm(name, now.get(name)), norm(name, saved.get(name))
-        if a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
-            out.append(f"--{name.replace('_', '-')} {now.get(name)!r} here, {saved.get(name)!r} in the checkpoint")
-    return out
 
 
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -346,7 +174,6 @@ class Trainer:
         dist: Dist | None = None,
         fingerprint: dict[str, str] | None = None,
     ) -> None:
-        cfg.validate()
         if not data.train:
             raise ConfigError(f"{data.source}: no training rows")
         self.model, self.data, self.cfg, self.pad_id = model, data, cfg, pad_id
@@ -680,7 +507,6 @@ def prepare(cfg: TrainConfig):
     from lorakit.train.data import infer_task, load_data
     from lorakit.train.models import check_max_length, load_model, load_tokenizer
 
-    cfg.validate()
     cfg.task = cfg.task or infer_task(cfg.data, label_column=cfg.label_column)
     check_max_length(cfg.model, cfg.max_length or DEFAULT_MAX_LENGTH[cfg.task])
     tokenizer = load_tokenizer(cfg.model)
@@ -724,10 +550,10 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str) -> None:
 def _limits_hooks(cfg: TrainConfig, model: nn.Module, data, pad_id: int) -> list[StepHook]:
     """Norm cap (after every step), lorakit attention with its decision log, and the norm monitor."""
     hooks: list[StepHook] = []
-    if cfg.norm_cap is not None:
+    if cfg.lora.norm_control.cap is not None:
         from lorakit.limits.norm_cap import NormCap
 
-        hooks.append(NormCap(cfg.norm_cap))
+        hooks.append(NormCap(cfg.lora.norm_control.cap))
     if cfg.attention is not None:
         from lorakit.limits.attention import use_attention
         from lorakit.limits.monitor import AttentionMonitor
@@ -768,13 +594,36 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
 
     Under torchrun (or ``lorakit train --nproc N``) every process runs this; rank 0 writes.
     """
-    cfg.validate()
     d = distributed.from_environment(shard=cfg.shard, device=cfg.device)
     try:
         with claim_output(cfg) if d.is_main else contextlib.nullcontext():
             return _run(cfg, d, hooks)
     finally:
         distributed.shutdown(d)
+
+
+def launch_processes(cfg: TrainConfig, nproc: int, argv: list[str]) -> int | None:
+    """``lorakit train --nproc N``: everything that can fail is checked here, once, before a process starts; then
+    N torchrun workers run ``lorakit train argv`` (torchrun's exit status is returned). None: this process trains
+    (N = 1, or it is a torchrun worker already)."""
+    if distributed.launched_by_torchrun():
+        return None
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc} must be >= 1")
+    check_output(cfg)
+    distributed.rank_batch_size(cfg.batch_size, Dist(world=nproc))
+    return distributed.launch(nproc, argv) if nproc > 1 else None
+
+
+def held_out_change(report: dict[str, Any]) -> str | None:
+    """"held-out accuracy: 0.4945 -> 0.8080" (or loss) from run()'s report; None on processes other than rank 0."""
+    result = report["result"]
+    if "after" not in result or not report.get("is_main", True):
+        return None
+    before, after = result.get("before", {}), result["after"]
+    key = "eval_accuracy" if "eval_accuracy" in after else "eval_loss"
+    name = key.removeprefix("eval_")
+    return f"held-out {name}: {before[key]:.4f} -> {after[key]:.4f}" if key in before else f"held-out {name}: {after[key]:.4f}"
 
 
 # What a run writes into --out; --overwrite replaces exactly these, and other files there are left alone.
@@ -882,7 +731,7 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
     report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result, "precision": precision,
               "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
               "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps, "processes": d.world,
-              "sharded": d.shard, "memory_per_process": distributed.gather(d, memory.usage(trainer.device))}
+              "sharded": d.shard, "is_main": d.is_main, "memory_per_process": distributed.gather(d, memory.usage(trainer.device))}
     with distributed.whole_trainable(model):
         if d.is_main:
             try:

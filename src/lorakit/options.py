@@ -1,0 +1,296 @@
+"""Ground floor: each option declared once, as a dataclass field that carries its help text.
+
+A configuration dataclass (``TrainConfig``, ``LoraConfig`` and its nested groups) declares a
+field with ``option(default, "help", ...)``; ``add_flags(parser, TrainConfig)`` turns the fields
+into argparse flags (a nested dataclass field becomes an argument group, its fields flat
+flags), and ``from_flags(TrainConfig, namespace)`` builds the configuration from the flags the
+user gave, so every default lives in the dataclass alone. A new option is one field.
+
+    rank: int = option(8, "adapter rank r", flag="--rank")
+    -> lorakit train --rank 16    (help: "adapter rank r (default: 8)")
+
+The parsers below turn a command-line string into a field's value ("a,b" -> a list, "0-3" ->
+layer indices, a rank-advice JSON file -> a rank pattern); they raise ``ArgumentTypeError``,
+which argparse reports as one ``lorakit: error:`` line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import types
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", *, factory: Callable[[], Any] | None = None, flag: str | None = None,
+           parse: Callable[[str], Any] | None = None, choices: tuple[str, ...] | None = None, metavar: str | None = None,
+           aliases: tuple[str, ...] = (), default_text: str | None = None, section: str | None = None,
+           cli: bool = True) -> Any:
+    """A dataclass field with its command-line form.
+
+    flag: the spelling (default ``--`` + the name with dashes); aliases: older spellings, accepted and
+    hidden from --help; parse: string -> value (default: from the annotation, int/float/str);
+    default_text: how --help states the default when the value alone would not say it ("the task's");
+    section: the argument group --help lists it under; cli=False: not a command-line option (set by lorakit itself).
+    """
+    metadata = {"help": help, "flag": flag, "parse": parse, "choices": choices, "metavar": metavar, "aliases": aliases,
+                "default_text": default_text, "section": section, "cli": cli}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def group(cls: type, title: str) -> Any:
+    """A nested configuration (a dataclass of options), shown as one argument group titled ``title``."""
+    return dataclasses.field(default_factory=cls, metadata={"group": title, "cls": cls})
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line option: the dotted path of its field (``lora.celora.keep_ratio``) and how it parses."""
+
+    path: str
+    field: dataclasses.Field
+    annotation: Any
+    group: str | None
+
+    @property
+    def spelling(self) -> str:
+        return self.field.metadata.get("flag") or "--" + self.field.name.replace("_", "-")
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata.get("help", "")
+
+
+def flags(cls: type, *, prefix: str = "", title: str | None = None) -> Iterator[Flag]:
+    """Every command-line option of ``cls`` and its nested groups, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            yield from flags(f.metadata["cls"], prefix=f"{prefix}{f.name}.", title=f.metadata["group"])
+        elif f.metadata.get("cli", True) and "help" in f.metadata:
+            yield Flag(prefix + f.name, f, hints[f.name], title or f.metadata.get("section"))
+
+
+def fields_without_help(cls: type, *, prefix: str = "") -> list[str]:
+    """Fields declared without ``option`` (no help text, no flag): what a test of "every option" looks for."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            out += fields_without_help(f.metadata["cls"], prefix=f"{prefix}{f.name}.")
+        elif "help" not in f.metadata:
+            out.append(prefix + f.name)
+    return out
+
+
+def _scalar(annotation: Any) -> type | None:
+    """int, float or str when the annotation is one of them (or it | None)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    return annotation if annotation in (int, float, str) else None
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not _MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not _MISSING else None
+
+
+def _help_text(fl: Flag) -> str:
+    default = _default_of(fl.field)
+    shown = fl.field.metadata.get("default_text")
+    empty = default is None or isinstance(default, bool) or (isinstance(default, (str, list, dict)) and not default)
+    if shown is None and not empty:
+        shown = str(default)
+    text = f"{fl.help} (default: {shown})" if shown else fl.help
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """argparse options for every field of ``cls`` (nested groups as argument groups); flags not given stay unset."""
+    groups: dict[str | None, Any] = {None: parser}
+    for fl in flags(cls):
+        if fl.path in skip:
+            continue
+        if fl.group not in groups:
+            groups[fl.group] = parser.add_argument_group(fl.group)
+        target = groups[fl.group]
+        m, default = fl.field.metadata, _default_of(fl.field)
+        kw: dict[str, Any] = {"dest": fl.path, "default": argparse.SUPPRESS, "help": _help_text(fl)}
+        if fl.annotation is bool or (default is None and typing.get_args(fl.annotation) == (bool, type(None))):
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        else:
+            parse = m.get("parse") or _scalar(fl.annotation)
+            if parse is None:
+                raise TypeError(f"option {fl.path}: give parse= for the annotation {fl.annotation!r}")
+            kw["type"] = parse
+            if m.get("choices"):
+                kw["choices"] = m["choices"]
+            if not m.get("choices"):
+                kw["metavar"] = m.get("metavar") or fl.field.name.upper()
+        target.add_argument(fl.spelling, **kw)
+        for alias in m.get("aliases") or ():
+            target.add_argument(alias, **{**kw, "help": argparse.SUPPRESS})
+
+
+def given(namespace: argparse.Namespace, cls: type, *, prefix: str = "") -> dict[str, Any]:
+    """The fields of ``cls`` the user set on the command line, nested groups as dicts of theirs."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            inner = given(namespace, f.metadata["cls"], prefix=f"{prefix}{f.name}.")
+            if inner:
+                out[f.name] = inner
+        elif hasattr(namespace, prefix + f.name):
+            out[f.name] = getattr(namespace, prefix + f.name)
+    return out
+
+
+def build(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)`` with nested groups built from their dicts (over their defaults)."""
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if "group" in f.metadata and isinstance(value, dict):
+            value = build(f.metadata["cls"], value)
+        kw[f.name] = value
+    return cls(**kw)
+
+
+def from_flags(cls: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
+    """The configuration the command line asks for: the dataclass defaults, the flags given, then ``overrides``.
+
+    A validation error that names a field spelled otherwise on the command line (``r=0``) gets the flag in front
+    (``--rank: r=0 must be ...``)."""
+    from lorakit.errors import ConfigError
+
+    try:
+        return build(cls, {**given(namespace, cls), **overrides})
+    except ConfigError as exc:
+        named = re.match(r"(\w+)[=\[ ]", str(exc))
+        for fl in flags(cls):
+            if named and fl.field.name == named[1] and fl.spelling != "--" + named[1].replace("_", "-"):
+                raise ConfigError(f"{fl.spelling}: {exc}") from None
+        raise
+
+
+def flatten(cls: type, doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"lora": {"r": 8}} -> {"lora.r": 8}: a configuration's dict (``dataclasses.asdict``) as dotted paths."""
+    nested = {f.name: f.metadata["cls"] for f in dataclasses.fields(cls) if "group" in f.metadata}
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in nested and isinstance(value, dict):
+            out.update(flatten(nested[key], value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def spelling(cls: type, path: str) -> str:
+    """The command-line flag of the field at ``path`` (``lora.r`` -> ``--rank``), else the path itself."""
+    for fl in flags(cls):
+        if fl.path == path:
+            return fl.spelling
+    return path
+
+
+# ---------------------------------------------------------------------- string -> value
+def parse_names(value: str) -> str | list[str]:
+    """"a,b,c" and a plain dotted name ("k_proj", "layers.0.mlp") become a list of names (matched as PEFT matches
+    a list: the whole path or a dotted suffix); a preset ("attn-qv") or any other regex stays a string (matched
+    in full against module paths)."""
+    if "," in value or re.fullmatch(r"[\w.]+", value):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def parse_regexes(value: str) -> str | list[str]:
+    """One regex, or several separated by commas (a list)."""
+    return [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
+
+
+def parse_name_list(value: str) -> list[str]:
+    """"a,b" -> ["a", "b"]; "" -> [] (none)."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_keep_ratio(value: str) -> float | dict[str, float]:
+    """0.6, or "v_proj=0.55,down_proj=0.65"."""
+    try:
+        if "=" not in value:
+            return float(value)
+        pairs = (item.split("=", 1) for item in value.split(",") if item.strip())
+        return {k.strip(): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor name=ratio pairs (v_proj=0.55,o_proj=0.55)") from None
+
+
+def parse_svd_rank(value: str) -> int | str:
+    if value == "balanced":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither an integer nor 'balanced'") from None
+
+
+def parse_layers(value: str) -> list[int]:
+    """"0-5", "0,2,4" or "0-3,8" -> the sorted layer indices."""
+    out: set[int] = set()
+    try:
+        for part in (p.strip() for p in value.split(",")):
+            first, dash, last = part.partition("-")
+            lo, hi = int(first), int(last) if dash else int(first)
+            if lo < 0 or hi < lo:
+                raise ValueError
+            out.update(range(lo, hi + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a list of layer indices; use e.g. 0-5 or 0,2,4 or 0-3,8") from None
+    return sorted(out)
+
+
+def _pattern(value: str, what: str, number: type) -> dict[str, Any]:
+    """name=x,name=x, or a JSON file ({module: x}, or an object holding ``what``, as rank-advice's advice.json)."""
+    if value.endswith(".json") or Path(value).is_file():
+        try:
+            doc = json.loads(Path(value).read_text())
+        except (OSError, ValueError, RecursionError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {value}: {type(exc).__name__}: {str(exc)[:100]}") from None
+        doc = doc.get(what, doc) if isinstance(doc, dict) else doc
+        ok = isinstance(doc, dict) and all(isinstance(v, (int, float) if number is float else int) and not isinstance(v, bool)
+                                           for v in doc.values())
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{value}: expected {{module: {what.split('_')[0]}}} or an object with a {what}")
+        return doc
+    out = {}
+    for part in value.split(","):
+        name, _, x = part.partition("=")
+        try:
+            out[name.strip()] = number(x)
+        except ValueError:
+            name = ""
+        if not name.strip():
+            x = "r" if number is int else "alpha"
+            raise argparse.ArgumentTypeError(f"{value!r}: use name={x},name={x} or a JSON file")
+    return out
+
+
+def parse_rank_pattern(value: str) -> dict[str, int]:
+    """Per-module ranks: "q_proj=4,v_proj=16", or rank-advice's advice.json (its rank_pattern) or {module: rank}."""
+    return _pattern(value, "rank_pattern", int)
+
+
+def parse_alpha_pattern(value: str) -> dict[str, float]:
+    """Per-module alphas: "q_proj=8,v_proj=32", or a JSON file {module: alpha} (or an object with an alpha_pattern)."""
+    return _pattern(value, "alpha_pattern", float)

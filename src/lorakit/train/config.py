@@ -1,0 +1,235 @@
+"""TrainConfig: everything ``lorakit train`` accepts, declared once.
+
+TrainConfig holds the adapter's LoraConfig (``lora``, with its CE-LoRA and norm-control groups);
+every field carries its help text, and ``lorakit train``'s flags are generated from the fields
+(``lorakit.options``). It is validated on construction; ``to_dict`` is what run.json and every
+checkpoint record, ``from_dict`` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.adapters import LoraConfig
+from lorakit.errors import ConfigError
+from lorakit.limits.attention import MODES as ATTENTION_MODES
+from lorakit.options import build, flatten, group, option, spelling
+from lorakit.train.chat import LOSS_ON, read_chat_template
+from lorakit.train.models import TASKS, builtin_default_task
+
+DEFAULT_STEPS = 200
+DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
+DEFAULT_MAX_LENGTH = {"classify": 128, "causal-lm": 256}
+DEFAULT_DATA = {"classify": "builtin:rotten-tomatoes", "causal-lm": "builtin:hamlet"}
+
+_LIMITS = "computational limits (attention norms)"
+_PROCESSES = "several processes (torch.distributed)"
+
+
+def default_data(model: str, task: str | None) -> str:
+    """The built-in data of the task (given, or the built-in model's): Hamlet for a causal LM, else sentiment."""
+    return DEFAULT_DATA[task or builtin_default_task(model) or "classify"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``lorakit train`` accepts. None means "the default for the task"."""
+
+    model: str = option("builtin:minilm", "builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file")
+    data: str | None = option(
+        None, "builtin:rotten-tomatoes | builtin:hamlet | FILE.csv | FILE.jsonl | FILE.parquet | FILE.txt",
+        default_text="rotten-tomatoes for an encoder, hamlet for builtin:smollm2 or --task causal-lm")
+    task: str | None = option(None, "what to train", choices=TASKS, default_text="inferred from the data")
+    eval_data: str | None = option(None, "a held-out file", default_text="a fixed 10% of --data")
+    text_column: str = option("text", "the column holding the text (csv, jsonl, parquet)")
+    label_column: str = option("label", "the column holding the label (classification)")
+    skip_bad_rows: bool = option(False, "skip malformed data rows (counted in the report) instead of stopping")
+    loss_on: str = option(
+        "assistant", "conversations (\"messages\" rows): the loss on assistant turns or on every token; prompt/response "
+        "rows: on the response or on every token", choices=LOSS_ON)
+    chat_template: str | None = option(
+        None, "a Jinja chat template for conversational data, replacing the tokenizer's (needed when it has none, e.g. "
+        "examples/chat_templates/gemma3.jinja for the Gemma 3 GGUF)", metavar="FILE")
+    packing: bool | None = option(
+        None, "causal LM: pack several rows into each sequence of --max-length tokens, no attention across rows",
+        default_text="on where a check shows the model keeps packed rows apart exactly")
+    lora: LoraConfig = group(LoraConfig, "LoRA adapter")
+    attention: str | None = option(
+        None, "lorakit attention: auto = polynomial where the certified logit bound allows it", choices=ATTENTION_MODES,
+        default_text="the model's own", section=_LIMITS)
+    attention_tolerance: float = option(1e-3, "allowed attention-output error relative to max|v| for poly/auto",
+                                        section=_LIMITS)
+    norm_every: int | None = option(None, "measure the attention norms every N steps (metrics.jsonl, norms.png)",
+                                    section=_LIMITS)
+    epochs: int | None = option(None, "passes over the training rows (instead of --steps)")
+    steps: int | None = option(None, "optimizer steps", default_text=f"{DEFAULT_STEPS} when --epochs is not given")
+    batch_size: int = option(32, "rows per optimizer step (over all processes); with packing, sequences")
+    eval_batch_size: int = option(64, "rows per evaluation batch")
+    eval_limit: int | None = option(None, "evaluate on the first N held-out rows only")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float | None = option(None, "peak learning rate (AdamW)", default_text="2e-3 for classify, 2e-4 for causal-lm")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup: float = option(0.06, "linear warm-up: a fraction of the steps (< 1) or a step count")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this")
+    max_length: int | None = option(None, "tokens per row", default_text="128 classify, 256 causal-lm")
+    bf16: bool = option(False, "bf16 training: frozen weights stored in bf16, adapters and optimizer in fp32 (CPU, where "
+                        "this CPU's bf16 products are faster); bf16 autocast on GPU")
+    shard: bool = option(False, "FSDP2: split the frozen base across the processes (for a model too big for one process)",
+                         section=_PROCESSES)
+    seed: int = option(0, "random seed (data order, initialisation, dropout)")
+    eval_every: int | None = option(None, "evaluate every N steps", default_text="four times per run")
+    save_every: int | None = option(100, "checkpoint every N steps")
+    keep_checkpoints: int = option(2, "complete checkpoints kept in OUT/checkpoints (older ones are removed)")
+    max_bad_steps: int = option(5, "stop after this many steps in a row with a non-finite loss or gradient (each is "
+                                "skipped)")
+    log_every: int = option(10, "log the training loss every N steps (metrics.jsonl)")
+    out: str = option("out", "the run's directory: adapter, metrics.jsonl, plots, run.json, checkpoints")
+    resume: bool = option(False, "continue from the newest complete checkpoint in OUT/checkpoints (refused if it was "
+                          "written with other options, another model or other data)")
+    overwrite: bool = option(False, "replace a previous run in OUT (its adapter, metrics.jsonl, plots, run.json and "
+                             "checkpoints; other files there stay). Without it a non-empty OUT is refused")
+    quiet: bool = option(False, "no progress bar or messages")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ...", default_text="cuda when present")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # from run.json or a checkpoint
+            self.lora = build(LoraConfig, self.lora)
+        if self.data is None and isinstance(self.model, str):
+            self.data = default_data(self.model, self.task)
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.lora, LoraConfig):
+            raise ConfigError(f"lora={self.lora!r} must be a lorakit.LoraConfig")
+        positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every, "keep_checkpoints": self.keep_checkpoints,
+                    "max_bad_steps": self.max_bad_steps}
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        for name in ("epochs", "steps", "eval_every", "save_every", "max_length", "eval_limit", "norm_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.task is not None and self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} must be one of {', '.join(TASKS)} (or None: inferred from the data)")
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError("give either --epochs or --steps, not both")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr!r} must be a positive number")
+        if not (self.warmup >= 0 and math.isfinite(self.warmup)):
+            raise ConfigError(f"warmup={self.warmup!r} must be a finite number >= 0 (a fraction below 1, or a step count)")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be > 0")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0 (e.g. 0.01)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed={self.seed!r} must be an integer from 0 to 2**63 - 1")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+        check_device(self.device)
+        if self.loss_on not in LOSS_ON:
+            raise ConfigError(f"loss_on={self.loss_on!r} must be one of {', '.join(LOSS_ON)}")
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a missing or non-Jinja file fails before any model is loaded
+        if self.attention is not None:
+            from lorakit.limits.attention import AttentionPolicy
+
+            AttentionPolicy(mode=self.attention, tolerance=self.attention_tolerance)  # fails on a bad mode or tolerance
+        if self.shard:
+            self._check_shard()
+
+    def _check_shard(self) -> None:
+        needs_whole = {"--norm-cap": self.lora.norm_control.cap is not None, "--attention": self.attention is not None,
+                       "--norm-every": self.norm_every is not None, "--backward celora": self.lora.backward == "celora"}
+        bad = [name for name, used in needs_whole.items() if used]
+        on_cpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+        if self.bf16 and on_cpu:
+            raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) "
+                              "needs one dtype per sharded block; on CPU use --shard without --bf16, or --bf16 without "
+                              "--shard")
+        if bad:
+            raise ConfigError(f"{', '.join(bad)} cannot be used with --shard: it needs the whole frozen weights between "
+                              "steps and --shard keeps a slice in each process; drop --shard (DDP keeps a whole copy "
+                              "per process) or the option")
+
+    def lora_config(self) -> LoraConfig:
+        """The adapter's configuration, its base model recorded (a local model by its absolute path, so the adapter
+        works from any directory) unless ``lora.base_model`` names one."""
+        if self.lora.base_model is not None:
+            return self.lora
+        base = self.model if self.model.startswith("builtin:") else str(Path(self.model).expanduser().resolve())
+        return self.lora.replace(base_model=base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> TrainConfig:
+        """The configuration ``to_dict`` (run.json's "config") recorded; an unknown field is refused."""
+        unknown = sorted(set(flatten(cls, doc)) - set(flatten(cls, cls().to_dict())))
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig fields {unknown}; this configuration was written by another lorakit")
+        return build(cls, doc)
+
+
+def check_device(device: str | None) -> None:
+    """A device string torch understands and this machine has (None: cuda when present, else cpu)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device={device!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device={device!r}: lorakit trains on cpu, cuda or mps")
+
+
+# Options that change neither the model, the data nor the training trajectory: a resume may change them.
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "quiet", "device", "shard", "eval_every", "eval_limit",
+                     "eval_batch_size", "save_every", "keep_checkpoints", "log_every", "max_bad_steps")
+# Paths compared by what they name, not how they are spelled.
+_PATH_FIELDS = ("model", "data", "eval_data")
+# Checkpoints written before TrainConfig held a LoraConfig recorded these flat names.
+_FLAT_NAMES = {"rank": "lora.r", "alpha": "lora.alpha", "targets": "lora.targets", "dropout": "lora.dropout",
+               "rslora": "lora.rslora", "dora": "lora.use_dora", "init": "lora.init", "rank_pattern": "lora.rank_pattern",
+               "layers": "lora.layers_to_transform", "layers_pattern": "lora.layers_pattern",
+               "backward": "lora.backward", "keep_ratio": "lora.celora.keep_ratio",
+               "refresh_every": "lora.celora.refresh_every", "svd_rank": "lora.celora.svd_rank",
+               "selection": "lora.celora.selection", "norm_cap": "lora.norm_control.cap"}
+
+
+def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The options of ``now`` that differ from the checkpoint's ``saved`` config, as "--flag X here, Y there"."""
+    def norm(name: str, value: Any) -> Any:
+        if name in _PATH_FIELDS and isinstance(value, str) and not value.startswith("builtin:"):
+            return str(Path(value).expanduser().resolve())
+        if name == "lora.rank_pattern" and not value:
+            return {}
+        return value
+
+    saved = {_FLAT_NAMES.get(k, k): v for k, v in flatten(TrainConfig, saved).items() if k != "extra"}
+    now = flatten(TrainConfig, now)
+    out = []
+    for name in sorted(set(saved) | set(now)):
+        if name in RESUME_MAY_CHANGE or name not in saved:  # a field added after the checkpoint was written
+            continue
+        a, b = norm(name, now.get(name)), norm(name, saved.get(name))
+        if a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            out.append(f"{spelling(TrainConfig, name)} {now.get(name)!r} here, {saved.get(name)!r} in the checkpoint")
+    return out
