@@ -8,7 +8,9 @@ import transformers as tf
 import lorakit
 from lorakit.speed import own_forward
 from lorakit.speed.attention import use_fast_attention
-from lorakit.speed.families import FIRST_TOKEN
+from lorakit.architectures import families_with
+
+FIRST_TOKEN = families_with("first_token")
 from lorakit.speed.first_token import first_token_layer, first_token_only
 
 SIZES = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,

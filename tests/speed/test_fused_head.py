@@ -5,7 +5,10 @@ import torch
 
 import lorakit
 from lorakit.kernels.linear_cross_entropy import linear_cross_entropy
-from lorakit.speed.families import CAUSAL_LM, causal_lm_parts
+from lorakit.architectures import families_with
+from lorakit.speed.families import causal_lm_parts
+
+CAUSAL_LM = families_with("lm_head")
 from lorakit.speed.fused_head import shifted_labels
 
 

@@ -21,43 +21,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.adapters.config import PRESETS, LoraConfig
+from lorakit.architectures import GUESSED_PROJECTIONS, HEAD_NAMES, fused_projection, model_type_of, separate_projections
 from lorakit.adapters.layer import LoraLinear
 from lorakit.module_kinds import is_adaptable
 from lorakit.errors import TargetError, closest
-
-_QKV_SEPARATE = {
-    ("query", "key", "value"): ("bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "ernie", "megatron-bert", "data2vec-text", "xmod", "roformer"),
-    ("q_lin", "k_lin", "v_lin"): ("distilbert",),
-    ("query_proj", "key_proj", "value_proj"): ("deberta", "deberta-v2"),
-    ("q", "k", "v"): ("t5", "mt5", "umt5", "longt5", "mpnet"),
-    ("q_proj", "k_proj", "v_proj"): (
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-        "opt", "phi", "olmo", "olmo2", "granite", "smollm3", "bart", "mbart", "marian", "whisper", "m2m_100",
-        "stablelm", "cohere", "starcoder2", "gptj", "gpt_neo", "codegen", "persimmon", "xglm", "blenderbot", "pegasus",
-        "nllb-moe", "ministral", "helium", "glm", "exaone",
-    ),
-}
-ATTENTION_PROJECTIONS: dict[str, tuple[str, str, str]] = {
-    model_type: names for names, types in _QKV_SEPARATE.items() for model_type in types
-}
-FUSED_QKV: dict[str, str] = {
-    "gpt2": "c_attn",
-    "gpt_bigcode": "c_attn",
-    "gpt_neox": "query_key_value",
-    "falcon": "query_key_value",
-    "bloom": "query_key_value",
-    "phi3": "qkv_proj",
-    "mpt": "Wqkv",
-}
-# Fallback when the architecture is unknown: leaf names commonly used for each projection.
-_HEURISTIC = {
-    "q": {"q_proj", "query", "q", "q_lin", "query_proj", "wq", "to_q"},
-    "k": {"k_proj", "key", "k", "k_lin", "key_proj", "wk", "to_k"},
-    "v": {"v_proj", "value", "v", "v_lin", "value_proj", "wv", "to_v"},
-    "fused": {"c_attn", "query_key_value", "qkv_proj", "qkv", "Wqkv"},
-}
-HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head")
-
 
 @dataclass
 class Resolution:
@@ -123,19 +90,20 @@ def default_modules_to_save(model: nn.Module) -> list[str]:
 
 
 def _attention_leaves(model: nn.Module, which: str, notes: list[str]) -> set[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in FUSED_QKV:
-        fused = FUSED_QKV[model_type]
+    model_type = model_type_of(model)
+    fused = fused_projection(model_type)
+    if fused is not None:
         notes.append(f"{model_type} fuses q, k and v into '{fused}': one adapter on it covers all three projections")
         return {fused}
-    if model_type in ATTENTION_PROJECTIONS:
-        q, k, v = ATTENTION_PROJECTIONS[model_type]
+    separate = separate_projections(model_type)
+    if separate is not None:
+        q, k, v = separate
         return {q, v} if which == "attn-qv" else {q, k, v}
     leaves = {leaf(n) for n in linear_modules(model)}
-    wanted = _HEURISTIC["q"] | _HEURISTIC["v"] | (set() if which == "attn-qv" else _HEURISTIC["k"])
-    found = leaves & wanted
+    guess = GUESSED_PROJECTIONS
+    found = leaves & (guess["q"] | guess["v"] | (set() if which == "attn-qv" else guess["k"]))
     if not found:
-        found = leaves & _HEURISTIC["fused"]
+        found = leaves & guess["fused"]
     notes.append(
         f"architecture {model_type!r} has no preset; guessed the {which} projections from module names: {sorted(found)}. "
         "Pass targets=[...] explicitly if this is wrong"

@@ -106,11 +106,12 @@ class BenchConfig:
 
 # ---------------------------------------------------------------------------- the model and its size
 def model_task(spec: str, task: str | None) -> str:
-    from lorakit.train.models import ENCODERS, builtin_default_task, model_config
+    from lorakit.architectures import is_encoder
+    from lorakit.train.models import builtin_default_task, model_config
 
     if task:
         return task
-    return builtin_default_task(spec) or ("classify" if model_config(spec).model_type in ENCODERS else "causal-lm")
+    return builtin_default_task(spec) or ("classify" if is_encoder(model_config(spec).model_type) else "causal-lm")
 
 
 def parameter_count(spec: str, task: str) -> int:

@@ -2,8 +2,8 @@
 
 Released configuration (LLaMA naming): v_proj 0.55, o_proj 0.55, up_proj 0.65,
 down_proj 0.65; q_proj, k_proj and gate_proj stay exact (sparsifying them raised loss and
-instability in the authors' ablations). The presets below carry the same choice over to
-other architectures' names.
+instability in the authors' ablations). The registry (lorakit.architectures, each family's
+keep_ratio) carries the same choice over to other architectures' names.
 
 keep_ratio semantics:
   None           the preset of the architecture
@@ -17,22 +17,11 @@ and r0 both int(7 r / 8), so memory stays that of plain LoRA, as released).
 
 from __future__ import annotations
 
+from lorakit.architectures import EXACT_LEAVES, families_with
 from lorakit.celora.selector import SelectorSpec
 from lorakit.errors import ConfigError
 
-_LLAMA = {"v_proj": 0.55, "o_proj": 0.55, "up_proj": 0.65, "down_proj": 0.65}
-KEEP_PRESETS: dict[str, dict[str, float]] = {
-    **{t: _LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
-                           "olmo2", "granite", "smollm3", "phi3", "stablelm", "cohere", "helium", "ministral")},
-    **{t: {"value": 0.55, "attention.output.dense": 0.55, "intermediate.dense": 0.65, "output.dense": 0.65}
-       for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie")},
-    "distilbert": {"v_lin": 0.55, "out_lin": 0.55, "lin1": 0.65, "lin2": 0.65},
-    "opt": {"v_proj": 0.55, "out_proj": 0.55, "fc1": 0.65, "fc2": 0.65},
-    "gpt2": {"attn.c_proj": 0.55, "mlp.c_fc": 0.65, "mlp.c_proj": 0.65},
-}
-# Projections that stay exact when keep_ratio is a single number (query, key and gate).
-EXACT_LEAVES = {"q_proj", "k_proj", "gate_proj", "query", "key", "q_lin", "k_lin", "q", "k", "query_proj", "key_proj",
-                "c_attn", "query_key_value", "qkv_proj", "Wqkv"}
+KEEP_PRESETS: dict[str, dict[str, float]] = families_with("keep_ratio")  # model_type -> preset, from the registry
 
 
 def check_keep_ratio(where: str, value) -> float:

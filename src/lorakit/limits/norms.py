@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lorakit.files import write_atomic
 from lorakit.adapters.layer import LoraLinear
-from lorakit.adapters.targets import _HEURISTIC, ATTENTION_PROJECTIONS, FUSED_QKV
+from lorakit.architectures import GUESSED_PROJECTIONS, fused_projection, model_type_of, separate_projections
 from lorakit.errors import ModelError
 from lorakit.limits.attention import key_padding_and_causal
 from lorakit.speed.attention import attention_modules
@@ -151,20 +151,20 @@ def _short(name: str) -> str:
 # ---------------------------------------------------------------------- finding projections
 def projections(model: nn.Module, attention: dict[str, nn.Module]) -> dict[str, dict[str, tuple[nn.Module, int]]]:
     """For each attention module: {"q"|"k"|"v": (projection module, index among a fused q/k/v output)}."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = model_type_of(model)
+    names, fused = separate_projections(model_type), fused_projection(model_type)
     out: dict[str, dict[str, tuple[nn.Module, int]]] = {}
     for name, attn in attention.items():
         # BERT-style: the projections are children of the module that calls attention
         found: dict[str, tuple[nn.Module, int]] = {}
-        names = ATTENTION_PROJECTIONS.get(model_type)
         for child_name, child in attn.named_children():
             if names and child_name in names:
                 found["qkv"[names.index(child_name)]] = (child, -1)
             elif not names:
                 for mu in "qkv":
-                    if child_name in _HEURISTIC[mu]:
+                    if child_name in GUESSED_PROJECTIONS[mu]:
                         found[mu] = (child, -1)
-            if child_name == FUSED_QKV.get(model_type) or (not names and child_name in _HEURISTIC["fused"]):
+            if child_name == fused or (not names and not fused and child_name in GUESSED_PROJECTIONS["fused"]):
                 found = {mu: (child, i) for i, mu in enumerate("qkv")}
         out[name] = found
     return out

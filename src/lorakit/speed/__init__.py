@@ -1,6 +1,6 @@
 """Speed: the fast paths of an adapted model, whoever calls it.
 
-    families     which models each fast path covers (one table per path)
+    families     which models each fast path covers (asked of lorakit.architectures)
     forward      make_fast / remove_fast / own_forward: the model's own forward, fast in training calls
     fused_head   a decoder's loss with the head and cross-entropy fused (logit scale and soft-cap included)
     first_token  an encoder classifier's last layer computing the one row its head reads

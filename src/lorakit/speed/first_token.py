@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from lorakit.kernels.dropout import dropout_leading_rows, zero_padded
 from lorakit.speed.attention import FAST_DROPOUT_FLAG, LORAKIT_SDPA, masked_softmax
 from lorakit.speed.dropout import FastDropout
-from lorakit.speed.families import EncoderLayout, first_token_family
+from lorakit.architectures import EncoderLayout
+from lorakit.speed.families import first_token_family
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", LORAKIT_SDPA)
 

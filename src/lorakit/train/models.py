@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from lorakit.architectures import family, is_encoder
 from lorakit.errors import ModelError
 
 TASKS = ("classify", "causal-lm")
@@ -54,7 +55,6 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 
 LOAD_ERRORS = _load_errors()
-ENCODERS = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "albert", "mpnet")
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,8 @@ def max_positions(config) -> int | None:
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             # RoBERTa-style positions start after the padding index
-            return value - 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else value
+            f = family(config.model_type)
+            return value - (f.position_offset if f is not None else 0)
     return None
 
 
@@ -285,7 +286,7 @@ def load_model(
             kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
             model = AutoModelForSequenceClassification.from_pretrained(folder, **kw)
         else:
-            if config.model_type in ENCODERS:
+            if is_encoder(config.model_type):
                 raise ModelError(f"{spec} is an encoder ({config.model_type}); causal-lm needs a decoder such as builtin:smollm2")
             model = AutoModelForCausalLM.from_pretrained(folder, **kw)
     except ModelError:
