@@ -45,3 +45,21 @@ def test_the_fast_paths_read_the_registry():
                                                           num_hidden_layers=1, num_attention_heads=2))
     assert causal_lm_parts(llama) is not None and first_token_family(llama) is None
     assert first_token_family(bert).layout == arch.BERT_LAYER and causal_lm_parts(bert) is None
+
+
+def test_a_family_added_to_the_registry_gets_presets_and_ce_lora():
+    """VaultGemma was added by one registry line: attn-qv without guessing, CE-LoRA's preset, the fused head
+    (its loss and gradients against the plain model: tests/speed/test_forward.py)."""
+    import warnings
+
+    import lorakit
+
+    config = tf.VaultGemmaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=3.0)
+    model = tf.VaultGemmaForCausalLM(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "guessed the projections" note
+        lorakit.attach(model, lorakit.LoraConfig(r=2, targets="all-linear", backward="celora"))
+    assert {n.rsplit(".", 1)[-1] for n, _ in lorakit.lora_layers(model)} >= {"q_proj", "v_proj", "down_proj"}
+    assert KEEP_PRESETS["vaultgemma"] == arch.LLAMA_KEEP
+    assert causal_lm_parts(model).softcap == 3.0

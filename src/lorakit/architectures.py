@@ -111,6 +111,7 @@ FAMILIES: dict[str, Family] = {
     **{t: _llama_like(keep_ratio=None) for t in ("qwen2_moe", "qwen3_moe", "olmoe")},  # experts: no CE-LoRA preset
     "gemma2": _llama_like(LogitChange("softcap", "final_logit_softcapping")),
     "gemma3_text": _llama_like(LogitChange("softcap", "final_logit_softcapping")),
+    "vaultgemma": _llama_like(LogitChange("softcap", "final_logit_softcapping")),
     "granite": _llama_like(LogitChange("divide", "logits_scaling")),
     "cohere": _llama_like(LogitChange("scale", "logit_scale")),
     # decoders with the fused head, without a CE-LoRA preset

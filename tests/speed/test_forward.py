@@ -29,6 +29,8 @@ def build(family: str):
     if family == "gemma3":  # Gemma3ForCausalLM, model_type gemma3_text: final logit soft-capping on
         return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**DECODER, head_dim=8, final_logit_softcapping=3.0,
                                                         sliding_window=4))
+    if family == "vaultgemma":  # Gemma 2's layout trained with differential privacy, soft-capped logits
+        return tf.VaultGemmaForCausalLM(tf.VaultGemmaConfig(**DECODER, head_dim=8, final_logit_softcapping=3.0))
     if family == "gemma2":
         return tf.Gemma2ForCausalLM(tf.Gemma2Config(**DECODER, head_dim=8, final_logit_softcapping=2.0))
     if family == "granite":  # logits / logits_scaling
@@ -55,7 +57,7 @@ def build(family: str):
     return model_class(config_class(**ENCODER))
 
 
-DECODERS = ["llama", "qwen2", "gpt2", "opt", "gemma3", "gemma2", "granite", "cohere", "mixtral"]
+DECODERS = ["llama", "qwen2", "gpt2", "opt", "gemma3", "gemma2", "vaultgemma", "granite", "cohere", "mixtral"]
 ENCODERS = ["bert", "roberta", "electra", "distilbert"]
 
 
