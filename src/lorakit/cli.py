@@ -249,6 +249,8 @@ def _add_reproduce(sub) -> None:
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
+    from lorakit.reproduce import with_overrides
+
     if a.experiment == "expressive":
         from lorakit.reproduce import expressive as rx
 
@@ -261,23 +263,15 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         if a.experiment == "phase-transition":
             rl.phase_transition(a.out, rl.PhaseBudget.quick() if a.quick else rl.PhaseBudget())
         else:
-            budget = rl.SpeedBudget.quick() if a.quick else rl.SpeedBudget()
-            for name in ("length", "sequences", "epochs"):
-                value = getattr(a, name)
-                if value is not None:
-                    if value <= 0:
-                        raise LorakitError(f"--{name} {value} must be positive")
-                    setattr(budget, name, value)
+            budget = with_overrides(rl.SpeedBudget.quick() if a.quick else rl.SpeedBudget(), length=a.length,
+                                    sequences=a.sequences, epochs=a.epochs)
             rl.norm_speed(a.out, budget)
         return 0
     if a.experiment == "celora":
         from lorakit.reproduce import celora as rc
 
-        budget = rc.Budget.full() if a.full else rc.Budget()
-        for field, value in (("seeds", a.seeds), ("minilm_steps", a.minilm_steps), ("smollm2_steps", a.smollm2_steps),
-                             ("eval_limit", a.eval_limit)):
-            if value is not None:
-                setattr(budget, field, value)
+        budget = with_overrides(rc.Budget.full() if a.full else rc.Budget(), seeds=a.seeds, minilm_steps=a.minilm_steps,
+                                smollm2_steps=a.smollm2_steps, eval_limit=a.eval_limit)
         parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
         unknown = set(parts) - {"minilm", "smollm2", "errors"}
         if unknown:

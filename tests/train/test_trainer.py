@@ -158,3 +158,16 @@ def test_bf16_where_it_would_be_slower_keeps_fp32_and_says_so(tiny_llama_dir, co
     monkeypatch.setattr(trainer_module, "use_bf16", lambda model, **kw: applied.append(model))
     report = run(cfg_for(tiny_llama_dir, corpus_txt, tmp_path, max_length=32, bf16=True))
     assert report["precision"] == {"bf16_used": False, "why": "bf16 would be slower (test)"} and not applied
+
+
+def test_one_process_does_no_distributed_work(tiny_bert_dir, sentiment_csv, tmp_path, monkeypatch):
+    """Single-process runs take no collective (the distributed arithmetic lives behind Dist.active)."""
+    import torch.distributed as td
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective on one process")
+
+    for name in ("all_reduce", "broadcast", "all_gather_object", "broadcast_object_list", "barrier", "init_process_group"):
+        monkeypatch.setattr(td, name, refuse)
+    report = run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path, steps=4, grad_accum=2))
+    assert report["result"]["steps"] == 4 and report["processes"] == 1

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+from lorakit.errors import LorakitError
 from lorakit.files import write_atomic
+
+
+def with_overrides(budget: Any, **values: int | None) -> Any:
+    """``budget`` (a dataclass) with the values given (not None) in place of its own; each a positive integer,
+    named as its command-line flag in the error."""
+    given = {k: v for k, v in values.items() if v is not None}
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise LorakitError(f"--{name.replace('_', '-')} {value} must be a positive integer")
+    return dataclasses.replace(budget, **given)
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:

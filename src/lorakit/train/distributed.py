@@ -149,6 +149,15 @@ def sum_across(d: Dist, values: list[float], device: torch.device | str = "cpu")
     return t.tolist()
 
 
+def step_totals(d: Dist, loss: float, tokens: int, device: torch.device | str = "cpu") -> tuple[float, int]:
+    """One optimizer step's loss (the mean of the ranks' weighted losses: the global batch's) and tokens (the sum);
+    on one process, the values themselves."""
+    if not d.active:
+        return loss, tokens
+    total_loss, total_tokens = sum_across(d, [loss, float(tokens)], device)
+    return total_loss / d.world, int(total_tokens)
+
+
 def loss_weight(d: Dist, n_targets: int, device: torch.device | str = "cpu") -> float:
     """n_rank * N / n_global: the factor that makes DDP's gradient average the global-batch mean."""
     if not d.active:

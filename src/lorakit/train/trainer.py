@@ -20,7 +20,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -155,6 +156,47 @@ def evaluate(model: nn.Module, rows: list[dict[str, Any]], task: str, pad_id: in
     return result
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    batch: dict[str, torch.Tensor]
+    weight: float  # its loss's share of the optimizer step's loss
+    tokens: int
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last train log line: their mean loss and tokens per second."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.tokens, self.steps = self.loss + loss, self.tokens + tokens, self.steps + 1
+
+    def record(self) -> dict[str, float]:
+        return {"loss": self.loss / self.steps, "tokens_per_s": self.tokens / max(time.perf_counter() - self.start, 1e-9)}
+
+
+class Clock:
+    """Training time: wall time since the start, less what was spent aside (evaluation, checkpoints)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def aside(self, window: LogWindow):
+        began = time.perf_counter()
+        yield
+        spent = time.perf_counter() - began
+        self.start += spent
+        window.start += spent
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
 class Trainer:
     """The loop. ``model`` must already carry an adapter (lorakit.attach).
 
@@ -270,6 +312,19 @@ class Trainer:
 
             return distributed.on_main(self.dist, write, ckpt.CheckpointError)
 
+    def resume(self) -> str | None:
+        """--resume: continue from the newest complete checkpoint (saying which), or start from step 0 when there is
+        none; returns its path."""
+        found = self.restore()
+        if found is None:
+            self.say(f"no checkpoint under {self.checkpoint_root}; starting from step 0")
+            return None
+        msg = f"resuming from {found.path} (step {found.step})"
+        if found.skipped:
+            msg += f"; skipped damaged newer checkpoint(s): {'; '.join(found.skipped)}"
+        self.say(msg)
+        return str(found.path)
+
     def restore(self) -> ckpt.Found | None:
         """Continue from the newest complete checkpoint, if any."""
         from lorakit.adapters.io import load_adapter
@@ -321,104 +376,98 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (or a stop signal); returns before/after metrics, steps and training seconds."""
         cfg = self.cfg
-        started = None
-        if cfg.resume:
-            found = self.restore()
-            if found is not None:
-                started = found
-                msg = f"resuming from {found.path} (step {found.step})"
-                if found.skipped:
-                    msg += f"; skipped damaged newer checkpoint(s): {'; '.join(found.skipped)}"
-                self.say(msg)
-            else:
-                self.say(f"no checkpoint under {self.checkpoint_root}; starting from step 0")
-        result: dict[str, Any] = {"resumed_from": str(started.path) if started else None}
+        result: dict[str, Any] = {"resumed_from": self.resume() if cfg.resume else None}
         if self.step == 0:
-            before = self.evaluate()
-            result["before"] = before
-            self.log.write({"event": "eval", "step": 0, **before})
-            self.say("held-out before training: " + _fmt(before))
-
+            result["before"] = self.evaluate_and_log("held-out before training")
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=cfg.quiet or not self.dist.is_main, desc="train", unit="step", dynamic_ncols=True)
-        loss_acc, tokens, window_start = 0.0, 0, time.perf_counter()
-        window_steps = 0
-        micro_in_step = 0
-        order = self.epoch_order(self.epoch)
-        t_start = time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=cfg.quiet or not self.dist.is_main, desc="train",
+                   unit="step", dynamic_ncols=True)
+        batches = self.micro_batches()
+        window, clock = LogWindow(), Clock()
         while self.step < self.total_steps:
+            loss, tokens = self.forward_backward([next(batches) for _ in range(cfg.grad_accum)])
+            grad_norm = float(distributed.full(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)))
+            loss, tokens = distributed.step_totals(self.dist, loss, tokens, self.device)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                self.skip_bad_step(loss, grad_norm)
+                window = LogWindow()
+                continue
+            self.optimizer_step()
+            window.add(loss, tokens)
+            record = self.run_hooks()
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                record.update(window.record(), lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm, epoch=self.epoch)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                window = LogWindow()
+            if record:
+                self.log.write({"event": "train", "step": self.step, **record})
+            with clock.aside(window):  # evaluation and checkpoints are not training time
+                if self.step % self.eval_every == 0 and self.step < self.total_steps:
+                    self.evaluate_and_log(f"step {self.step}")
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+            if self.stop_everywhere():
+                bar.close()
+                self.save_checkpoint()
+                return {**result, "stopped_at": self.step}
+        bar.close()
+        after = self.evaluate_and_log("held-out after training")
+        return {**result, "after": after, "steps": self.step, "train_seconds": clock.seconds()}
+
+    def micro_batches(self) -> Iterator[MicroBatch]:
+        """The training micro-batches from the current position on, epoch after epoch, each with its loss weight:
+        1 / grad_accum, and under torchrun times this rank's share of the global batch's loss targets (the
+        sampler's padding rows, which make every rank's share of an epoch equal, weigh 0). The position
+        (epoch, micro) moves as each is taken, so a checkpoint after a step resumes with the next one."""
+        order = self.epoch_order(self.epoch)
+        while True:
             if self.micro >= self.micro_per_epoch:
                 self.epoch, self.micro = self.epoch + 1, 0
                 order = self.epoch_order(self.epoch)
             start = self.micro * self.rank_batch
             idx = order[start : start + self.rank_batch]
-            real = idx[: max(0, self.real_rows - start)]  # the sampler's padding rows carry no weight
+            real = idx[: max(0, self.real_rows - start)]
             rows = [self.data.train[i] for i in (real or idx)]
             b = self.batch(rows)
-            last_micro = micro_in_step + 1 == cfg.grad_accum
-            with distributed.gradient_sync(self.engine, last_micro):
-                with self.autocast():
-                    loss = self.engine(b)
-                weight = 1.0 / cfg.grad_accum
-                if self.dist.active:  # this rank's mean, weighted so that the ranks' average is the global batch's mean
-                    weight *= distributed.loss_weight(self.dist, loss_targets(b) if real else 0, self.device)
-                (loss.float() * weight).backward()
-            loss_acc += loss.detach().float().item() * weight
-            tokens += sum(len(r["input_ids"]) for r in rows)
+            weight = 1.0 / self.cfg.grad_accum
+            if self.dist.active:  # weighted so that the ranks' average is the global batch's mean
+                weight *= distributed.loss_weight(self.dist, loss_targets(b) if real else 0, self.device)
             self.micro += 1
-            micro_in_step += 1
-            if not last_micro:
-                continue
-            micro_in_step = 0
-            grad_norm = float(distributed.full(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)))
-            if self.dist.active:
-                loss_acc, tokens = distributed.sum_across(self.dist, [loss_acc, tokens], self.device)
-                loss_acc /= self.dist.world
-            if not (math.isfinite(loss_acc) and math.isfinite(grad_norm)):
-                self.skip_bad_step(loss_acc, grad_norm)
-                loss_acc, tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
-                continue
-            self.bad_in_a_row = 0
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            window_steps += 1
-            record: dict[str, Any] = {}
-            for hook in self.hooks:
-                record.update(hook.after_step(self.step, self.model) or {})
-            bar.update(1)
-            now = time.perf_counter()
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                tps = tokens / max(now - window_start, 1e-9)
-                record.update(loss=loss_acc / window_steps, lr=self.scheduler.get_last_lr()[0],
-                              grad_norm=grad_norm, tokens_per_s=tps, epoch=self.epoch)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
-                loss_acc, tokens, window_steps, window_start = 0.0, 0, 0, now
-            if record:
-                self.log.write({"event": "train", "step": self.step, **record})
-            t_aside = time.perf_counter()  # evaluation and checkpoints are not training time
-            if self.step % self.eval_every == 0 and self.step < self.total_steps:
-                ev = self.evaluate()
-                self.log.write({"event": "eval", "step": self.step, **ev})
-                self.say(f"step {self.step}: " + _fmt(ev))
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                self.save_checkpoint()
-            aside = time.perf_counter() - t_aside
-            t_start += aside
-            window_start += aside
-            if self.stop_everywhere():
-                bar.close()
-                self.save_checkpoint()
-                result.update(stopped_at=self.step)
-                return result
-        bar.close()
-        after = self.evaluate()
-        self.log.write({"event": "eval", "step": self.step, **after})
-        self.say("held-out after training: " + _fmt(after))
-        result.update(after=after, steps=self.step, train_seconds=time.perf_counter() - t_start)
-        return result
+            yield MicroBatch(b, weight, sum(len(r["input_ids"]) for r in rows))
+
+    def forward_backward(self, micro: list[MicroBatch]) -> tuple[float, int]:
+        """Accumulate the gradients of one optimizer step; returns this process's weighted loss and tokens."""
+        loss_sum, tokens = 0.0, 0
+        for i, mb in enumerate(micro):
+            with distributed.gradient_sync(self.engine, i + 1 == len(micro)):  # DDP reduces on the last only
+                with self.autocast():
+                    loss = self.engine(mb.batch)
+                (loss.float() * mb.weight).backward()
+            loss_sum += loss.detach().float().item() * mb.weight
+            tokens += mb.tokens
+        return loss_sum, tokens
+
+    def optimizer_step(self) -> None:
+        self.bad_in_a_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def run_hooks(self) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        for hook in self.hooks:
+            record.update(hook.after_step(self.step, self.model) or {})
+        return record
+
+    def evaluate_and_log(self, what: str) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.log.write({"event": "eval", "step": self.step, **metrics})
+        self.say(f"{what}: " + _fmt(metrics))
+        return metrics
 
     def stop_everywhere(self) -> bool:
         """A stop asked of any process (each gets the signal at its own moment) stops them all after this step."""
