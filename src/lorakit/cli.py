@@ -281,30 +281,13 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 
 
 def _add_bench(sub) -> None:
+    from lorakit.bench.versus_peft import BenchConfig
+
     p = sub.add_parser("bench", help="our training step against PEFT's: time, memory, FLOP/s, same run",
                        description="Time lorakit's training step against PEFT's on the same model, data, precision and "
                        "batch, alternating steps so machine drift cancels. Writes bench.json, bench.md and bench.png.")
-    p.add_argument("--model", default="builtin:smollm2", help="builtin:minilm, builtin:smollm2 or a model directory")
-    p.add_argument("--task", choices=("causal-lm", "classify"), default=None, help="default: the model's kind")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=256, help="tokens per row (every row is full)")
-    p.add_argument("--steps", type=int, default=20, help="measured steps per contender")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--modes", default="exact,bf16", help="comma-separated: exact, bf16, celora, poly, dora (DoRA against PEFT DoRA)")
-    p.add_argument("--against", default="peft")
-    p.add_argument("--rank", dest="r", type=int, default=16, help="LoRA rank r (as in lorakit train)")
-    hidden_alias(p, "--r", "r", int)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--targets", type=parse_names, default="all-linear")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--quality-steps", type=int, default=50,
-                   help="bf16 mode: held-out loss after this many bf16 and fp32 steps (0 skips it)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one fresh process each)")
-    p.add_argument("--caller", choices=vp_callers(), default="loop",
-                   help="who calls the model, for both contenders: loop (own loop), lorakit (lorakit train's engine), "
-                   "hf-trainer (HF Trainer's training_step)")
-    p.add_argument("--model-dropout", type=float, default=None, help="set every dropout of the base model to this p")
-    p.add_argument("--out", default="bench")
+    add_flags(p, BenchConfig)
+    p.add_argument("--out", default="bench", help="directory for bench.json, bench.md and bench.png")
 
 
 def hidden_alias(p: argparse.ArgumentParser, spelling: str, dest: str, kind: type) -> None:
@@ -312,20 +295,10 @@ def hidden_alias(p: argparse.ArgumentParser, spelling: str, dest: str, kind: typ
     p.add_argument(spelling, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def vp_callers() -> tuple[str, ...]:
-    from lorakit.bench.versus_peft import CALLERS
-
-    return CALLERS
-
-
 def cmd_bench(a: argparse.Namespace) -> int:
     from lorakit.bench import versus_peft as vp
 
-    cfg = vp.BenchConfig(model=a.model, task=a.task, batch_size=a.batch_size, max_length=a.max_length, steps=a.steps,
-                         warmup=a.warmup, modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
-                         against=a.against, r=a.r, alpha=a.alpha, targets=a.targets, lr=a.lr,
-                         quality_steps=a.quality_steps, memory=not a.no_memory, caller=a.caller,
-                         model_dropout=a.model_dropout)
+    cfg = from_flags(vp.BenchConfig, a)
     report = vp.run(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
     paths = vp.write(report, a.out)
     print(vp.markdown(report))

@@ -143,3 +143,18 @@ def test_dora_mode_runs_against_peft_dora(tiny_llama_dir, tmp_path, capsys):
     assert entry["ratio_to_peft_fp32"] == pytest.approx(medians["lorakit dora"] / medians["peft dora fp32"])
     assert entry["loss_max_relative_difference"] < 1e-4  # the same DoRA trajectory as PEFT's
     assert "x PEFT DoRA fp32" in capsys.readouterr().out
+
+
+def test_bench_flags_are_generated_from_bench_config():
+    from lorakit import cli
+    from lorakit import options as opt
+    from lorakit.bench.versus_peft import BenchConfig
+
+    def parse(*args):
+        return opt.from_flags(BenchConfig, cli.parser().parse_args(["bench", *args]))
+
+    assert parse() == BenchConfig()
+    assert parse("--rank", "8", "--no-memory", "--modes", "exact,dora").r == 8
+    assert parse("--r", "4").r == 4  # the older spelling, hidden
+    assert parse("--no-memory").memory is False and parse("--modes", "exact,dora").modes == ("exact", "dora")
+    assert opt.fields_without_help(BenchConfig) == []

@@ -44,6 +44,7 @@ from lorakit.adapters.targets import compact_target_list, resolve
 from lorakit.bench.harness import Contender, alternate
 from lorakit.bench.workloads import fixed_batches, labelled_batches, machine
 from lorakit.errors import LorakitError
+from lorakit.options import option, parse_names
 from lorakit.train.memory import reset_peak, rss_kib
 
 MODES = ("exact", "bf16", "celora", "poly", "dora")
@@ -60,25 +61,37 @@ class BenchError(LorakitError):
     """The benchmark cannot run as asked (names what and how to fix it)."""
 
 
+def parse_modes(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
 @dataclass
 class BenchConfig:
-    model: str = "builtin:smollm2"
-    task: str | None = None  # "causal-lm" | "classify"; None: the model's kind
-    batch_size: int = 4
-    max_length: int = 256
-    steps: int = 20
-    warmup: int = 2
-    modes: tuple[str, ...] = ("exact", "bf16")
-    against: str = "peft"
-    r: int = 16
-    alpha: float = 32.0
-    targets: str | list[str] = "all-linear"
-    lr: float = 1e-4
-    quality_steps: int = 50  # bf16: held-out loss after this many steps of bf16 and fp32 training (0: skip)
-    memory: bool = True  # peak RSS of each contender, each in a fresh process
-    seed: int = 0
-    caller: str = "loop"
-    model_dropout: float | None = None  # set every nn.Dropout of the base model to this p (None: the model's own)
+    """What ``lorakit bench`` runs; its flags are generated from these fields (lorakit.options)."""
+
+    model: str = option("builtin:smollm2", "builtin:minilm, builtin:smollm2 or a model directory")
+    task: str | None = option(None, "what the contenders train", choices=("causal-lm", "classify"),
+                              default_text="the model's kind")
+    batch_size: int = option(4, "rows per step")
+    max_length: int = option(256, "tokens per row (every row is full)")
+    steps: int = option(20, "measured steps per contender")
+    warmup: int = option(2, "unmeasured steps per contender first")
+    modes: tuple[str, ...] = option(("exact", "bf16"), "comma-separated: exact, bf16, celora, poly, dora (DoRA against "
+                                    "PEFT DoRA)", parse=parse_modes,
+                                    default_text="exact,bf16")
+    against: str = option("peft", "the competitor")
+    r: int = option(16, "LoRA rank r (as in lorakit train)", flag="--rank", aliases=("--r",))
+    alpha: float = option(32.0, "LoRA alpha")
+    targets: str | list[str] = option("all-linear", "which layers get an adapter (as in lorakit train)",
+                                      parse=parse_names)
+    lr: float = option(1e-4, "learning rate of both contenders")
+    quality_steps: int = option(50, "bf16 mode: held-out loss after this many bf16 and fp32 steps (0 skips it)")
+    memory: bool = option(True, "peak memory of each contender, each in a fresh process (--no-memory skips the probes)")
+    seed: int = option(0, "random seed of the model, the adapters and the batches")
+    caller: str = option("loop", "who calls the model, for both contenders: loop (own loop), lorakit (lorakit train's "
+                         "engine), hf-trainer (HF Trainer's training_step)", choices=CALLERS)
+    model_dropout: float | None = option(None, "set every dropout of the base model to this p",
+                                         default_text="the model's own")
 
     def validate(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
