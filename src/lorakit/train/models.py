@@ -21,9 +21,7 @@ import importlib.util
 import json
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from torch import nn
 
 from lorakit.architectures import family, is_encoder
 from lorakit.errors import ModelError
+from lorakit.files import write_directory
 
 TASKS = ("classify", "causal-lm")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -166,9 +165,8 @@ def _converted_gguf(gguf_path: Path, key: str) -> Path:
 
     print(f"lorakit: converting {gguf_path} once into {target} (safetensors; later loads take seconds)",
           file=sys.stderr, flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def convert(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -178,13 +176,8 @@ def _converted_gguf(gguf_path: Path, key: str) -> Path:
         tokenizer.save_pretrained(tmp)
         source = {"path": str(gguf_path.resolve()), "size": gguf_path.stat().st_size, "sha256": file_sha256(gguf_path)}
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process converted it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory(target, convert)  # one rename: a later load finds a whole conversion or none
     return target
 
 
