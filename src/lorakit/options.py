@@ -115,12 +115,10 @@ def _help_text(fl: Flag) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """argparse options for every field of ``cls`` (nested groups as argument groups); flags not given stay unset."""
     groups: dict[str | None, Any] = {None: parser}
     for fl in flags(cls):
-        if fl.path in skip:
-            continue
         if fl.group not in groups:
             groups[fl.group] = parser.add_argument_group(fl.group)
         target = groups[fl.group]
@@ -135,7 +133,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
             kw["type"] = parse
             if m.get("choices"):
                 kw["choices"] = m["choices"]
-            if not m.get("choices"):
+            else:
                 kw["metavar"] = m.get("metavar") or fl.field.name.upper()
         target.add_argument(fl.spelling, **kw)
         for alias in m.get("aliases") or ():
