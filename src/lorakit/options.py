@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lorakit.errors import ConfigError
+
 _MISSING = dataclasses.MISSING
 
 
@@ -171,8 +173,6 @@ def from_flags(cls: type, namespace: argparse.Namespace, **overrides: Any) -> An
 
     A validation error that names a field spelled otherwise on the command line (``r=0``) gets the flag in front
     (``--rank: r=0 must be ...``)."""
-    from lorakit.errors import ConfigError
-
     try:
         return build(cls, {**given(namespace, cls), **overrides})
     except ConfigError as exc:
