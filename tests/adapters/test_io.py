@@ -111,3 +111,46 @@ def test_bad_directory_and_config(make_model, tmp_path):
 def test_save_leaves_no_temporary_files(make_model, tmp_path):
     saved(make_model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+# ---------------------------------------------------------------------- issue 33, 4: a name is a name, never a path
+PATH_NAMES = ["/abs/dir", "sub/dir", "..", "../up", "a\\b", ".hidden", "", " spaced", "x\x00y", "__base__", 3]
+
+
+@pytest.mark.parametrize("name", PATH_NAMES, ids=repr)
+def test_adapter_names_that_are_paths_are_refused_everywhere(make_model, tmp_path, name):
+    from lorakit.errors import ConfigError
+
+    m = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4))
+    lorakit.save_adapter(m, tmp_path / "saved")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    calls = [lambda: lorakit.attach(m, lorakit.LoraConfig(r=4), name=name),
+             lambda: lorakit.load_adapter(m, tmp_path / "saved", adapter=name),
+             lambda: lorakit.add_weighted_adapter(m, ["default"], [1.0], name, combination_type="linear"),
+             lambda: lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4), name=name)]
+    for call in calls:
+        with pytest.raises(ConfigError, match="must be a plain name of letters, digits"):
+            call()
+    assert lorakit.adapter_names(m) == ["default"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
+
+
+def test_save_refuses_a_path_name_put_into_the_state_by_hand(make_model, tmp_path):
+    from lorakit.adapters.attach import state
+    from lorakit.errors import ConfigError
+
+    m = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4))
+    lorakit.attach(m, lorakit.LoraConfig(r=4), name="second")
+    st = state(m)
+    st.adapters["../escaped"] = st.adapters.pop("second")
+    with pytest.raises(ConfigError, match="'../escaped' must be a plain name"):
+        lorakit.save_adapter(m, tmp_path / "out")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["task_b", "B-2", "ünïcode", "x1"])
+def test_plain_names_save_into_their_subfolder(make_model, tmp_path, name):
+    m = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4))
+    lorakit.attach(m, lorakit.LoraConfig(r=4), name=name)
+    lorakit.save_adapter(m, tmp_path)
+    assert (tmp_path / name / "adapter_model.safetensors").is_file()

@@ -255,3 +255,154 @@ def test_full_disk_through_the_command_line(tiny_bert_dir, sentiment_csv, small_
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and proc.stderr.startswith("lorakit: error:"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "No space left on device" in proc.stderr
+
+
+# ---------------------------------------------------------------------- issue 33, 1-3: --overwrite and --resume lose nothing
+def finished_copy(finished_run, tmp_path):
+    """A finished run (adapter, run.json, checkpoints) with a user's own file beside it."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "notes.txt").write_text("mine")
+    return out
+
+
+def bad_csv(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text('text,label\n"fine",pos\n"unclosed,neg\n')
+    return ["--data", p]
+
+
+def missing_column(tmp_path):
+    p = tmp_path / "nolabel.csv"
+    p.write_text("sentence,label\nok,pos\nfine,neg\n")
+    return ["--data", p, "--label-column", "stars"]
+
+
+@pytest.mark.parametrize("make_bad", [
+    bad_csv,
+    missing_column,
+    lambda tmp: ["--rank", "100000"],
+    lambda tmp: ["--targets", "no_such_module"],
+    lambda tmp: ["--model", tmp / "missing-model"],
+], ids=["malformed-row", "missing-column", "rank-too-big", "unknown-target", "missing-model"])
+def test_overwrite_that_fails_before_training_keeps_the_previous_run(capsys, finished_run, tiny_bert_dir, sentiment_csv,
+                                                                     tmp_path, make_bad):
+    out = finished_copy(finished_run, tmp_path)
+    before = snapshot(out)
+    args = train_args(tiny_bert_dir, sentiment_csv, out, "--overwrite", *make_bad(tmp_path))
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and err.startswith("lorakit: error:") and len(err.strip().splitlines()) == 1, err
+    assert snapshot(out) == before  # byte for byte: the adapter, run.json, metrics, checkpoints, notes.txt
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in finished_run.iterdir()] + ["notes.txt"])
+
+
+def test_overwrite_interrupted_before_its_first_checkpoint_keeps_the_previous_run(finished_run, tiny_bert_dir,
+                                                                                  sentiment_csv, tmp_path):
+    out = finished_copy(finished_run, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C at step 2, the first checkpoint would be at step 4
+        run(cfg_for(tiny_bert_dir, sentiment_csv, out, steps=8, save_every=4, overwrite=True), hooks=[CrashAt(2)])
+    assert snapshot(out) == before  # the new run's metrics.jsonl went, the old one is back
+
+
+def test_overwrite_interrupted_after_its_first_checkpoint_is_the_new_run(finished_run, tiny_bert_dir, sentiment_csv,
+                                                                         tmp_path):
+    out = finished_copy(finished_run, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(tiny_bert_dir, sentiment_csv, out, steps=12, save_every=4, overwrite=True), hooks=[CrashAt(6)])
+    assert [ckpt.step_of(p) for p in sorted((out / "checkpoints").iterdir())] == [4]  # the new run's, resumable
+    assert not (out / ".lorakit-replaced").exists() and (out / "notes.txt").read_text() == "mine"
+    report = run(cfg_for(tiny_bert_dir, sentiment_csv, out, steps=12, save_every=4, resume=True))
+    assert report["result"]["resumed_from"].endswith("step-000004")
+
+
+def test_a_run_killed_outright_during_overwrite_is_settled_by_the_next_one(capsys, finished_run, tiny_bert_dir,
+                                                                           sentiment_csv, tmp_path):
+    from lorakit.train.run_dir import REPLACED, move_aside
+
+    out = finished_copy(finished_run, tmp_path)
+    before = snapshot(out)
+    move_aside(out, keep=set())  # what a SIGKILLed --overwrite leaves: the old run aside, a partial new metrics.jsonl
+    (out / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
+    assert (out / REPLACED).is_dir() and not (out / "adapter_model.safetensors").exists()
+    code, out_text, err = cli(capsys, *train_args(tiny_bert_dir, sentiment_csv, out, "--resume"))
+    assert code == 0, err  # the old run came back first, then --resume took it up at its step 4
+    assert "the previous run's files" in out_text and "are back" in out_text
+    assert not (out / REPLACED).exists()
+    assert json.loads((out / "run.json").read_text())["result"]["resumed_from"].endswith("step-000004")
+    assert (out / "notes.txt").read_text() == "mine"
+    assert set(before) <= set(snapshot(out))
+
+
+def test_overwrite_that_succeeds_replaces_exactly_the_listed_files(capsys, finished_run, tiny_bert_dir, sentiment_csv,
+                                                                  tmp_path):
+    out = finished_copy(finished_run, tmp_path)
+    old = snapshot(out)
+    code, _, err = cli(capsys, *train_args(tiny_bert_dir, sentiment_csv, out, "--overwrite", "--steps", "2",
+                                           "--save-every", "2", "--seed", "7"))
+    assert code == 0, err
+    assert not (out / ".lorakit-replaced").exists() and (out / "notes.txt").read_text() == "mine"
+    assert [ckpt.step_of(p) for p in sorted((out / "checkpoints").iterdir())] == [2]
+    assert snapshot(out)["adapter_model.safetensors"] != old["adapter_model.safetensors"]
+
+
+def test_overwrite_never_moves_or_deletes_an_input_of_the_run(capsys, tiny_chat_llama_dir, tmp_path):
+    from conftest import CHAT_DATA
+
+    out = tmp_path / "chat"
+    out.mkdir()
+    template = out / "chat_template.jinja"  # the user keeps their template in --out and trains with it
+    from lorakit.train.models import load_tokenizer
+
+    text = load_tokenizer(str(tiny_chat_llama_dir)).chat_template
+    template.write_text(text)
+    data = out / "chat.jsonl"
+    shutil.copy(CHAT_DATA, data)
+    args = ["train", "--model", tiny_chat_llama_dir, "--data", data, "--chat-template", template, "--steps", "1",
+            "--batch-size", "4", "--max-length", "64", "--out", out, "--quiet"]
+    for extra in (["--overwrite"], ["--overwrite"]):  # the second run replaces the first's files, not its inputs
+        code, _, err = cli(capsys, *args, *extra)
+        assert code == 0, err
+        assert template.read_text() == text and data.read_bytes() == CHAT_DATA.read_bytes()
+    shutil.copy(CHAT_DATA, out / "metrics.jsonl")  # an input named as a file the run writes: refused, untouched
+    code, _, err = cli(capsys, *args[:4], out / "metrics.jsonl", *args[5:], "--overwrite")
+    assert code == 2 and "--data" in err and "move it out of --out" in err, err
+    assert (out / "metrics.jsonl").read_bytes() == CHAT_DATA.read_bytes()
+
+
+@pytest.mark.parametrize("contents", [
+    {"notes.txt": "mine"},
+    {"photos/cat.jpg": "jpeg"},
+    {"checkpoints/readme.txt": "not a checkpoint", "data.csv": "a,b\n"},
+], ids=["a-file", "a-folder", "an-empty-checkpoints-folder"])
+def test_resume_refuses_a_directory_that_is_not_a_run(capsys, tiny_bert_dir, sentiment_csv, tmp_path, contents):
+    out = tmp_path / "mine"
+    for name, text in contents.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before, paths = snapshot(out), sorted(out.rglob("*"))
+    code, _, err = cli(capsys, *train_args(tiny_bert_dir, sentiment_csv, out, "--resume"))
+    assert code == 2 and "no checkpoint to continue from" in err and "not a lorakit run" in err, err
+    assert snapshot(out) == before and sorted(out.rglob("*")) == paths  # nothing written, nothing deleted
+
+
+def test_resume_into_an_empty_or_new_directory_starts_at_step_0(capsys, tiny_bert_dir, sentiment_csv, tmp_path):
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        code, _, err = cli(capsys, *train_args(tiny_bert_dir, sentiment_csv, out, "--resume", "--steps", "1"))
+        assert code == 0, err
+        assert json.loads((out / "run.json").read_text())["result"]["resumed_from"] is None
+
+
+def test_the_readme_lists_the_files_overwrite_replaces():
+    """The README's list and the code's are one list (issue 33, 2)."""
+    import re
+    from pathlib import Path
+
+    from lorakit.train.run_dir import RUN_FILES
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    paragraph = readme[readme.index("`--overwrite` replaces it"):][:600]
+    listed = re.findall(r"`([\w.-]+\.\w+)`", paragraph.split("any other file")[0])
+    assert sorted(listed) == sorted(RUN_FILES), listed

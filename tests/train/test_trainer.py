@@ -171,3 +171,18 @@ def test_one_process_does_no_distributed_work(tiny_bert_dir, sentiment_csv, tmp_
         monkeypatch.setattr(td, name, refuse)
     report = run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path, steps=4, grad_accum=2))
     assert report["result"]["steps"] == 4 and report["processes"] == 1
+
+
+@pytest.mark.parametrize("given,named", [
+    (dict(packing=True), "--packing"),
+    (dict(loss_on="all"), "--loss-on all"),
+    (dict(packing=True, loss_on="all"), "--packing and --loss-on all"),
+])
+def test_causal_lm_options_on_a_classifier_are_refused_not_ignored(tiny_bert_dir, sentiment_csv, tmp_path, given, named):
+    """issue 33, 9: --packing and --loss-on shape causal-LM rows; on a classification run they did nothing, silently."""
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{named} shape causal-LM training rows, but .* is trained as classify; drop"):
+        run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path / "out", **given))
+    assert not (tmp_path / "out").exists()
+    run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path / "ok", steps=1, packing=False))  # --no-packing says no more

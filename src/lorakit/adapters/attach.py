@@ -17,6 +17,7 @@ Several named adapters, PEFT's way (``add_adapter`` / ``set_adapter`` / ``delete
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,14 @@ def check_ranks(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
             )
 
 
+def check_adapter_name(name: object) -> None:
+    """An adapter name is a plain identifier (letters, digits, '_' and '-'): it becomes a folder name in saved files
+    (PEFT's layout), so a path ("/abs/dir", "sub/dir", "..") would write outside the save directory."""
+    if not isinstance(name, str) or not re.fullmatch(r"\w[\w-]*", name) or name == BASE:
+        raise ConfigError(f"adapter name {name!r} must be a plain name of letters, digits, '_' and '-' (e.g. "
+                          f"'my_task'), not a path and not {BASE!r}")
+
+
 def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DEFAULT, fast: bool = True,
            resolution: Resolution | None = None, **overrides) -> nn.Module:
     """Wrap the target layers of ``model`` with LoRA adapters, in place, and return ``model``.
@@ -122,8 +131,7 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
     the model's forward as it is.
     """
     cfg = (config or LoraConfig()).replace(**overrides) if overrides else (config or LoraConfig())
-    if not isinstance(name, str) or not name or name == BASE or "." in name:
-        raise ConfigError(f"adapter name {name!r} must be a non-empty string without '.', and not {BASE!r}")
+    check_adapter_name(name)
     first = not is_attached(model)
     if not first:
         _check_can_add(model, cfg, name)

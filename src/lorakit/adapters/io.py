@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lorakit.adapters.attach import DEFAULT, attach, is_adapter_parameter, is_attached, lora_layers, state
+from lorakit.adapters.attach import DEFAULT, attach, check_adapter_name, is_adapter_parameter, is_attached, lora_layers, state
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.layer import LoraLinear
 from lorakit.module_kinds import linear_shape
@@ -121,6 +121,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str | Se
     unknown = [n for n in names if n not in st.adapters]
     if unknown or not names:
         raise LorakitError(f"save_adapter(adapter={adapter!r}): the model has adapters {sorted(st.adapters)}")
+    for name in names:  # attach refuses such names; a state edited by hand must not write outside ``path`` either
+        check_adapter_name(name)
     if labels is not None and not are_label_names(labels):
         raise ConfigError(f"labels={labels!r} must be two or more distinct label names")
     if path.exists() and not path.is_dir():

@@ -35,7 +35,7 @@ from lorakit.speed.forward import fast_path
 from lorakit.speed.gemm import bf16_decision
 from lorakit.errors import ConfigError, LorakitError, TrainingError
 from lorakit.kernels.linear_cross_entropy import IGNORE_INDEX
-from lorakit.files import OutputError, OutputLock, check_output_dir, entries, write_atomic
+from lorakit.files import OutputError, write_atomic
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed, memory
 from lorakit.train.chat import CHAT_TEMPLATE_FILE, read_chat_template
@@ -44,6 +44,7 @@ from lorakit.train.models import gguf_identity
 from lorakit.train.packing import pack_rows, packing_is_exact, padding_fraction
 from lorakit.train.config import DEFAULT_LR, DEFAULT_MAX_LENGTH, DEFAULT_STEPS, TrainConfig, resume_differences
 from lorakit.train.distributed import Dist
+from lorakit.train.run_dir import check_output, claim_output, settle_leftover
 
 class StepHook(Protocol):
     def after_step(self, step: int, model: nn.Module) -> dict[str, Any] | None: ...
@@ -69,7 +70,7 @@ class MetricsLog:
         if not writes:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh and path.exists():  # run() has made sure this is a file of ours that may go (--overwrite)
+        if fresh and path.exists():  # a fresh run's own (run_dir moved a previous run's aside)
             path.unlink()
         elif path.exists():
             self._drop_torn_last_line()
@@ -557,6 +558,7 @@ def prepare(cfg: TrainConfig):
     from lorakit.train.models import check_max_length, load_model, load_tokenizer
 
     cfg.task = cfg.task or infer_task(cfg.data, label_column=cfg.label_column)
+    check_causal_lm_options(cfg)
     check_max_length(cfg.model, cfg.max_length or DEFAULT_MAX_LENGTH[cfg.task])
     tokenizer = load_tokenizer(cfg.model)
     template = read_chat_template(cfg.chat_template) if cfg.chat_template else None
@@ -568,6 +570,18 @@ def prepare(cfg: TrainConfig):
                           "(\"messages\" rows)")
     loaded = load_model(cfg.model, cfg.task, label_names=data.label_names, tokenizer=tokenizer)
     return loaded, data
+
+
+def check_causal_lm_options(cfg: TrainConfig) -> None:
+    """--packing and --loss-on shape a causal LM's rows; given for another task they would do nothing: refuse."""
+    if cfg.task == "causal-lm":
+        return
+    given = [flag for flag, on in (("--packing", cfg.packing is True),
+                                   (f"--loss-on {cfg.loss_on}", cfg.loss_on != TrainConfig.__dataclass_fields__["loss_on"].default))
+             if on]
+    if given:
+        raise ConfigError(f"{' and '.join(given)} shape causal-LM training rows, but {cfg.data} is trained as {cfg.task}; "
+                          f"drop {' and '.join(f.split()[0] for f in given)}")
 
 
 def plot_metrics(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -659,6 +673,7 @@ def launch_processes(cfg: TrainConfig, nproc: int, argv: list[str]) -> int | Non
         return None
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be >= 1")
+    settle_leftover(cfg)
     check_output(cfg)
     distributed.rank_batch_size(cfg.batch_size, Dist(world=nproc))
     return distributed.launch(nproc, argv) if nproc > 1 else None
@@ -673,51 +688,6 @@ def held_out_change(report: dict[str, Any]) -> str | None:
     key = "eval_accuracy" if "eval_accuracy" in after else "eval_loss"
     name = key.removeprefix("eval_")
     return f"held-out {name}: {before[key]:.4f} -> {after[key]:.4f}" if key in before else f"held-out {name}: {after[key]:.4f}"
-
-
-# What a run writes into --out; --overwrite replaces exactly these, and other files there are left alone.
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "run.json", "training.png", "norms.png",
-             CHAT_TEMPLATE_FILE)
-
-
-def check_output(cfg: TrainConfig) -> Path:
-    """Refuse an --out that cannot hold this run, before anything is loaded (nothing is written here)."""
-    out = check_output_dir(cfg.out)
-    model = Path(cfg.model).expanduser()
-    model_folder = (model.parent if model.is_file() else model) if not cfg.model.startswith("builtin:") else None
-    if (out / "config.json").is_file() or (model_folder is not None and out.resolve() == model_folder.resolve()):
-        raise OutputError(f"--out {out} is a model directory (the --model's, or one holding config.json); an adapter "
-                          "written there would make the model load as a PEFT model. Choose another --out")
-    held = entries(out)
-    if held and not (cfg.resume or cfg.overwrite):
-        shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
-        raise OutputError(f"--out {out} already holds files ({shown}); lorakit train does not replace them. Continue "
-                          "that run with --resume, replace it with --overwrite, or choose another --out")
-    if cfg.resume and any(name in RUN_FILES for name in held) and ckpt.latest(out / "checkpoints") is None:
-        raise OutputError(f"--resume: {out} holds a run's files but no checkpoint to continue from; start afresh with "
-                          "--overwrite or choose another --out")
-    return out
-
-
-@contextlib.contextmanager
-def claim_output(cfg: TrainConfig):
-    """check_output, then the lock on --out for the whole run; with --overwrite the previous run's files go."""
-    import shutil
-
-    out = check_output(cfg)
-    with OutputLock(out):
-        check_output(cfg)  # again under the lock: another run may have written there meanwhile
-        if cfg.overwrite:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-            root = out / "checkpoints"
-            if root.is_dir():
-                for p in root.iterdir():
-                    if ckpt.step_of(p) is not None or p.name.startswith(f".{ckpt.PREFIX}"):
-                        shutil.rmtree(p)
-                if not any(root.iterdir()):
-                    root.rmdir()
-        yield out
 
 
 def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, Any]:
