@@ -77,3 +77,43 @@ def test_shape_errors_name_the_shapes():
         linear_cross_entropy(torch.randn(3, 4), torch.randn(6, 4), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"weight of shape \[6, 5\]"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(6, 5), torch.zeros(3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------- issue 31, 1: under autocast
+def _unfused(hidden, weight, labels, bias, scale, softcap):
+    z = torch.nn.functional.linear(hidden, weight, bias).float() * scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.nn.functional.cross_entropy(z, labels, ignore_index=-100)
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,scale,softcap", [(False, 1.0, None), (True, 0.5, None), (False, 1.0, 30.0)])
+def test_under_cpu_bf16_autocast_it_computes_as_the_unfused_head(hidden_dtype, bias, scale, softcap):
+    """The products run in bf16 (as F.linear does under autocast), the loss in float32; before, an fp32 hidden state
+    kept the whole head in fp32 under autocast (on a GPU the largest GEMM of a small model)."""
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(70, 48, generator=g)
+    w0 = torch.randn(300, 48, generator=g) / 4
+    b0 = torch.randn(300, generator=g) if bias else None
+    y = torch.randint(0, 300, (70,), generator=g)
+    y[::7] = -100
+    results = []
+    for fn in (lambda h, w, b: linear_cross_entropy(h, w, y, b, chunk=32, scale=scale, softcap=softcap),
+               lambda h, w, b: _unfused(h, w, y, b, scale, softcap)):
+        h = h0.to(hidden_dtype).requires_grad_()
+        w = w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_() if bias else None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(h, w, b)
+        loss.backward()
+        results.append((loss, h.grad, w.grad, b.grad if bias else None))
+    (fused, dh, dw, db), (plain, dh_ref, dw_ref, db_ref) = results
+    assert fused.dtype == torch.float32 and dh.dtype == hidden_dtype and dw.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dh.float(), dh_ref.float(), rtol=2e-2, atol=2e-4)  # bf16 products on both sides
+    torch.testing.assert_close(dw, dw_ref, rtol=2e-2, atol=2e-4)
+    if bias:
+        torch.testing.assert_close(db, db_ref, rtol=2e-2, atol=2e-4)
+    without = linear_cross_entropy(h0, w0, y, b0, chunk=32, scale=scale, softcap=softcap)  # fp32 outside autocast
+    assert not torch.equal(fused, without)  # the autocast call did take the bf16 products

@@ -141,3 +141,28 @@ def test_non_finite_and_shape_errors():
         poly_attention(torch.randn(1, 3, 6, 4), k, v)
     with pytest.raises(ValueError, match="as many queries as keys"):
         poly_attention(q[:, :, :3], k, v, causal=True)
+
+
+# ---------------------------------------------------------------------- issue 31, 2: under autocast
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_under_cpu_bf16_autocast_it_computes_in_float32(causal, backward_inside):
+    """The certified bound is an fp32 statement: under autocast the forward and the backward (even one called inside
+    the autocast region) run in float32 on the given inputs, exactly as without autocast; before, the forward's
+    products ran in bf16 and the backward in float32, so the two did not belong to one function."""
+    g = torch.Generator().manual_seed(1)
+    q0, k0, v0 = (torch.randn(2, 4, 40, 8, generator=g).to(torch.bfloat16) for _ in range(3))
+    results = []
+    for autocast in (True, False):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = poly_attention(q, k, v, causal=causal, chunk=16)
+            loss = (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        results.append((out, q.grad, k.grad, v.grad))
+    for got, want in zip(*results):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

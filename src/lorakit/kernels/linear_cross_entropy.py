@@ -133,17 +133,23 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
 
     hidden: [..., H]; weight: [V, H]; labels: [...] (ints, ``ignore_index`` rows skipped); returns a
     float32 scalar, NaN when no row is labelled and no divisor is given (as torch's mean cross-entropy).
+    Under autocast the products run in the autocast dtype (bf16 / fp16) whatever the dtype of ``hidden``,
+    as the unfused ``F.linear`` head does, and the logits are widened to float32 for the loss.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"labels of shape {list(labels.shape)} do not match hidden states {list(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight of shape {list(weight.shape)} does not map hidden size {hidden.shape[-1]} to a vocabulary")
     h = hidden.reshape(-1, hidden.shape[-1])
+    device = h.device.type
+    if torch.is_autocast_enabled(device):  # the products in the autocast dtype, as the unfused head's F.linear
+        h = h.to(torch.get_autocast_dtype(device))
     w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
     b = bias if bias is None or bias.dtype == h.dtype else bias.to(h.dtype)
     labels = labels.reshape(-1)
     valid = labels != ignore_index
     count = int(valid.sum())
     by = float(divisor) if divisor is not None else float(max(count, 1))
-    loss = LinearCrossEntropyFunction.apply(h, w, b, labels, valid, by, chunk, float(scale), float(softcap or 0.0))
+    with torch.autocast(device, enabled=False):  # the chunk products write into preallocated buffers (out=)
+        loss = LinearCrossEntropyFunction.apply(h, w, b, labels, valid, by, chunk, float(scale), float(softcap or 0.0))
     return loss if count or divisor is not None else loss * float("nan")

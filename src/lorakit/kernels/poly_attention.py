@@ -233,6 +233,11 @@ class PolyAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_mask, scale, degree, causal, chunk):
+        with torch.autocast(q.device.type, enabled=False):  # in q's dtype (float32/64) under autocast too
+            return PolyAttentionFunction._forward(ctx, q, k, v, key_mask, scale, degree, causal, chunk)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, key_mask, scale, degree, causal, chunk):
         root = math.sqrt(scale)
         qs, ks = q * root, k * root
         km = key_mask[:, None, :, None].to(q.dtype) if key_mask is not None else None  # [B, 1, L, 1]
@@ -252,6 +257,11 @@ class PolyAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
+        with torch.autocast(d_out.device.type, enabled=False):  # a backward called inside autocast: the same
+            return PolyAttentionFunction._backward(ctx, d_out)
+
+    @staticmethod
+    def _backward(ctx, d_out):
         q, k, v, key_mask, out, den = ctx.saved_tensors
         scale, degree, chunk = ctx.scale, ctx.degree, ctx.chunk
         root = math.sqrt(scale)
@@ -381,6 +391,12 @@ def poly_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = Non
     or additive (0 / -inf), [B, Lk] or broadcastable to [B, Hq, Lq, Lk]; it must be key padding,
     optionally with the causal pattern. Accumulates in float32 (float64 for float64 inputs).
     Returns [B, Hq, Lq, e] in q's dtype.
+
+    Under autocast (bf16 or fp16) the products still run in float32: the certified bound of
+    ``lorakit.limits.bounds`` is the Taylor remainder eps = G^(g+1) e^G / (g+1)! in exact arithmetic,
+    which float32 (unit roundoff 6e-8) leaves intact, while bf16 (unit roundoff 2^-8 = 3.9e-3) adds a
+    rounding error per feature product larger than the default tolerance of 1e-3 itself, so a layer
+    certified below 1e-3 would not be. Only the inputs and the output take the caller's dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     _check(q, k, v, degree, scale)
