@@ -83,6 +83,31 @@ def test_csv_wrong_documents(tmp_path_factory, minilm_tokenizer, rows, task):
     assert refuses_cleanly(lambda: load_data(str(path), task, minilm_tokenizer, 32))
 
 
+turn_values = st.one_of(json_values, st.sampled_from(["user", "assistant", "system", "tool", "human", "gpt", "model", "",
+                                                       "hi", " "]))
+turns = st.lists(st.one_of(json_values, st.dictionaries(
+    st.sampled_from(["role", "content", "from", "value", "tool_calls", "name", "weight"]), turn_values, max_size=4)),
+    max_size=4)
+
+
+@FUZZ
+@given(st.lists(st.dictionaries(st.sampled_from(["messages", "conversations", "prompt", "completion", "system", "text"]),
+                                st.one_of(turns, turn_values), min_size=1, max_size=3), min_size=1, max_size=5),
+       st.booleans(), st.sampled_from(["assistant", "all"]))
+def test_conversation_rows_wrong_documents(tmp_path_factory, smollm2_tokenizer, rows, skip, loss_on):
+    """Rows shaped like conversations, right or wrong: a lorakit error, or rows whose labels are their ids or -100."""
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    try:
+        ds = load_data(str(path), "causal-lm", smollm2_tokenizer, 64, skip_bad_rows=skip, loss_on=loss_on, split=False)
+    except LorakitError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    for row in ds.eval:
+        assert all(label in (token, -100) for token, label in zip(row["input_ids"], row["labels"]))
+        assert "\ufeff" not in smollm2_tokenizer.decode(row["input_ids"])
+
+
 # ---------------------------------------------------------------------- adapter_config.json values: types, regexes, nesting
 regexish = st.text(alphabet="qkv_proj.*+?()[]{}|\\^$0123456789", max_size=10)
 config_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 70) | st.floats(allow_nan=True) | regexish

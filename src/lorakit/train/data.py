@@ -6,8 +6,11 @@
     builtin:hamlet           the play as plain text (causal LM), the last 10% held out
     FILE.csv / FILE.jsonl    classification (a text and a label column) or, for causal LM,
     / FILE.parquet           "prompt"/"response" (or TRL's "prompt"/"completion") rows, loss on the
-                             response only, or a text column; or conversations ("messages" rows,
-                             formatted with the chat template, loss on assistant turns: train/chat.py)
+                             response only, or a text column; or conversations ("messages" or
+                             ShareGPT "conversations" rows, formatted with the chat template, loss on
+                             assistant turns: train/chat.py). Row 1 sets the kind of every row; text
+                             values must be strings (a row breaking either is an error naming it, or
+                             skipped and counted with --skip-bad-rows)
     FILE.txt                 plain text for causal LM, cut into blocks of max_length tokens
 
 Rows are plain dicts: {"input_ids": [...], "labels": int} for classification and
@@ -26,6 +29,7 @@ import math
 import random
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,7 @@ import torch
 
 from lorakit.errors import DataError
 from lorakit.kernels.linear_cross_entropy import IGNORE_INDEX
-from lorakit.train.chat import chat_rows, is_chat_row, use_chat_template
+from lorakit.train.chat import ChatRows, chat_rows, is_chat_row, use_chat_template
 
 BUILTIN_DATA = {
     "rotten-tomatoes": "classify",
@@ -245,19 +249,80 @@ def text_blocks(tokenizer, text: str, max_length: int) -> list[dict[str, Any]]:
 
 
 def prompt_response_rows(tokenizer, rows: list[dict[str, Any]], max_length: int, *, response: str = "response",
-                         loss_on: str = "assistant") -> list[dict[str, Any]]:
+                         loss_on: str = "assistant", source: str = "", numbers: list[int] | None = None,
+                         skip_bad_rows: bool = False) -> ChatRows:
     """Prompt then response (then EOS); the loss on the response tokens only (``loss_on="all"``: on every token).
-    ``response`` names the column: "response", or "completion" as TRL's prompt-completion rows call it."""
-    out = []
+    ``response`` names the column: "response", or "completion" as TRL's prompt-completion rows call it. Both must be
+    non-empty strings (else an error naming the row, or with ``skip_bad_rows`` the row is skipped and counted); a row
+    whose prompt fills ``max_length`` is dropped and counted, with the ``max_length`` that would keep it."""
+    out = ChatRows([])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for row in rows:
-        p = tokenizer(str(row["prompt"]), add_special_tokens=True)["input_ids"]
-        r = tokenizer(str(row[response]), add_special_tokens=False)["input_ids"] + eos
+    shape = ("prompt/response rows hold two strings (conversational ones: \"prompt\" and \"completion\" as lists of "
+             "{\"role\", \"content\"} turns)")
+    for k, row in enumerate(rows):
+        where = f"{source}, row {numbers[k] if numbers is not None else k + 1}"
+        problem = _not_text(row, "prompt", where, shape) or _not_text(row, response, where, shape)
+        if problem:
+            if not skip_bad_rows:
+                raise DataError(problem + "; fix the row or pass --skip-bad-rows")
+            out.bad += 1
+            out.first_bad = out.first_bad or problem
+            continue
+        p = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+        r = tokenizer(row[response], add_special_tokens=False)["input_ids"] + eos
         ids = (p + r)[:max_length]
         labels = ((list(p) if loss_on == "all" else [IGNORE_INDEX] * len(p)) + r)[:max_length]
         if any(label != IGNORE_INDEX for label in labels):
-            out.append({"input_ids": ids, "labels": labels})
+            out.cut += len(p) + len(r) > max_length
+            out.rows.append({"input_ids": ids, "labels": labels})
+        else:
+            out.dropped += 1
+            out.need = min(out.need, len(p) + 1) if out.need else len(p) + 1
     return out
+
+
+def _not_text(row: dict[str, Any], column: str, where: str, shape: str = "") -> str:
+    """Why ``row[column]`` is not a non-empty string ("" when it is)."""
+    value = row.get(column)
+    if column not in row:
+        return f"{where} has no {column!r}; every row needs one (columns of row 1 decide the file's shape)"
+    if value is None or value == "":
+        return f"{where} has an empty {column!r}"
+    if not isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        text = text[:57] + "..." if len(text) > 60 else text
+        return (f"{where}: {column!r} is a {type(value).__name__} ({text}); it must be a string"
+                + (f": {shape}" if shape else ""))
+    return ""
+
+
+def _keep_good_rows(rows: list[dict[str, Any]], problem_of: Callable[[int, dict[str, Any]], str], skip_bad_rows: bool,
+                    fix: str) -> tuple[list[dict[str, Any]], list[int], int, str]:
+    """(the rows for which ``problem_of(n, row)`` is "", their row numbers, how many were skipped, the first skipped
+    one's problem); a bad row is an error (its problem + ``fix``) unless ``skip_bad_rows``."""
+    kept, numbers, skipped, first = [], [], 0, ""
+    for n, row in enumerate(rows, 1):
+        problem = problem_of(n, row)
+        if problem:
+            if not skip_bad_rows:
+                raise DataError(problem + fix)
+            skipped += 1
+            first = first or problem
+            continue
+        kept.append(row)
+        numbers.append(n)
+    return kept, numbers, skipped, first
+
+
+def _text_rows(rows: list[dict[str, Any]], path: Path, texts: list[str], present: list[str], skip_bad_rows: bool,
+               shape: str = "") -> tuple[list[dict[str, Any]], list[int], int, str]:
+    """_keep_good_rows for rows whose ``texts`` columns hold non-empty strings and ``present`` columns a value."""
+    def problem_of(n: int, row: dict[str, Any]) -> str:
+        where = f"{path}, row {n}"
+        problem = next((p for p in (_not_text(row, c, where, shape) for c in texts) if p), "")
+        return problem or next((f"{where} has an empty {c!r}" for c in present if row.get(c) in (None, "")), "")
+
+    return _keep_good_rows(rows, problem_of, skip_bad_rows, "; fix the row or pass --skip-bad-rows")
 
 
 def label_name(value: Any, where: str) -> str:
@@ -287,8 +352,10 @@ def label_name(value: Any, where: str) -> str:
     return str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
 
 
-def _labels_from(rows, column: str, path: Path, known: list[str] | None) -> tuple[list[int], list[str]]:
-    values = [label_name(r[column], f"{path}, row {i}") for i, r in enumerate(rows, 1)]
+def _labels_from(rows, column: str, path: Path, known: list[str] | None,
+                 numbers: list[int] | None = None) -> tuple[list[int], list[str]]:
+    numbers = numbers or list(range(1, len(rows) + 1))
+    values = [label_name(r[column], f"{path}, row {n}") for n, r in zip(numbers, rows)]
     names = known if known is not None else sorted(set(values), key=_label_sort_key)
     if known is None and len(names) < 2:
         raise DataError(f"{path}: column {column!r} has a single label value {names}; classification needs at least two")
@@ -307,14 +374,39 @@ def _label_sort_key(v: str):
 
 
 def _require_columns(rows, path: Path, *columns: str) -> None:
+    """The first row has ``columns`` (each row's values are checked by ``_text_rows``)."""
     have = set(rows[0])
     for c in columns:
         if c not in have:
             raise DataError(f"{path}: no column {c!r}; columns are {sorted(have)} (choose with --text-column / --label-column)")
-    for lineno, row in enumerate(rows, 2):
-        for c in columns:
-            if row.get(c) in (None, ""):
-                raise DataError(f"{path}: row {lineno - 1} has an empty {c!r}")
+
+
+ROW_KINDS = {
+    "conversation": "a conversation (\"messages\" or \"conversations\", or \"prompt\"/\"completion\" lists of turns)",
+    "prompt/response": "a prompt/response row (\"prompt\" with \"response\" or \"completion\")",
+    "text": "a text row",
+}
+
+
+def row_kind(row: dict[str, Any]) -> str:
+    """What a causal-LM row holds: "conversation", "prompt/response" or "text" (a key of ROW_KINDS)."""
+    if is_chat_row(row):
+        return "conversation"
+    if "prompt" in row and ("response" in row or "completion" in row):
+        return "prompt/response"
+    return "text"
+
+
+def _one_kind(rows: list[dict[str, Any]], path: Path, skip_bad_rows: bool) -> tuple[list[dict[str, Any]], list[int], int, str]:
+    """_keep_good_rows for the rows of the kind row 1 has; another kind is an error unless ``skip_bad_rows``."""
+    kind = row_kind(rows[0])
+
+    def problem_of(n: int, row: dict[str, Any]) -> str:
+        other = row_kind(row)
+        return "" if other == kind else (f"{path}, row {n} is {ROW_KINDS[other]}, but row 1 makes the file one of {kind} "
+                                         "rows; give every row one shape")
+
+    return _keep_good_rows(rows, problem_of, skip_bad_rows, ", or pass --skip-bad-rows to skip the others")
 
 
 def infer_task(data: str, *, label_column: str = "label") -> str:
@@ -338,6 +430,13 @@ def infer_task(data: str, *, label_column: str = "label") -> str:
     if label_column != "label":  # a column the user named explicitly must exist
         raise DataError(f"{path}: no column {label_column!r}; columns are {sorted(rows[0])}")
     return "causal-lm"
+
+
+def _all_skipped(kept, path: Path, skipped: int, first: str) -> None:
+    """Refuse a file whose every row was skipped as malformed, with the first one's error."""
+    if not kept and skipped:
+        raise DataError(f"{path}: no usable rows: every row was skipped as malformed ({skipped} in all); the first: "
+                        f"{first}")
 
 
 def _kind_or_error(path: Path) -> str:
@@ -394,9 +493,11 @@ def load_data(
             raise DataError(f"{path}: classification needs a CSV/JSONL file with {text_column!r} and {label_column!r} columns")
         rows, bad = read_rows(path, skip_bad_rows=skip_bad_rows)
         _require_columns(rows, path, text_column, label_column)
-        labels, names = _labels_from(rows, label_column, path, label_names)
-        texts = [str(r[text_column]) for r in rows]
-        all_rows = classification_rows(tokenizer, texts, labels, max_length)
+        rows, numbers, skipped, first_bad = _text_rows(rows, path, [text_column], [label_column], skip_bad_rows)
+        bad += skipped
+        _all_skipped(rows, path, bad, first_bad)
+        labels, names = _labels_from(rows, label_column, path, label_names, numbers)
+        all_rows = classification_rows(tokenizer, [r[text_column] for r in rows], labels, max_length)
     elif kind == "txt":
         text = read_text(path)
         if split and eval_spec is None:
@@ -409,27 +510,44 @@ def load_data(
     else:
         rows, bad = read_rows(path, skip_bad_rows=skip_bad_rows)
         names = None
-        conversations = is_chat_row(rows[0])
-        if conversations:
-            use_chat_template(tokenizer, chat_template, str(path))
-            chats = chat_rows(tokenizer, rows, max_length, loss_on=loss_on, source=str(path))
-            all_rows = chats.rows
-            if chats.cut:
-                notes.append(f"{chats.cut} of {len(rows)} conversations in {path} are longer than --max-length "
-                             f"{max_length} tokens and were cut there")
-            if chats.dropped:
-                notes.append(f"dropped {chats.dropped} conversation(s) of {path} with no assistant token within "
-                             f"--max-length {max_length}; raise --max-length to keep them")
-        elif "prompt" in rows[0] and ("response" in rows[0] or "completion" in rows[0]):
-            response = "response" if "response" in rows[0] else "completion"
-            _require_columns(rows, path, "prompt", response)
-            all_rows = prompt_response_rows(tokenizer, rows, max_length, response=response, loss_on=loss_on)
-        else:
+        kind = row_kind(rows[0])
+        rows, numbers, skipped, first_bad = _one_kind(rows, path, skip_bad_rows)
+        bad += skipped
+        conversations = kind == "conversation"
+        if kind == "text":
             _require_columns(rows, path, text_column)
+            rows, numbers, skipped, first = _text_rows(rows, path, [text_column], [], skip_bad_rows)
+            bad, first_bad = bad + skipped, first_bad or first
+            _all_skipped(rows, path, bad, first_bad)
             all_rows = []
-            for ids in _tokenize(tokenizer, [str(r[text_column]) for r in rows], max_length):
+            for ids in _tokenize(tokenizer, [r[text_column] for r in rows], max_length):
                 if len(ids) > 1:
                     all_rows.append({"input_ids": ids, "labels": list(ids)})
+        else:
+            if conversations:
+                use_chat_template(tokenizer, chat_template, str(path))
+                template = "the --chat-template file" if chat_template is not None else "the tokenizer's chat template"
+                made = chat_rows(tokenizer, rows, max_length, loss_on=loss_on, source=str(path), template=template,
+                                 skip_bad_rows=skip_bad_rows, numbers=numbers)
+                what, why = "conversation(s)", "no assistant token"
+            else:
+                response = "response" if "response" in rows[0] else "completion"
+                made = prompt_response_rows(tokenizer, rows, max_length, response=response, loss_on=loss_on,
+                                            source=str(path), numbers=numbers, skip_bad_rows=skip_bad_rows)
+                what, why = "prompt/response row(s)", "no response token"
+            bad, first_bad = bad + made.bad, first_bad or made.first_bad
+            _all_skipped(made.rows or made.dropped, path, bad, first_bad)
+            all_rows = made.rows
+            if not all_rows and made.dropped:
+                raise DataError(f"{path}: all {made.dropped} {what} have {why} within --max-length {max_length} (the "
+                                f"prompt fills it); raise --max-length to {made.need} or more (what the shortest of them "
+                                "needs)")
+            if made.cut:
+                notes.append(f"{made.cut} of {len(rows)} {what} in {path} are longer than --max-length "
+                             f"{max_length} tokens and were cut there")
+            if made.dropped:
+                notes.append(f"dropped {made.dropped} {what} of {path} with {why} within --max-length {max_length}; "
+                             f"raise --max-length to {made.need} or more to keep the shortest of them")
     if not all_rows:
         raise DataError(f"{path}: no usable rows after tokenisation")
     if bad:
