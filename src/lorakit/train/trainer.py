@@ -567,7 +567,7 @@ def prepare(cfg: TrainConfig):
                      skip_bad_rows=cfg.skip_bad_rows, loss_on=cfg.loss_on, chat_template=template)
     if template is not None and not data.conversations:
         data.notes.append(f"--chat-template {cfg.chat_template} is not used: {cfg.data} holds no conversations "
-                          "(\"messages\" rows)")
+                          "(\"messages\" or ShareGPT \"conversations\" rows)")
     loaded = load_model(cfg.model, cfg.task, label_names=data.label_names, tokenizer=tokenizer)
     return loaded, data
 
