@@ -77,3 +77,67 @@ def test_rank_pattern_from_an_advice_file(tmp_path):
     path.write_text('{"rank_pattern": [1]}')
     with pytest.raises(argparse.ArgumentTypeError, match="expected"):
         opt.parse_rank_pattern(str(path))
+
+
+@pytest.mark.parametrize("parse,text,value", [
+    (opt.positive_int, "3", 3), (opt.positive_int, " 12 ", 12), (opt.non_negative_int, "0", 0),
+    (opt.seed_int, "0", 0), (opt.seed_int, str(2**63 - 1), 2**63 - 1), (opt.positive_float, "1e-3", 1e-3),
+    (opt.finite_float(0), "0", 0.0), (opt.finite_float(0, 1, lo_open=True), "1", 1.0),
+    (opt.finite_float(0, 1, hi_open=True), "0", 0.0),
+])
+def test_number_parsers_accept(parse, text, value):
+    assert parse(text) == value
+
+
+@pytest.mark.parametrize("parse,text,message", [
+    (opt.positive_int, "0", "0 is not a positive integer; give 1 or more"),
+    (opt.positive_int, "-1", "-1 is not a positive integer; give 1 or more"),
+    (opt.positive_int, "1.5", "'1.5' is not a positive integer; give 1 or more"),
+    (opt.positive_int, "x", "'x' is not a positive integer"),
+    (opt.non_negative_int, "-1", "-1 is not an integer >= 0; give 0 or more"),
+    (opt.seed_int, "-1", "-1 is not a seed; give an integer from 0 to 2**63 - 1"),
+    (opt.seed_int, str(2**63), "is not a seed"),
+    (opt.positive_float, "0", "0 is not a finite number > 0"),
+    (opt.positive_float, "nan", "nan is not a finite number > 0"),
+    (opt.positive_float, "inf", "inf is not a finite number > 0"),
+    (opt.finite_float(0), "-0.5", "-0.5 is not a finite number >= 0"),
+    (opt.finite_float(0), "1e400", "1e400 is not a finite number >= 0"),
+    (opt.finite_float(0, 1, lo_open=True), "0", "0 is not a number in (0, 1]"),
+    (opt.finite_float(0, 1, lo_open=True), "1.5", "1.5 is not a number in (0, 1]"),
+    (opt.finite_float(0, 1, hi_open=True), "1", "1 is not a number in [0, 1)"),
+    (opt.finite_float(0, 1, hi_open=True), "half", "'half' is not a number in [0, 1)"),
+])
+def test_number_parsers_refuse(parse, text, message):
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        parse(text)
+    assert str(info.value) == message or message in str(info.value)
+
+
+def test_a_refused_number_is_one_line_naming_the_flag(capsys):
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--adapter", "x", "--batch-size", "-1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err == "lorakit: error: argument --batch-size: -1 is not a positive integer; give 1 or more (see: lorakit eval --help)\n"
+
+
+def test_every_numeric_option_of_the_hand_written_commands_has_a_checking_parser():
+    """eval, merge, generate, norms, rank-advice, reproduce (and train's --nproc): no option parses with bare int or
+    float, which take 0, -1, nan and inf (train's and bench's other options are checked by their dataclasses)."""
+    from lorakit.bench.versus_peft import BenchConfig
+    from lorakit.cli import parser
+    from lorakit.train import TrainConfig
+
+    generated = {fl.path for cls in (TrainConfig, BenchConfig) for fl in opt.flags(cls)}
+
+    def walk(p, name):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from walk(sub, f"{name} {sub_name}")
+            elif action.type in (int, float) and action.dest not in generated:
+                yield f"{name} {'/'.join(action.option_strings)}"
+
+    assert list(walk(parser(), "lorakit")) == []

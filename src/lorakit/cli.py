@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lorakit.errors import LorakitError
-from lorakit.options import add_flags, from_flags, parse_names
+from lorakit.options import (add_flags, finite_float, from_flags, parse_names, positive_float, positive_int,
+                             seed_int)
 
 
 def _add_train(sub) -> None:
@@ -28,7 +29,7 @@ def _add_train(sub) -> None:
                        "lorakit.train.TrainConfig (the LoRA ones of its LoraConfig), with the same help.")
     add_flags(p, TrainConfig)
     processes = next(g for g in p._action_groups if g.title == "several processes (torch.distributed)")
-    processes.add_argument("--nproc", type=int, default=None,
+    processes.add_argument("--nproc", type=positive_int, default=None,
                            help="train on N processes of this machine (torchrun; gloo on CPU, nccl on CUDA); --batch-size "
                                 "is the global batch. On several machines run torchrun ... -m lorakit train instead")
 
@@ -56,11 +57,11 @@ def _add_eval(sub) -> None:
                    "the built-in set of the adapter's task; a file given here is evaluated whole")
     p.add_argument("--text-column", default=None, help="default: the training run's, else text")
     p.add_argument("--label-column", default=None, help="default: the training run's, else label")
-    p.add_argument("--max-length", type=int, default=None, help="default: the training run's")
+    p.add_argument("--max-length", type=positive_int, default=None, help="default: the training run's")
     p.add_argument("--labels", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
                    help="label names in the order of the classifier's outputs, for an adapter that does not record "
                         "them (PEFT's, or save_adapter without labels): neg,pos")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
@@ -104,22 +105,34 @@ def _add_generate(sub) -> None:
     what.add_argument("--chat", action="store_true", help="an interactive conversation (empty line or /exit ends it, "
                       "/reset forgets it)")
     p.add_argument("--system", default=None, help="a system turn put first")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this "
-                   "probability mass (with --temperature > 0)")
-    p.add_argument("--seed", type=int, default=None, help="for sampling")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="at most the model's context length "
+                   "(its position embeddings) less the prompt's tokens (default: 128)")
+    p.add_argument("--temperature", type=finite_float(0), default=0.0, help="0: greedy (default); above 0: sampling")
+    p.add_argument("--top-p", type=finite_float(0, 1, lo_open=True), default=None,
+                   help="nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1] "
+                   "(with --temperature > 0; default: 1)")
+    p.add_argument("--seed", type=seed_int, default=None, help="for sampling (with --temperature > 0)")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template (default: the "
                    "adapter's chat_template.jinja, else the tokenizer's)")
-    p.add_argument("--raw", action="store_true", help="feed --prompt as it is, without the chat template")
+    p.add_argument("--raw", action="store_true", help="feed --prompt as it is, without the chat template (not with "
+                   "--chat, --system or --chat-template)")
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    from lorakit.errors import ConfigError
     from lorakit.train.apply import load_for_generation
-    from lorakit.train.generate import chat_loop, generate
+    from lorakit.train.generate import chat_loop, check_sampling, generate
 
+    if a.raw:  # checked before the model loads
+        ignored = [flag for flag, on in (("--chat", a.chat), ("--system", a.system is not None),
+                                         ("--chat-template", a.chat_template is not None)) if on]
+        if ignored:
+            raise ConfigError(f"--raw feeds --prompt as it is, without the chat template, so {' and '.join(ignored)} "
+                              f"would do nothing; drop --raw or {' and '.join(ignored)}")
+    top_p = 1.0 if a.top_p is None else a.top_p
+    check_sampling(a.temperature, top_p, a.seed, given_top_p=a.top_p is not None)
     loaded = load_for_generation(a.adapter, a.model, chat_template=a.chat_template)
-    options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=top_p, seed=a.seed)
     if a.chat:
         chat_loop(loaded.model, loaded.tokenizer, system=a.system, **options)
     else:
@@ -147,13 +160,13 @@ def _add_norms(sub) -> None:
     p.add_argument("--model", default=None, help="builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file (default: the adapter's base)")
     p.add_argument("--adapter", default=None, help="an adapter directory (ours or PEFT's)")
     p.add_argument("--data", default=None, help="default: the built-in set of the task")
-    p.add_argument("--rows", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--rows", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=None)
     p.add_argument("--attention", choices=["poly", "auto", "softmax1", "exact"], default=None,
                    help="measure with lorakit attention (shows its per-layer decision)")
-    p.add_argument("--attention-tolerance", type=float, default=1e-3,
+    p.add_argument("--attention-tolerance", type=positive_float, default=1e-3,
                    help="with --attention auto: the error poly must stay under (as in lorakit train)")
-    hidden_alias(p, "--tolerance", "attention_tolerance", float)
+    hidden_alias(p, "--tolerance", "attention_tolerance", positive_float)
     p.add_argument("--per-head", action="store_true", help="one row per head (default: per layer, worst head)")
     p.add_argument("--out", default="norms", help="directory for norms.json and norms.png")
 
@@ -183,11 +196,12 @@ def _add_rank_advice(sub) -> None:
     src.add_argument("--tuned", help="a fully fine-tuned model directory of the same architecture")
     src.add_argument("--data", help="data for a short full fine-tuning run (builtin:rotten-tomatoes, FILE.csv, ...)")
     goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--tol", type=float, help="relative Frobenius error left per module, e.g. 0.5")
-    goal.add_argument("--budget", type=int, help="adapter parameters to split across modules")
+    goal.add_argument("--tol", type=finite_float(0, 1, hi_open=True),
+                      help="relative Frobenius error left per module, in [0, 1), e.g. 0.5")
+    goal.add_argument("--budget", type=positive_int, help="adapter parameters to split across modules")
     p.add_argument("--targets", type=parse_names, default="all-linear")
-    p.add_argument("--steps", type=int, default=100, help="full fine-tuning steps with --data")
-    p.add_argument("--lr", type=float, default=1e-4, help="full fine-tuning learning rate with --data")
+    p.add_argument("--steps", type=positive_int, default=100, help="full fine-tuning steps with --data")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="full fine-tuning learning rate with --data")
     p.add_argument("--out", default="rank-advice", help="directory for advice.json")
 
 
@@ -218,11 +232,11 @@ def _add_reproduce(sub) -> None:
     c.add_argument("--out", default="reproduce/celora")
     c.add_argument("--full", action="store_true", help="longer runs (400 / 200 steps)")
     c.add_argument("--parts", default="minilm,smollm2,errors", help="any of minilm, smollm2, errors")
-    c.add_argument("--seeds", type=int, default=None)
-    c.add_argument("--minilm-steps", type=int, default=None)
-    c.add_argument("--smollm2-steps", type=int, default=None)
-    c.add_argument("--eval-limit", type=int, default=None)
-    c.add_argument("--rank", type=int, default=8)
+    c.add_argument("--seeds", type=positive_int, default=None)
+    c.add_argument("--minilm-steps", type=positive_int, default=None)
+    c.add_argument("--smollm2-steps", type=positive_int, default=None)
+    c.add_argument("--eval-limit", type=positive_int, default=None)
+    c.add_argument("--rank", type=positive_int, default=8)
 
 
     pt = exp.add_parser("phase-transition", help="poly attention's gradient error against G / sqrt(log L), and its "
@@ -233,9 +247,9 @@ def _add_reproduce(sub) -> None:
                         "time per epoch with attention auto")
     ns.add_argument("--out", default="reproduce/norm-speed")
     ns.add_argument("--quick", action="store_true", help="tiny models and short sequences, for a smoke test")
-    ns.add_argument("--length", type=int, default=None, help="tokens per sequence (default 4096)")
-    ns.add_argument("--sequences", type=int, default=None, help="sequences per epoch (default 8)")
-    ns.add_argument("--epochs", type=int, default=None)
+    ns.add_argument("--length", type=positive_int, default=None, help="tokens per sequence (default 4096)")
+    ns.add_argument("--sequences", type=positive_int, default=None, help="sequences per epoch (default 8)")
+    ns.add_argument("--epochs", type=positive_int, default=None)
 
 
     xp = exp.add_parser("expressive", help="the expressive power of LoRA on synthetic linear, ReLU and transformer "
@@ -249,7 +263,10 @@ def _add_reproduce(sub) -> None:
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
+    from lorakit.files import check_output_dir
     from lorakit.reproduce import with_overrides
+
+    check_output_dir(a.out)  # a file, a dangling link or a read-only place: refused before minutes of work
 
     if a.experiment == "expressive":
         from lorakit.reproduce import expressive as rx

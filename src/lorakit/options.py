@@ -11,7 +11,13 @@ user gave, so every default lives in the dataclass alone. A new option is one fi
 
 The parsers below turn a command-line string into a field's value ("a,b" -> a list, "0-3" ->
 layer indices, a rank-advice JSON file -> a rank pattern); they raise ``ArgumentTypeError``,
-which argparse reports as one ``lorakit: error:`` line naming the flag.
+which argparse reports as one ``lorakit: error:`` line naming the flag. The number parsers
+(``positive_int``, ``non_negative_int``, ``seed_int``, ``finite_float(lo, hi)``) are the one check of
+every numeric option of the hand-written commands (eval, generate, norms, rank-advice, reproduce):
+
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    -> lorakit eval --batch-size -1
+       lorakit: error: argument --batch-size: -1 is not a positive integer; give 1 or more
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -292,3 +299,76 @@ def parse_rank_pattern(value: str) -> dict[str, int]:
 def parse_alpha_pattern(value: str) -> dict[str, float]:
     """Per-module alphas: "q_proj=8,v_proj=32", or a JSON file {module: alpha} (or an object with an alpha_pattern)."""
     return _pattern(value, "alpha_pattern", float)
+
+
+# ---------------------------------------------------------------------- numbers of the command line
+def _int(value: str, what: str, fix: str) -> int:
+    try:
+        return int(value.strip())
+    except (ValueError, AttributeError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not {what}; {fix}") from None
+
+
+def positive_int(value: str) -> int:
+    """"3" -> 3; "0", "-1", "x", "1.5" are refused."""
+    n = _int(value, "a positive integer", "give 1 or more")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive integer; give 1 or more")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    """"0" -> 0; "-1", "x" are refused."""
+    n = _int(value, "an integer >= 0", "give 0 or more")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is not an integer >= 0; give 0 or more")
+    return n
+
+
+SEED_LIMIT = 2**63  # torch.manual_seed and TrainConfig.seed take 0 to 2**63 - 1
+
+
+def seed_int(value: str) -> int:
+    """A random seed: an integer from 0 to 2**63 - 1 (as lorakit train's --seed)."""
+    n = _int(value, "an integer seed", "give an integer from 0 to 2**63 - 1")
+    if not 0 <= n < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{n} is not a seed; give an integer from 0 to 2**63 - 1")
+    return n
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 hi_open: bool = False) -> Callable[[str], float]:
+    """A parser of finite numbers in [lo, hi] ((lo, ...] with lo_open, [..., hi) with hi_open; None: unbounded):
+    finite_float(0, 1, lo_open=True)("1.5") is refused with "1.5 is not a number in (0, 1]"."""
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    if lo is not None and hi is not None:
+        wanted = f"a number in {left}{lo:g}, {hi:g}{right}"
+    elif lo is not None:
+        wanted = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+        wanted = f"a finite number {'<' if hi_open else '<='} {hi:g}"
+    else:
+        wanted = "a finite number"
+
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {wanted}") from None
+        ok = math.isfinite(x)
+        if ok and lo is not None:
+            ok = x > lo if lo_open else x >= lo
+        if ok and hi is not None:
+            ok = x < hi if hi_open else x <= hi
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{value} is not {wanted}")
+        return x
+
+    parse.__name__ = f"finite_float({lo}, {hi})"
+    return parse
+
+
+def positive_float(value: str) -> float:
+    """A finite number > 0 (a learning rate, a tolerance)."""
+    return finite_float(0, lo_open=True)(value)

@@ -139,3 +139,44 @@ def test_summary_counts(make_model):
 def test_an_exclude_that_excludes_nothing_is_said(make_model):
     with pytest.warns(UserWarning, match=r"exclude='k_proj' excludes none of the targets \(a regex is matched against the whole"):
         lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=2, targets="attn-qkv", exclude="k_proj"))
+
+
+# ---------------------------------------------------------------------- issue 33: --layers / --layers-pattern that select less
+@pytest.mark.parametrize("kind,layers,pattern,needle", [
+    ("llama", [0, 1, 2], None, "layers_to_transform (--layers) 0-2 goes beyond the 2 layers of LlamaForCausalLM "
+                               "(blocks 0-1): layer(s) 2 do not exist; choose --layers within 0-1"),
+    ("llama", [5], None, "layer(s) 5 do not exist"),
+    ("bert-cls", [0, 7, 8], None, "the 2 layers of BertForSequenceClassification (blocks 0-1): layer(s) 7-8 do not exist"),
+    ("gpt2", [2], "h", "layer(s) 2 do not exist"),
+    ("llama", [0], "nomatch", "layers_pattern='nomatch' (--layers-pattern) matches no numbered block list of "
+                              "LlamaForCausalLM; its numbered block lists are named: 'layers' (2 blocks)"),
+    ("bert-cls", [0], "layers", "its numbered block lists are named: 'layer' (2 blocks)"),
+    ("gpt2", [0], ["nope", "blocks"], "its numbered block lists are named: 'h' (2 blocks)"),
+])
+def test_layers_beyond_the_model_are_refused(make_model, kind, layers, pattern, needle):
+    model = make_model(kind)
+    targets = "all-linear" if kind != "llama" else ["q_proj", "v_proj"]
+    with pytest.raises(TargetError) as info:
+        lorakit.attach(model, lorakit.LoraConfig(r=2, targets=targets, layers_to_transform=layers, layers_pattern=pattern))
+    assert needle in str(info.value)
+    assert not adapted(model)  # nothing attached
+
+
+@pytest.mark.parametrize("kind,layers,pattern", [("llama", [1], None), ("llama", [0, 1], "layers"),
+                                                 ("bert-cls", [1], "layer"), ("bert-cls", [0], "encoder.layer"),
+                                                 ("gpt2", [0, 1], "h")])
+def test_layers_within_the_model_still_work(make_model, kind, layers, pattern):
+    model = lorakit.attach(make_model(kind), lorakit.LoraConfig(r=2, targets="attn-qv", layers_to_transform=layers,
+                                                                layers_pattern=pattern))
+    found = {int(re.search(r"\.(\d+)\.", n)[1]) for n in adapted(model)}
+    assert found == set(layers)
+
+
+def test_a_peft_file_naming_missing_layers_still_loads(make_model, tmp_path):
+    """PEFT skips layers a model lacks; a file it wrote that way loads as PEFT loads it."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(make_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[0, 5]))
+    peft_model.save_pretrained(tmp_path)
+    loaded = lorakit.load_adapter(make_model("llama"), tmp_path)
+    assert adapted(loaded) == ["model.layers.0.self_attn.q_proj"]

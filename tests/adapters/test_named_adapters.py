@@ -12,7 +12,7 @@ import lorakit.limits.norm_cap
 from lorakit.adapters import layer as layer_module
 from lorakit.adapters.attach import lora_layers, state
 from lorakit.bench.versus_peft import ours_name
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError
 from lorakit.train.apply import describe
 
 # (model, adapter "default"'s targets, adapter "b"'s targets): b covers other modules in part, as PEFT allows.
@@ -176,6 +176,41 @@ def test_add_weighted_adapter_refusals(make_model):
     assert {layer.settings["m"].r for _, layer in lora_layers(model, "m")} == {3}
 
 
+@pytest.mark.parametrize("weights", [None, ["0.5", "0.5"], ["a", 1], [True, 1], [1, None], 0.5, "11", [1, float("nan")],
+                                     [1, float("inf")], [1, 2, 3], {"default": 1, "b": 1}.values()])
+def test_add_weighted_adapter_weights_must_be_numbers(make_model, weights):
+    """None, strings, bools and non-finite weights are a ConfigError naming them (were TypeError / ValueError, or "0.5"
+    silently read as a number)."""
+    model = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4, targets=["q_proj"]))
+    lorakit.attach(model, lorakit.LoraConfig(r=2, targets=["q_proj"]), name="b")
+    if weights is not None and not isinstance(weights, (list, str, float)):  # dict values: two numbers, accepted
+        lorakit.add_weighted_adapter(model, ["default", "b"], weights, "m")
+        assert "m" in lorakit.adapter_names(model)
+        return
+    with pytest.raises(ConfigError) as info:
+        lorakit.add_weighted_adapter(model, ["default", "b"], weights, "m")
+    assert str(info.value).startswith(f"add_weighted_adapter: weights={weights!r} must be 2 finite numbers, one per "
+                                      "adapter of ['default', 'b']")
+    assert lorakit.adapter_names(model) == ["default", "b"]  # nothing added
+
+
+def test_add_weighted_adapter_names(make_model):
+    """A plain string is one adapter name, as set_adapter takes it (it used to be split into letters)."""
+    model = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4, targets=["q_proj"]))
+    lorakit.attach(model, lorakit.LoraConfig(r=2, targets=["q_proj"]), name="b")
+    lorakit.add_weighted_adapter(model, "default", [0.5], "halved")
+    for _, layer in lora_layers(model, "halved"):
+        torch.testing.assert_close(layer.delta_weight("halved"), 0.5 * layer.delta_weight("default"), atol=1e-6, rtol=0)
+    for adapters, needle in [("c", r"add_weighted_adapter: ['c'] are not adapters of the model; it has ['b', 'default', 'halved']"),
+                             ([], "add_weighted_adapter: [] are not adapters of the model"),
+                             ([1, "b"], "add_weighted_adapter: [1] are not adapters of the model"),
+                             (None, "add_weighted_adapter: adapters=None must be a list of adapter names (or one name)"),
+                             ({"default", "b"}, "must be a list of adapter names (or one name)")]:
+        with pytest.raises(LorakitError) as info:
+            lorakit.add_weighted_adapter(model, adapters, [1.0], "m")
+        assert needle in str(info.value), str(info.value)
+
+
 @pytest.mark.parametrize("kind,targets_a,targets_b", CASES)
 def test_mixed_batch_rows_equal_single_adapter_models(make_model, kind, targets_a, targets_b):
     base = make_model(kind)
@@ -254,8 +289,11 @@ def test_what_stays_refused_with_several_adapters(make_model, token_batch, tmp_p
     lorakit.unmerge(model)
     # a plain-LoRA file cannot go into the DoRA adapter; under a new name it is added beside it
     lorakit.save_adapter(model, tmp_path, adapter="default")
-    with pytest.raises(Exception, match="holds a plain LoRA adapter but the model's adapter 'd' is a DoRA adapter"):
+    with pytest.raises(AdapterFileError) as info:
         lorakit.load_adapter(model, tmp_path, adapter="d")
+    assert str(info.value) == (f"{tmp_path} holds a plain LoRA adapter but the model's adapter 'd' is a DoRA adapter; "
+                               "call lorakit.unload(model, merge=False) first, load into the plain model, or load it "
+                               "under another name")
     lorakit.load_adapter(model, tmp_path, adapter="copy")
     assert state(model).adapters["copy"].targets == state(model).adapters["default"].targets
 

@@ -378,3 +378,263 @@ def test_labels_that_overflow_a_float(tmp_path, minilm_tokenizer):
     rows = [{"text": f"row {i}", "label": v} for i, v in enumerate([10**400, 0, "1e400", 10**400, 0, "1e400"] * 2)]
     ds = load_data(str(write_jsonl(tmp_path / "big.jsonl", rows)), "classify", minilm_tokenizer, 16)
     assert len(ds.label_names) == 3 and "1e400" in ds.label_names
+
+
+# ---------------------------------------------------------------------- every numeric option, one check (issue 33, item 5)
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "--adapter", "A", "--batch-size", "-1"], "argument --batch-size: -1 is not a positive integer"),
+    (["eval", "--adapter", "A", "--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+    (["eval", "--adapter", "A", "--max-length", "0"], "argument --max-length: 0 is not a positive integer"),
+    (["eval", "--adapter", "A", "--max-length", "-3"], "argument --max-length: -3 is not a positive integer"),
+    (["eval", "--adapter", "A", "--max-length", "1.5"], "argument --max-length: '1.5' is not a positive integer"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is not"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--temperature", "inf"],
+     "argument --temperature: inf is not a finite number >= 0"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--temperature", "nan"], "argument --temperature: nan is not"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--temperature", "-1"], "argument --temperature: -1 is not"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--top-p", "0"], "argument --top-p: 0 is not a number in (0, 1]"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--top-p", "1.5"], "argument --top-p: 1.5 is not a number in (0, 1]"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--top-p", "nan"], "argument --top-p: nan is not"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--seed", "-1"], "argument --seed: -1 is not a seed"),
+    (["norms", "--model", "M", "--rows", "0"], "argument --rows: 0 is not a positive integer"),
+    (["norms", "--model", "M", "--max-length", "-1"], "argument --max-length: -1 is not a positive integer"),
+    (["norms", "--model", "M", "--attention-tolerance", "nan"], "argument --attention-tolerance: nan is not a finite number > 0"),
+    (["norms", "--model", "M", "--tolerance", "-1"], "argument --tolerance: -1 is not a finite number > 0"),
+    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "nan"], "argument --tol: nan is not a number in [0, 1)"),
+    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "1"], "argument --tol: 1 is not a number in [0, 1)"),
+    (["rank-advice", "--model", "M", "--data", "x.csv", "--budget", "0"], "argument --budget: 0 is not a positive integer"),
+    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--steps", "-1"], "argument --steps: -1 is not"),
+    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--lr", "inf"], "argument --lr: inf is not"),
+    (["reproduce", "celora", "--seeds", "0"], "argument --seeds: 0 is not a positive integer"),
+    (["reproduce", "celora", "--rank", "-1"], "argument --rank: -1 is not a positive integer"),
+    (["reproduce", "celora", "--eval-limit", "0"], "argument --eval-limit: 0 is not"),
+    (["reproduce", "celora", "--minilm-steps", "x"], "argument --minilm-steps: 'x' is not a positive integer"),
+    (["reproduce", "norm-speed", "--length", "0"], "argument --length: 0 is not a positive integer"),
+    (["reproduce", "norm-speed", "--epochs", "-1"], "argument --epochs: -1 is not a positive integer"),
+    (["train", "--nproc", "0"], "argument --nproc: 0 is not a positive integer"),
+])
+def test_numeric_options_are_checked_at_the_boundary(capsys, tmp_path, args, needle):
+    """Refused by argparse before anything is read (A, M and x.csv do not exist)."""
+    args = [str(tmp_path / "A") if a == "A" else str(tmp_path / "M") if a == "M" else a for a in args]
+    out = ["--out", tmp_path / "o"] if args[0] in ("norms", "rank-advice", "reproduce") else []
+    refused(capsys, *args, *out, needle=needle)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-grad-norm", "inf"], "max_grad_norm=inf must be a finite number > 0"),
+    (["--max-grad-norm", "0"], "max_grad_norm=0.0 must be a finite number > 0"),
+    (["--attention-tolerance", "nan"], "attention_tolerance=nan must be a positive number"),
+    (["--attention-tolerance", "-1"], "attention_tolerance=-1.0 must be a positive number"),
+    (["--warmup", "1.5"], "warmup=1.5 is a step count (>= 1) that is not whole"),
+])
+def test_train_numbers_that_were_accepted(capsys, tiny_bert_dir, sentiment_csv, tmp_path, args, needle):
+    refused(capsys, "train", "--model", tiny_bert_dir, "--data", sentiment_csv, "--out", tmp_path / "o", *args,
+            needle=needle)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"alpha": float("nan")}, "--alpha nan must be a finite number > 0"),
+    ({"lr": float("inf")}, "--lr inf must be a finite number > 0"),
+    ({"lr": 0.0}, "--lr 0.0 must be a finite number > 0"),
+    ({"r": 0}, "--rank 0 must be a positive integer"),
+    ({"seed": -1}, "--seed -1 must be an integer from 0 to 2**63 - 1"),
+    ({"warmup": -1}, "warmup=-1 must be an integer >= 0"),
+    ({"quality_steps": 1.5}, "quality_steps=1.5 must be an integer >= 0"),
+])
+def test_bench_numbers_are_validated(changes, needle):
+    pytest.importorskip("peft")
+    from lorakit.bench.versus_peft import BenchConfig, BenchError
+
+    with pytest.raises(BenchError) as info:
+        BenchConfig(**changes).validate()
+    assert needle in str(info.value)
+
+
+# ---------------------------------------------------------------------- lorakit eval (issue 33, items 5 and 9)
+@pytest.fixture(scope="module")
+def lm_adapter(tmp_path_factory, tiny_llama_dir, corpus_txt):
+    out = tmp_path_factory.mktemp("lm-adapter") / "run"
+    assert main(["train", "--model", tiny_llama_dir, "--data", corpus_txt, "--steps", "1", "--batch-size", "4",
+                 "--max-length", "32", "--rank", "2", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def copy_run(adapter, tmp_path, run_json=None):
+    """A copy of the adapter files with ``run_json`` (bytes, or a document) as its run.json (none: no run.json)."""
+    folder = copy_adapter(adapter, tmp_path)
+    if run_json is not None:
+        (folder / "run.json").write_bytes(run_json if isinstance(run_json, bytes) else json.dumps(run_json).encode())
+    return folder
+
+
+def with_config(**changes):
+    def make(adapter):
+        doc = json.loads((adapter / "run.json").read_text())
+        doc["config"].update(changes)
+        return doc
+
+    return make
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (b'{"config": ', "run.json could not be read (JSONDecodeError"),
+    (b'\xff\xfe{"config": {}}', "run.json could not be read (UnicodeDecodeError"),
+    ([1, 2], 'run.json holds no "config" object'),
+    ({"config": "x"}, 'run.json holds no "config" object'),
+    (with_config(max_length="x"), "config.max_length='x' must be a positive integer"),
+    (with_config(max_length=-2), "config.max_length=-2 must be a positive integer"),
+    (with_config(data=5), "config.data=5 must be a string"),
+    (with_config(text_column=["t"]), "config.text_column=['t'] must be a string"),
+    (with_config(skip_bad_rows="yes"), "config.skip_bad_rows='yes' must be true/false"),
+])
+def test_eval_refuses_a_damaged_run_json(capsys, lm_adapter, tmp_path, damage, needle):
+    """A run.json that does not parse no longer falls back to builtin:hamlet, and wrong types are no tracebacks."""
+    folder = copy_run(lm_adapter, tmp_path, damage(lm_adapter) if callable(damage) else damage)
+    err = refused(capsys, "eval", "--adapter", folder, needle=needle)
+    assert str(folder / "run.json") in err and "--data FILE" in err
+
+
+def test_eval_with_a_good_run_json_and_without_one(capsys, lm_adapter, tmp_path, corpus_txt):
+    code, out, err = cli(capsys, "eval", "--adapter", lm_adapter, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["data"] == corpus_txt and res["rows"] > 0 and res["eval_loss"] > 1  # the training's held-out rows
+    folder = copy_run(lm_adapter, tmp_path)  # no run.json: the built-in set of the task
+    code, out, err = cli(capsys, "eval", "--adapter", folder, "--json")
+    assert code == 0 and json.loads(out)["data"] == "builtin:hamlet", err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--labels", "neg,pos"], "--labels neg,pos: label names are a classifier's, and "),
+    (["--labels", "a,b,c"], "is a causal-lm adapter; drop --labels"),
+    (["--label-column", "y"], "--label-column y: "),
+    (["--max-length", "100000"], "--max-length 100000 is longer than"),
+])
+def test_eval_options_without_effect_on_a_causal_lm(capsys, lm_adapter, args, needle):
+    refused(capsys, "eval", "--adapter", lm_adapter, *args, needle=needle)
+
+
+def test_eval_library_checks_its_numbers(adapter):
+    from lorakit.errors import ConfigError
+    from lorakit.train.apply import evaluate_adapter
+
+    for kw, needle in (({"batch_size": -1}, "batch_size=-1"), ({"batch_size": 0}, "batch_size=0"),
+                       ({"max_length": 0}, "max_length=0"), ({"max_length": -3}, "max_length=-3")):
+        with pytest.raises(ConfigError, match=needle):
+            evaluate_adapter(str(adapter), **kw)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory, tiny_bert_dir, sentiment_csv):
+    """A run with checkpoints (where the training rows' fingerprint is recorded) on its own copy of the data."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    data = root / "data.csv"
+    shutil.copy(sentiment_csv, data)
+    out = root / "run"
+    assert main(["train", "--model", tiny_bert_dir, "--data", str(data), "--steps", "2", "--batch-size", "8",
+                 "--rank", "2", "--save-every", "1", "--out", str(out), "--quiet"]) == 0
+    return out, data
+
+
+@pytest.mark.parametrize("edit", ["drop a row", "change a label", "append rows", "shuffle"])
+def test_eval_refuses_a_data_file_edited_after_training(capsys, checkpointed, tmp_path, edit):
+    out, data = checkpointed
+    original = data.read_text()
+    lines = original.splitlines(keepends=True)
+    try:
+        code, res, err = cli(capsys, "eval", "--adapter", out, "--json")
+        assert code == 0, err
+        before = json.loads(res)
+        code, res, err = cli(capsys, "eval", "--adapter", out, "--json", "--max-length", "16")  # other options: same rows
+        assert code == 0 and json.loads(res)["rows"] == before["rows"], err
+        if edit == "drop a row":
+            lines.pop(7)
+        elif edit == "change a label":
+            lines[3] = lines[3].replace(",neg", ",pos") if ",neg" in lines[3] else lines[3].replace(",pos", ",neg")
+        elif edit == "append rows":
+            lines += ["one more great film,pos\n"] * 3
+        else:
+            lines = lines[:1] + lines[1:][::-1]
+        data.write_text("".join(lines))
+        err = refused(capsys, "eval", "--adapter", out, needle=f"{data} has changed since {out} was trained on it")
+        assert "--data FILE" in err
+        code, res, err = cli(capsys, "eval", "--adapter", out, "--data", data, "--json")  # a file given is evaluated whole
+        assert code == 0 and json.loads(res)["rows"] == len(lines) - 1, err
+    finally:
+        data.write_text(original)
+
+
+def test_eval_reads_the_fingerprint_from_run_json(capsys, checkpointed, tmp_path):
+    """run.json's "fingerprint" (when the trainer writes it) is used without any checkpoint."""
+    out, data = checkpointed
+    from lorakit.train import checkpoint as ckpt
+
+    state = ckpt.load_state(ckpt.latest(out / "checkpoints").path)
+    doc = json.loads((out / "run.json").read_text())
+    doc["fingerprint"] = dict(state["fingerprint"])
+    folder = copy_run(out, tmp_path, doc)
+    code, _, err = cli(capsys, "eval", "--adapter", folder)
+    assert code == 0, err
+    doc["fingerprint"]["data"] = "0" * 64
+    (folder / "run.json").write_text(json.dumps(doc))
+    refused(capsys, "eval", "--adapter", folder, needle="has changed since")
+
+
+def test_a_short_run_without_checkpoints_still_catches_edited_data(capsys, tiny_bert_dir, tmp_path):
+    """The trainer writes the data fingerprint into run.json, so a run shorter than --save-every is checked too."""
+    data = tmp_path / "s.csv"
+    data.write_text("text,label\n" + "".join(f"row number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(40)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_bert_dir, "--data", str(data), "--steps", "1", "--batch-size", "8", "--rank",
+                 "2", "--out", str(out), "--quiet"]) == 0
+    assert not (out / "checkpoints").exists() and "data" in json.loads((out / "run.json").read_text())["fingerprint"]
+    data.write_text(data.read_text().replace(",neg", ",pos", 3))
+    refused(capsys, "eval", "--adapter", out, needle="has changed since")
+
+
+def test_a_missing_recorded_base_says_where_it_was_recorded(capsys, lm_adapter, tmp_path):
+    for command in (["eval"], ["generate", "--prompt", "hi"], ["merge", "--out", tmp_path / "merged"]):
+        (tmp_path / command[0]).mkdir()
+        folder = copy_adapter(lm_adapter, tmp_path / command[0])
+        edit_config(folder, base_model_name_or_path=str(tmp_path / "gone" / "model.gguf"))
+        err = refused(capsys, *command[:1], "--adapter", folder, *command[1:], needle="adapter_config.json")
+        assert "pass --model" in err and "gone" in err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_info_on_a_file_says_it_is_a_file(capsys, lm_adapter):
+    refused(capsys, "info", lm_adapter / "run.json", needle="is a file, not an adapter directory")
+
+
+def test_reproduce_refuses_an_out_that_is_a_file_before_running(capsys, tmp_path):
+    (tmp_path / "f.txt").write_text("mine")
+    refused(capsys, "reproduce", "phase-transition", "--quick", "--out", tmp_path / "f.txt", needle="is a file")
+    assert (tmp_path / "f.txt").read_text() == "mine"
+
+
+def test_norms_of_a_classifier_adapter_measure_on_its_training_rows(capsys, adapter):
+    code, out, err = cli(capsys, "norms", "--adapter", adapter, "--rows", "2", "--out", adapter.parent / "norms")
+    assert code == 0, err  # before: the built-in sentiment set, whose labels the adapter was not trained on
+    assert (adapter.parent / "norms" / "norms.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["half", "forward", "train", "to"])
+def test_adapter_names_that_shadow_module_attributes_are_refused(make_model, name):
+    from lorakit.errors import ConfigError
+
+    m = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4))
+    with pytest.raises(ConfigError, match=f"adapter name '{name}' is the name of a torch.nn.Module attribute"):
+        lorakit.attach(m, lorakit.LoraConfig(r=4), name=name)
+    assert lorakit.adapter_names(m) == ["default"]
+
+
+def test_adapter_names_per_row_must_be_a_list(make_model, token_batch):
+    from lorakit.errors import ConfigError
+
+    m = lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=4))
+    lorakit.attach(m, lorakit.LoraConfig(r=4), name="b")
+    with pytest.raises(ConfigError, match="adapter_names='b' must be a list with one adapter name"):
+        ids, mask = token_batch()
+        m(input_ids=ids, attention_mask=mask, adapter_names="b")

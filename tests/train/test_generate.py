@@ -115,13 +115,16 @@ def test_adapter_chat_template_is_used(chat_adapter, tiny_chat_llama_dir, tmp_pa
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--temperature", "-1"], "temperature=-1.0 must be >= 0"),
-    (["--top-p", "0"], "top_p=0.0 must be in"),
-    (["--max-new-tokens", "0"], "max_new_tokens=0 must be a positive integer"),
+    (["--temperature", "-1"], "argument --temperature: -1 is not a finite number >= 0"),
+    (["--top-p", "0"], "argument --top-p: 0 is not a number in (0, 1]"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: 0 is not a positive integer"),
     (["--chat-template", "/nonexistent.jinja"], "no such file"),
 ])
 def test_bad_options_are_one_line(chat_adapter, args, match, capsys):
-    code = cli.main(["generate", "--adapter", chat_adapter, "--prompt", "Hi", *args])
+    try:
+        code = cli.main(["generate", "--adapter", chat_adapter, "--prompt", "Hi", *args])
+    except SystemExit as exc:  # argparse's errors
+        code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("lorakit: error:") and match in err and err.count("\n") == 1
 
@@ -134,3 +137,117 @@ def test_a_classifier_adapter_is_refused(tmp_path, tiny_bert_dir, sentiment_csv,
     code = cli.main(["generate", "--adapter", str(tmp_path / "cls"), "--prompt", "Hi"])
     err = capsys.readouterr().err
     assert code == 2 and "classify adapter; lorakit generate needs a causal-LM one" in err
+
+
+# ---------------------------------------------------------------------- issue 33: nothing accepted without effect
+def generate_cli(capsys, *args, stdin=None, monkeypatch=None):
+    capsys.readouterr()
+    try:
+        code = cli.main(["generate", *map(str, args)])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, *args, needle):
+    code, out, err = generate_cli(capsys, *args)
+    assert code == 2 and err.startswith("lorakit: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--chat", "--raw"], "--raw feeds --prompt as it is, without the chat template, so --chat would do nothing"),
+    (["--prompt", "Hi", "--raw", "--system", "Be brief."], "so --system would do nothing; drop --raw or --system"),
+    (["--prompt", "Hi", "--raw", "--chat-template", "x.jinja"], "so --chat-template would do nothing"),
+    (["--prompt", "Hi", "--temperature", "inf"], "argument --temperature: inf is not a finite number >= 0"),
+    (["--prompt", "Hi", "--temperature", "nan"], "argument --temperature: nan is not a finite number >= 0"),
+    (["--prompt", "Hi", "--temperature", "-0.5"], "argument --temperature: -0.5 is not a finite number >= 0"),
+    (["--prompt", "Hi", "--temperature", "0.7", "--top-p", "0"], "argument --top-p: 0 is not a number in (0, 1]"),
+    (["--prompt", "Hi", "--temperature", "0.7", "--top-p", "1.01"], "argument --top-p: 1.01 is not a number in (0, 1]"),
+    (["--prompt", "Hi", "--temperature", "0.7", "--top-p=-inf"], "argument --top-p: -inf is not a number in (0, 1]"),
+    (["--prompt", "Hi", "--top-p", "0.9"], "--top-p acts only when sampling, and --temperature 0 decodes greedily"),
+    (["--prompt", "Hi", "--seed", "3"], "--seed acts only when sampling"),
+    (["--prompt", "Hi", "--seed", "3", "--top-p", "0.5"], "--top-p and --seed act only when sampling"),
+    (["--prompt", "Hi", "--max-new-tokens", "100000"],
+     "--max-new-tokens 100000 is more than the model's context of 512 positions"),
+    (["--prompt", "Hi", "--max-new-tokens", "505"], "plus --max-new-tokens 505 are more than the model's context of 512"),
+    (["--chat", "--max-new-tokens", "512"], "--max-new-tokens 512 is more than the model's context of 512 positions"),
+])
+def test_generate_options_without_effect_or_out_of_range(chat_adapter, capsys, monkeypatch, args, needle):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    refused(capsys, "--adapter", chat_adapter, *args, needle=needle)
+
+
+def test_library_generate_refuses_the_same(chat_adapter):
+    from lorakit.errors import ConfigError
+    from lorakit.train.apply import load_for_generation
+
+    loaded = load_for_generation(chat_adapter)
+    for kw, needle in [({"temperature": float("inf")}, "temperature=inf must be a finite number >= 0"),
+                       ({"temperature": float("nan")}, "temperature=nan"),
+                       ({"temperature": 0.5, "top_p": 0.0}, "top_p=0.0 must be in (0, 1]"),
+                       ({"temperature": 0.5, "top_p": float("nan")}, "top_p=nan must be in (0, 1]"),
+                       ({"top_p": 0.5}, "--top-p acts only when sampling"),
+                       ({"seed": 1}, "--seed acts only when sampling"),
+                       ({"max_new_tokens": 10**6}, "is more than the model's context of 512 positions"),
+                       ({"max_new_tokens": True}, "max_new_tokens=True must be a positive integer"),
+                       ({"raw": True, "system": "Be brief."}, "a system turn needs the chat template")]:
+        with pytest.raises(ConfigError) as info:
+            lorakit.generate(loaded.model, loaded.tokenizer, "Hi", **kw)
+        assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("stdin", ["closed", "none", "empty"])
+def test_chat_ends_cleanly_at_the_end_of_input(chat_adapter, capsys, monkeypatch, stdin):
+    if stdin == "closed":
+        fh = io.StringIO("")
+        fh.close()
+    monkeypatch.setattr("sys.stdin", {"closed": fh if stdin == "closed" else None, "none": None,
+                                      "empty": io.StringIO("")}[stdin])
+    code, out, err = generate_cli(capsys, "--adapter", chat_adapter, "--chat", "--max-new-tokens", "3")
+    assert code == 0 and "Traceback" not in err and out.endswith("\n"), err
+
+
+def test_chat_turn_past_the_context_is_not_answered(chat_adapter):
+    from lorakit.train.apply import load_for_generation
+
+    loaded = load_for_generation(chat_adapter)
+    lines = iter(["word " * 600, "Hi", "/exit"])
+    out = io.StringIO()
+    messages = chat_loop(loaded.model, loaded.tokenizer, read=lambda prompt: next(lines), out=out, max_new_tokens=4)
+    assert "lorakit: the prompt is" in out.getvalue() and "no room to reply" in out.getvalue()
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hi"
+
+
+NOT_UTF8 = b"{% for m in messages %}{{ m['content'] }}\xff\xfe{% endfor %}"
+SYNTAX_ERROR = "{% for m in messages %}{{ m['content'] }}{% endfor"
+RAISES = "{{ raise_exception('this template takes no user turns') }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+UNDEFINED = "{% for m in messages %}{{ m['content'].nothing() }}{% endfor %}"
+
+
+@pytest.mark.parametrize("content,needle", [
+    (NOT_UTF8, "is not UTF-8 text"),
+    (SYNTAX_ERROR, "Jinja syntax error on line 1"),
+    (RAISES, "failed to render the conversation (roles: user): TemplateError: this template takes no user turns"),
+    (UNDEFINED, "failed to render the conversation (roles: user): UndefinedError"),
+    ("DIRECTORY", ""),
+])
+@pytest.mark.parametrize("where", ["--chat-template", "adapter"])
+def test_bad_chat_templates_are_one_line_naming_the_file(chat_adapter, capsys, tmp_path, content, needle, where):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(chat_adapter, adapter)
+    path = adapter / "chat_template.jinja" if where == "adapter" else tmp_path / "mine.jinja"
+    if content == "DIRECTORY":
+        path.mkdir()
+        needle = "is a directory" if where == "--chat-template" else "(the chat template saved with the adapter) is not a file"
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    extra = ["--chat-template", path] if where == "--chat-template" else []
+    err = refused(capsys, "--adapter", adapter, "--prompt", "Hi", "--max-new-tokens", "2", *extra, needle=needle)
+    assert str(path) in err

@@ -109,6 +109,8 @@ def check_ranks(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
 def check_adapter_name(name: object) -> None:
     """An adapter name is a plain identifier (letters, digits, '_' and '-'): it becomes a folder name in saved files
     (PEFT's layout), so a path ("/abs/dir", "sub/dir", "..") would write outside the save directory."""
+    if isinstance(name, str) and re.fullmatch(r"\w[\w-]*", name) and hasattr(nn.Module, name):
+        raise ConfigError(f"adapter name {name!r} is the name of a torch.nn.Module attribute; choose another name")
     if not isinstance(name, str) or not re.fullmatch(r"\w[\w-]*", name) or name == BASE:
         raise ConfigError(f"adapter name {name!r} must be a plain name of letters, digits, '_' and '-' (e.g. "
                           f"'my_task'), not a path and not {BASE!r}")
@@ -266,6 +268,9 @@ def _take_row_adapters(model: nn.Module, args, kwargs):
     rows = kwargs.pop("adapter_names", None)
     if rows is None:
         return None
+    if isinstance(rows, str):  # list("b") would be one adapter per letter
+        raise ConfigError(f"adapter_names={rows!r} must be a list with one adapter name (or {BASE!r}) per row of the "
+                          "batch")
     st, rows = state(model), list(rows)
     unknown = sorted({r for r in rows if r != BASE and r not in st.adapters})
     if unknown:

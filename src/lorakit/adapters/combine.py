@@ -16,6 +16,7 @@ which is the same unless the adapters use rsLoRA (where PEFT's result is off by 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -34,12 +35,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     """Add adapter ``adapter_name`` = the ``weights``-weighted combination of ``adapters`` (see the module
     docstring), inactive like any added adapter; ``set_adapter(model, adapter_name)`` to use it."""
     st = state(model)
-    adapters, weights = list(adapters), [float(w) for w in weights]
-    unknown = [a for a in adapters if a not in st.adapters]
-    if not adapters or unknown:
-        raise LorakitError(f"add_weighted_adapter: {unknown or adapters!r} are not adapters of the model; it has {sorted(st.adapters)}")
-    if len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights):
-        raise ConfigError(f"add_weighted_adapter: weights={weights!r} must be {len(adapters)} finite numbers, one per adapter")
+    adapters = _names(adapters, st)
+    weights = _weights(weights, adapters)
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type={combination_type!r} is not one of {', '.join(COMBINATIONS)} "
                           "(PEFT's ties/dare/magnitude_prune variants are not implemented)")
@@ -73,6 +70,32 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             layer.lora_A[adapter_name].weight.copy_(a_new)
             layer.lora_B[adapter_name].weight.copy_(b_new)
     return model
+
+
+def _names(adapters, st) -> list[str]:
+    """``adapters`` as a list of the model's adapter names; a plain string is one name (as set_adapter takes it)."""
+    if isinstance(adapters, str):
+        adapters = [adapters]
+    elif not isinstance(adapters, Sequence) or isinstance(adapters, (bytes, bytearray)):
+        raise ConfigError(f"add_weighted_adapter: adapters={adapters!r} must be a list of adapter names (or one name); "
+                          f"the model has {sorted(st.adapters)}")
+    adapters = list(adapters)
+    unknown = [a for a in adapters if not isinstance(a, str) or a not in st.adapters]
+    if not adapters or unknown:
+        raise LorakitError(f"add_weighted_adapter: {unknown or adapters!r} are not adapters of the model; it has {sorted(st.adapters)}")
+    return adapters
+
+
+def _weights(weights, adapters: list[str]) -> list[float]:
+    """One finite real number per adapter (not a string, not a bool, not None)."""
+    listed = (list(weights) if hasattr(weights, "__iter__") and hasattr(weights, "__len__")
+              and not isinstance(weights, (str, bytes, bytearray)) else None)
+    ok = listed is not None and len(listed) == len(adapters)
+    ok = ok and all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in listed)
+    if not ok:
+        raise ConfigError(f"add_weighted_adapter: weights={weights!r} must be {len(adapters)} finite numbers, one per "
+                          f"adapter of {adapters} (e.g. {[round(1 / len(adapters), 2)] * len(adapters)})")
+    return [float(w) for w in listed]
 
 
 def _combine(layer, present: list[tuple[str, float]], combination: str, rank: int, path: str):

@@ -249,10 +249,9 @@ class LoraConfig:
                 raise ConfigError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (which layers)")
             _check_names_or_regex("layers_pattern", self.layers_pattern)
 
-    def selects_layer(self, module_name: str) -> bool:
-        """Whether ``module_name`` lies in a block of layers_to_transform (True when no layers are chosen)."""
-        if self.layers_to_transform is None:
-            return True
+    def layer_index(self, module_name: str) -> int | None:
+        """The block index of ``module_name`` as layers_to_transform counts it: the number after a segment matching
+        layers_pattern (any segment when it is None); None when the path has no such number."""
         patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else (self.layers_pattern or [])
         found = None
         if not patterns:
@@ -261,10 +260,17 @@ class LoraConfig:
             found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
             if found:
                 break
-        if found is None:
+        return None if found is None else int(found["idx"])
+
+    def selects_layer(self, module_name: str) -> bool:
+        """Whether ``module_name`` lies in a block of layers_to_transform (True when no layers are chosen)."""
+        if self.layers_to_transform is None:
+            return True
+        index = self.layer_index(module_name)
+        if index is None:
             return False
         wanted = self.layers_to_transform
-        return int(found["idx"]) in (wanted if isinstance(wanted, list) else [wanted])
+        return index in (wanted if isinstance(wanted, list) else [wanted])
 
     # ------------------------------------------------------------------ per-module values
     def rank_for(self, module_name: str) -> int:

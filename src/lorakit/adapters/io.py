@@ -262,6 +262,9 @@ def _adapter_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_file() and p.name in (CONFIG_NAME, WEIGHTS_NAME):
         p = p.parent
+    if p.exists() and not p.is_dir():
+        raise AdapterFileError(f"{p} is a file, not an adapter directory; pass the directory that holds "
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     if not p.is_dir():
         raise AdapterFileError(f"adapter directory {p} does not exist")
     return p

@@ -111,6 +111,52 @@ def _attention_leaves(model: nn.Module, which: str, notes: list[str]) -> set[str
     return found
 
 
+def numbered_blocks(names: Iterable[str]) -> dict[str, set[int]]:
+    """{block list name: its indices} of the numbered module lists of a model ("layer": {0, 1} for BERT's
+    bert.encoder.layer.N, "h" for GPT-2's transformer.h.N)."""
+    out: dict[str, set[int]] = {}
+    for name in names:
+        parts = name.split(".")
+        for before, part in zip(parts, parts[1:]):
+            if part.isdigit():
+                out.setdefault(before, set()).add(int(part))
+    return out
+
+
+def _ranges(indices: Iterable[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (as --layers takes it)."""
+    runs: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def check_layers(model: nn.Module, cfg: LoraConfig, names: list[str]) -> None:
+    """layers_to_transform (--layers) and layers_pattern (--layers-pattern) must name blocks the model has: a pattern
+    that matches no numbered block list, or layer indices beyond the model's depth, would quietly adapt fewer layers
+    than asked (or none)."""
+    if cfg.layers_to_transform is None:
+        return
+    wanted = cfg.layers_to_transform if isinstance(cfg.layers_to_transform, list) else [cfg.layers_to_transform]
+    kind = type(model).__name__
+    present = {i for i in map(cfg.layer_index, names) if i is not None}
+    if not present:
+        blocks = numbered_blocks(names)
+        listed = ", ".join(f"{b!r} ({len(i)} blocks)" for b, i in sorted(blocks.items()))
+        if cfg.layers_pattern is not None:
+            raise TargetError(f"layers_pattern={cfg.layers_pattern!r} (--layers-pattern) matches no numbered block list "
+                              f"of {kind}; its numbered block lists are named: {listed or 'none'}")
+        raise TargetError(f"layers_to_transform={wanted} (--layers): {kind} has no numbered blocks of layers; drop --layers")
+    missing = sorted(set(wanted) - present)
+    if missing:
+        raise TargetError(f"layers_to_transform (--layers) {_ranges(wanted)} goes beyond the {max(present) + 1} layers of "
+                          f"{kind} (blocks {_ranges(present)}): layer(s) {_ranges(missing)} do not exist; choose --layers "
+                          f"within {_ranges(present)}")
+
+
 def resolve(model: nn.Module, cfg: LoraConfig, *, strict_entries: bool = True) -> Resolution:
     """Resolve ``cfg.targets`` on ``model`` into module paths.
 
@@ -120,6 +166,8 @@ def resolve(model: nn.Module, cfg: LoraConfig, *, strict_entries: bool = True) -
     notes: list[str] = []
     all_names = [n for n, _ in model_modules(model) if n]
     adaptable = linear_modules(model)
+    if strict_entries:  # a PEFT file is read as PEFT reads it: layers it names that the model lacks are skipped
+        check_layers(model, cfg, all_names)
     modules_to_save = default_modules_to_save(model) if cfg.modules_to_save is None else list(cfg.modules_to_save)
     for m in modules_to_save:
         if m not in all_names and not any(n.endswith("." + m) for n in all_names):

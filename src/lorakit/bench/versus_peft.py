@@ -107,8 +107,17 @@ class BenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BenchError(f"{name}={value!r} must be a positive integer")
-        if self.warmup < 0 or self.quality_steps < 0:
-            raise BenchError(f"warmup={self.warmup} and quality_steps={self.quality_steps} must be >= 0")
+        for name in ("warmup", "quality_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BenchError(f"{name}={value!r} must be an integer >= 0")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise BenchError(f"--rank {self.r!r} must be a positive integer (e.g. 16)")
+        for flag, value in (("--alpha", self.alpha), ("--lr", self.lr)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise BenchError(f"{flag} {value!r} must be a finite number > 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise BenchError(f"--seed {self.seed!r} must be an integer from 0 to 2**63 - 1")
         if self.task not in (None, "causal-lm", "classify"):
             raise BenchError(f"task={self.task!r} is not 'causal-lm' or 'classify'")
         if self.caller not in CALLERS:

@@ -9,10 +9,11 @@ from typing import Any
 
 from lorakit.adapters import load_adapter, read_config, unload
 from lorakit.adapters.io import CONFIG_NAME, WEIGHTS_NAME, are_label_names, read_tensors
-from lorakit.errors import AdapterFileError, DataError, LorakitError
+from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
 from lorakit.files import OutputError, check_output_dir, entries, write_directory
+from lorakit.train import checkpoint as ckpt
 from lorakit.train.data import BUILTIN_DATA, load_data
-from lorakit.train.models import gguf_identity, load_model, load_tokenizer, model_dir
+from lorakit.train.models import check_model_exists, gguf_identity, load_model, load_tokenizer, max_positions, model_dir
 from lorakit.train.trainer import DEFAULT_MAX_LENGTH, evaluate
 
 _TASK_OF_PEFT = {"SEQ_CLS": "classify", "CAUSAL_LM": "causal-lm"}
@@ -45,6 +46,9 @@ def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, l
     """(LoadedModel with the adapter loaded, task, label names). ``labels``: the classifier's label names, for an
     adapter that does not record them (one saved by PEFT or by ``save_adapter`` without ``labels``)."""
     task, recorded, base = adapter_task(adapter)
+    if labels is not None and task != "classify":
+        raise ConfigError(f"--labels {','.join(map(str, labels))}: label names are a classifier's, and {adapter} is a "
+                          f"{task} adapter; drop --labels")
     spec = model or base
     if not spec:
         raise LorakitError(f"{adapter} does not name its base model; pass --model")
@@ -55,6 +59,7 @@ def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, l
         raise AdapterFileError(f"{adapter}: a classification adapter without label names (lorakit_labels metadata); "
                                "pass them in the order of the classifier's outputs: --labels neg,pos")
     if model is None:
+        check_model_exists(spec, recorded_in=str(Path(adapter) / CONFIG_NAME))
         check_base_file(adapter, spec)
     loaded = load_model(spec, task, label_names=labels, tokenizer=load_tokenizer(spec))
     load_adapter(loaded.model, adapter)
@@ -80,9 +85,9 @@ def check_base_file(adapter: str | os.PathLike, spec: str) -> None:
 def load_for_generation(adapter: str | None, model: str | None = None, *, chat_template: str | None = None):
     """A causal LM with ``adapter`` loaded (or ``model`` alone), its tokenizer set to the chat template to talk
     with (``chat_template`` FILE, else the adapter's chat_template.jinja, else the tokenizer's)."""
-    from lorakit.train.generate import adapter_chat_template
+    from lorakit.train.generate import adapter_chat_template_and_source, use_template
 
-    template = adapter_chat_template(adapter, chat_template)  # a bad file fails before the model loads
+    template, source = adapter_chat_template_and_source(adapter, chat_template)  # a bad file fails before the model loads
     if adapter is not None:
         task, _, _ = adapter_task(adapter)
         if task != "causal-lm":
@@ -94,17 +99,75 @@ def load_for_generation(adapter: str | None, model: str | None = None, *, chat_t
     else:
         loaded = load_model(model, "causal-lm")
     if template is not None:
-        loaded.tokenizer.chat_template = template
+        use_template(loaded.tokenizer, template, source)
     return loaded
 
 
-def recorded_run(adapter: str | os.PathLike) -> dict[str, Any]:
-    """The options of the `lorakit train` run that wrote ``adapter`` (its run.json), or {} when there is none."""
-    try:
-        config = json.loads((Path(adapter) / "run.json").read_text()).get("config")
-    except (OSError, ValueError, AttributeError, RecursionError):
+RUN_FILE = "run.json"
+# The run.json "config" fields lorakit eval reads, with the JSON types each may have (None: not recorded).
+_RUN_FIELDS: dict[str, tuple[type, ...]] = {"data": (str,), "eval_data": (str,), "task": (str,), "text_column": (str,),
+                                            "label_column": (str,), "max_length": (int,), "loss_on": (str,),
+                                            "skip_bad_rows": (bool,)}
+
+
+def _run_document(adapter: str | os.PathLike) -> dict[str, Any]:
+    """``adapter``'s run.json as written by `lorakit train`, {} when there is none; a file that does not parse, or
+    whose fields lorakit eval reads have the wrong type, is an AdapterFileError naming it (never skipped: without it
+    the held-out rows would silently be other ones)."""
+    path = Path(adapter) / RUN_FILE
+    if not path.exists() and not path.is_symlink():
         return {}
-    return config if isinstance(config, dict) else {}
+    fix = (f"restore it from the training run, or move it away and pass --data FILE (a file given there is evaluated "
+           "whole)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        said = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0][:120]
+        raise AdapterFileError(f"{path} could not be read ({type(exc).__name__}: {said}); it records the training "
+                               f"run's data and held-out split: {fix}") from None
+    config = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path} holds no \"config\" object (the options of the training run); the file is "
+                               f"damaged or was not written by lorakit train: {fix}")
+    for key, types in _RUN_FIELDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if ok and key == "max_length":
+            ok = value > 0
+        if not ok:
+            wanted = {"max_length": "a positive integer", "skip_bad_rows": "true/false"}.get(key, "a string")
+            raise AdapterFileError(f"{path}: config.{key}={value!r} must be {wanted}; the file is damaged: {fix}")
+    return doc
+
+
+def recorded_run(adapter: str | os.PathLike) -> dict[str, Any]:
+    """The options of the `lorakit train` run that wrote ``adapter`` (its run.json's "config"), or {} when there is no
+    run.json; a damaged one is refused (``_run_document``)."""
+    return _run_document(adapter).get("config", {})
+
+
+def recorded_data_fingerprint(adapter: str | os.PathLike, doc: dict[str, Any] | None = None) -> str | None:
+    """The SHA-256 of the training rows (``checkpoint.fingerprint_rows``) the run that wrote ``adapter`` trained on:
+    from its run.json ("fingerprint": {"data": ...}), else from the newest complete checkpoint's state; None when
+    neither records it."""
+    doc = _run_document(adapter) if doc is None else doc
+    recorded = doc.get("fingerprint")
+    if isinstance(recorded, dict) and isinstance(recorded.get("data"), str):
+        return recorded["data"]
+    try:
+        found = ckpt.latest(Path(adapter) / "checkpoints")
+        state = ckpt.load_state(found.path) if found is not None else {}
+    except LorakitError:  # only damaged checkpoints: nothing to compare with
+        return None
+    recorded = state.get("fingerprint") if isinstance(state, dict) else None
+    return recorded.get("data") if isinstance(recorded, dict) and isinstance(recorded.get("data"), str) else None
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
 def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None = None, max_length: int | None = None,
@@ -116,13 +179,31 @@ def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None
     max length, columns), else the built-in set's held-out split. With ``data``: every row of that file (or
     the built-in set's held-out split). Options not given default to what run.json recorded.
     """
-    run = recorded_run(adapter)
+    _check_positive("batch_size", batch_size)
+    if max_length is not None:
+        _check_positive("max_length", max_length)
+    doc = _run_document(adapter)
+    run = doc.get("config", {})
+    task_now, _, _ = adapter_task(adapter)
+    if task_now != "classify" and label_column is not None:
+        raise ConfigError(f"--label-column {label_column}: {adapter} is a {task_now} adapter, whose data has no labels; "
+                          "drop --label-column")
     loaded, task, labels = load_with_adapter(adapter, model, labels=labels)
-    text_column = text_column or run.get("text_column") or "text"
-    label_column = label_column or run.get("label_column") or "label"
-    max_length = max_length or run.get("max_length") or DEFAULT_MAX_LENGTH[task]
+    trained_max_length = run.get("max_length") or DEFAULT_MAX_LENGTH[task]
+    max_length = max_length or trained_max_length
+    limit = max_positions(loaded.model.config)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"--max-length {max_length} is longer than {loaded.name} can read ({limit} positions); use "
+                          f"--max-length {limit} or less")
+    options = dict(text_column=text_column or run.get("text_column") or "text",
+                   label_column=label_column or run.get("label_column") or "label", label_names=labels,
+                   skip_bad_rows=bool(run.get("skip_bad_rows")), loss_on=run.get("loss_on") or "assistant")
+    template = _adapter_template(adapter)
+    if template is not None:
+        options["chat_template"] = template
     eval_spec = None
-    if data is None and isinstance(run.get("data"), str) and run.get("task") == task:
+    from_run = data is None and isinstance(run.get("data"), str) and run.get("task") == task
+    if from_run:
         data, eval_spec = run["data"], run.get("eval_data")
         for name, spec in (("data", data), ("eval_data", eval_spec)):
             if isinstance(spec, str) and not spec.startswith("builtin:") and not Path(spec).exists():
@@ -132,10 +213,39 @@ def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None
     else:
         data = data or next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
         split = data.startswith("builtin:")
-    ds = load_data(data, task, loaded.tokenizer, max_length, text_column=text_column, label_column=label_column,
-                   label_names=labels, split=split, eval_spec=eval_spec)
+    ds = load_data(data, task, loaded.tokenizer, max_length, split=split, eval_spec=eval_spec, **options)
+    if from_run and eval_spec is None and not data.startswith("builtin:"):
+        _check_same_training_rows(adapter, doc, data, ds.train, lambda: load_data(
+            data, task, loaded.tokenizer, trained_max_length, split=True,
+            **{**options, "text_column": run.get("text_column") or "text",
+               "label_column": run.get("label_column") or "label"}).train,
+            same_options=max_length == trained_max_length and options["text_column"] == (run.get("text_column") or "text")
+            and options["label_column"] == (run.get("label_column") or "label"))
     metrics = evaluate(loaded.model, ds.eval, task, loaded.tokenizer.pad_token_id, batch_size=batch_size)
     return {"adapter": str(adapter), "model": loaded.name, "data": data, "rows": len(ds.eval), **metrics}
+
+
+def _adapter_template(adapter: str | os.PathLike) -> str | None:
+    """The chat template saved with the adapter (chat_template.jinja), which its conversations were rendered with."""
+    from lorakit.train.generate import adapter_chat_template
+
+    return adapter_chat_template(str(adapter), None)
+
+
+def _check_same_training_rows(adapter, doc: dict[str, Any], data: str, train_rows, trained_rows, *, same_options: bool
+                              ) -> None:
+    """Refuse to draw the held-out split again from a data file that has changed since training: the split would hold
+    other rows, some of them trained on. The training rows' fingerprint recorded by the run (run.json, else the newest
+    checkpoint) is compared with that of the rows drawn now (with the training's --max-length and columns)."""
+    recorded = recorded_data_fingerprint(adapter, doc)
+    if recorded is None:
+        return
+    now = ckpt.fingerprint_rows(train_rows if same_options else trained_rows())
+    if now != recorded:
+        raise DataError(f"{data} has changed since {adapter} was trained on it (its training rows' fingerprint is "
+                        f"{now[:12]} now, {recorded[:12]} then): its held-out split would be drawn again and hold other "
+                        f"rows, some of them trained on. Restore {data} as it was, or pass --data FILE to evaluate a "
+                        "file whole (one of held-out rows only)")
 
 
 def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite: bool = False) -> Path:
@@ -146,6 +256,8 @@ def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite
     """
     check_output_dir(out)  # a path that cannot be a directory is refused before anything else is read
     spec = model or _recorded_base(adapter)
+    if spec and not model:
+        check_model_exists(spec, recorded_in=str(Path(adapter) / CONFIG_NAME))
     inputs: dict[str, Any] = {"--adapter": adapter}
     if spec:
         given = Path(spec).expanduser()
@@ -230,7 +342,8 @@ def model_norms(model: str | None = None, adapter: str | None = None, data: str 
                 text_column: str = "text", label_column: str = "label"):
     """``lorakit.limits.measure_norms`` on ``rows`` rows of data for a model (with an adapter, optionally).
 
-    model defaults to the adapter's base model; data to the built-in set of the task.
+    model defaults to the adapter's base model; data to the training run's (its run.json), else the built-in set
+    of the task.
     """
     from lorakit.limits import measure_norms, use_attention
     from lorakit.train.data import collate, infer_task
@@ -247,6 +360,11 @@ def model_norms(model: str | None = None, adapter: str | None = None, data: str 
         loaded, labels = None, None
         task = infer_task(data) if data else (builtin_default_task(model) or "causal-lm")
         tokenizer = load_tokenizer(model)
+    run = recorded_run(adapter) if adapter is not None and data is None else {}
+    if isinstance(run.get("data"), str):  # the rows the adapter was trained on, read as the run read them
+        data = run["data"]
+        text_column = run.get("text_column") if isinstance(run.get("text_column"), str) else text_column
+        label_column = run.get("label_column") if isinstance(run.get("label_column"), str) else label_column
     if data is None:
         data = next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
     ds = load_data(data, task, tokenizer, max_length or DEFAULT_MAX_LENGTH[task], text_column=text_column,

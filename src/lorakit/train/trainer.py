@@ -749,7 +749,8 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
         result["stopped_by"] = stop.signal_name or "a signal to another process"
     report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result, "precision": precision,
               "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
-              "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps, "processes": d.world,
+              "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps, "fingerprint": fingerprint,
+              "processes": d.world,
               "sharded": d.shard, "is_main": d.is_main, "memory_per_process": distributed.gather(d, memory.usage(trainer.device))}
     with distributed.whole_trainable(model):
         if d.is_main:
