@@ -81,7 +81,7 @@ def test_bad_layer_options(kw, needle):
 
 
 def test_layers_beyond_the_model_select_nothing(make_model):
-    with pytest.raises(TargetError, match=r"layers_to_transform=\[7\] selects no linear layer"):
+    with pytest.raises(TargetError, match=r"layers_to_transform \(--layers\) 7 goes beyond the 2 layers"):
         lorakit.attach(make_model("llama"), lorakit.LoraConfig(targets=["q_proj"], layers_to_transform=[7]))
 
 

@@ -109,11 +109,11 @@ def check_ranks(model: nn.Module, cfg: LoraConfig, targets: list[str]) -> None:
 def check_adapter_name(name: object) -> None:
     """An adapter name is a plain identifier (letters, digits, '_' and '-'): it becomes a folder name in saved files
     (PEFT's layout), so a path ("/abs/dir", "sub/dir", "..") would write outside the save directory."""
-    if isinstance(name, str) and re.fullmatch(r"\w[\w-]*", name) and hasattr(nn.Module, name):
-        raise ConfigError(f"adapter name {name!r} is the name of a torch.nn.Module attribute; choose another name")
     if not isinstance(name, str) or not re.fullmatch(r"\w[\w-]*", name) or name == BASE:
         raise ConfigError(f"adapter name {name!r} must be a plain name of letters, digits, '_' and '-' (e.g. "
                           f"'my_task'), not a path and not {BASE!r}")
+    if hasattr(nn.Module, name):
+        raise ConfigError(f"adapter name {name!r} is the name of a torch.nn.Module attribute; choose another name")
 
 
 def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DEFAULT, fast: bool = True,
