@@ -223,6 +223,29 @@ def tiny_chat_llama_dir(tmp_path_factory, smollm2_tokenizer):
     return _save(tf.LlamaForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-chat-llama"))
 
 
+
+# ---------------------------------------------------------------------- the command line, as a user meets it
+def cli(capsys, *args):
+    """(exit status, stdout, stderr) of ``lorakit ARGS`` run in this process (argparse's exits included)."""
+    from lorakit.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, *args, needle: str):
+    """``lorakit ARGS`` ends in one `lorakit: error:` line (status 2, no traceback) containing ``needle``."""
+    capsys.readouterr()  # what the test's own set-up printed
+    code, _, err = cli(capsys, *args)
+    assert code == 2, err
+    assert err.startswith("lorakit: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert needle in err, err
+    return err
+
 REPO = Path(__file__).resolve().parents[1]
 CHAT_DATA = REPO / "tests" / "data" / "chat.jsonl"
 GEMMA3_TEMPLATE = REPO / "examples" / "chat_templates" / "gemma3.jinja"

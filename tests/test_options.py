@@ -80,7 +80,7 @@ def test_rank_pattern_from_an_advice_file(tmp_path):
 
 
 @pytest.mark.parametrize("parse,text,value", [
-    (opt.positive_int, "3", 3), (opt.positive_int, " 12 ", 12), (opt.non_negative_int, "0", 0),
+    (opt.positive_int, "3", 3), (opt.positive_int, " 12 ", 12),
     (opt.seed_int, "0", 0), (opt.seed_int, str(2**63 - 1), 2**63 - 1), (opt.positive_float, "1e-3", 1e-3),
     (opt.finite_float(0), "0", 0.0), (opt.finite_float(0, 1, lo_open=True), "1", 1.0),
     (opt.finite_float(0, 1, hi_open=True), "0", 0.0),
@@ -94,7 +94,6 @@ def test_number_parsers_accept(parse, text, value):
     (opt.positive_int, "-1", "-1 is not a positive integer; give 1 or more"),
     (opt.positive_int, "1.5", "'1.5' is not a positive integer; give 1 or more"),
     (opt.positive_int, "x", "'x' is not a positive integer"),
-    (opt.non_negative_int, "-1", "-1 is not an integer >= 0; give 0 or more"),
     (opt.seed_int, "-1", "-1 is not a seed; give an integer from 0 to 2**63 - 1"),
     (opt.seed_int, str(2**63), "is not a seed"),
     (opt.positive_float, "0", "0 is not a finite number > 0"),

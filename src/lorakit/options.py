@@ -12,7 +12,7 @@ user gave, so every default lives in the dataclass alone. A new option is one fi
 The parsers below turn a command-line string into a field's value ("a,b" -> a list, "0-3" ->
 layer indices, a rank-advice JSON file -> a rank pattern); they raise ``ArgumentTypeError``,
 which argparse reports as one ``lorakit: error:`` line naming the flag. The number parsers
-(``positive_int``, ``non_negative_int``, ``seed_int``, ``finite_float(lo, hi)``) are the one check of
+(``positive_int``, ``seed_int``, ``finite_float(lo, hi)``, ``positive_float``) are the one check of
 every numeric option of the hand-written commands (eval, generate, norms, rank-advice, reproduce):
 
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -301,7 +301,24 @@ def parse_alpha_pattern(value: str) -> dict[str, float]:
     return _pattern(value, "alpha_pattern", float)
 
 
-# ---------------------------------------------------------------------- numbers of the command line
+# ---------------------------------------------------------------------- numbers
+SEED_LIMIT = 2**63  # torch.manual_seed takes 0 to 2**63 - 1
+
+
+def is_int(value: Any, at_least: int | None = None) -> bool:
+    """An int (not a bool, not a float or string from a hand-edited file), at least ``at_least`` when given."""
+    return isinstance(value, int) and not isinstance(value, bool) and (at_least is None or value >= at_least)
+
+
+def is_finite(value: Any) -> bool:
+    """A finite int or float (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_seed(value: Any) -> bool:
+    return is_int(value, 0) and value < SEED_LIMIT
+
+
 def _int(value: str, what: str, fix: str) -> int:
     try:
         return int(value.strip())
@@ -312,26 +329,15 @@ def _int(value: str, what: str, fix: str) -> int:
 def positive_int(value: str) -> int:
     """"3" -> 3; "0", "-1", "x", "1.5" are refused."""
     n = _int(value, "a positive integer", "give 1 or more")
-    if n < 1:
+    if not is_int(n, 1):
         raise argparse.ArgumentTypeError(f"{n} is not a positive integer; give 1 or more")
     return n
-
-
-def non_negative_int(value: str) -> int:
-    """"0" -> 0; "-1", "x" are refused."""
-    n = _int(value, "an integer >= 0", "give 0 or more")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n} is not an integer >= 0; give 0 or more")
-    return n
-
-
-SEED_LIMIT = 2**63  # torch.manual_seed and TrainConfig.seed take 0 to 2**63 - 1
 
 
 def seed_int(value: str) -> int:
     """A random seed: an integer from 0 to 2**63 - 1 (as lorakit train's --seed)."""
     n = _int(value, "an integer seed", "give an integer from 0 to 2**63 - 1")
-    if not 0 <= n < SEED_LIMIT:
+    if not is_seed(n):
         raise argparse.ArgumentTypeError(f"{n} is not a seed; give an integer from 0 to 2**63 - 1")
     return n
 
@@ -356,7 +362,7 @@ def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: b
             x = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{value!r} is not {wanted}") from None
-        ok = math.isfinite(x)
+        ok = is_finite(x)
         if ok and lo is not None:
             ok = x > lo if lo_open else x >= lo
         if ok and hi is not None:
@@ -369,6 +375,5 @@ def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: b
     return parse
 
 
-def positive_float(value: str) -> float:
-    """A finite number > 0 (a learning rate, a tolerance)."""
-    return finite_float(0, lo_open=True)(value)
+positive_float = finite_float(0, lo_open=True)  # a finite number > 0 (a learning rate, a tolerance)
+positive_float.__name__ = "positive_float"

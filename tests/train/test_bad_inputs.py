@@ -16,24 +16,7 @@ import lorakit
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.train.data import infer_task, load_data
-
-
-def cli(capsys, *args):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse's errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def refused(capsys, *args, needle: str):
-    capsys.readouterr()  # what the test's own set-up printed
-    code, _, err = cli(capsys, *args)
-    assert code == 2, err
-    assert err.startswith("lorakit: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert needle in err, err
-    return err
+from conftest import cli, refused
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import CHAT_DATA, GEMMA3_TEMPLATE
+from conftest import CHAT_DATA, GEMMA3_TEMPLATE, refused
 from lorakit.errors import DataError
 from lorakit.train import chat as C
 from lorakit.train import data as D
@@ -196,26 +196,6 @@ def test_a_chat_template_for_text_data_is_reported_unused(tiny_llama_dir, corpus
 
 
 # ---------------------------------------------------------------------- issue 33: nothing lost, nothing silently wrong
-def cli(capsys, *args):
-    from lorakit.cli import main
-
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse's errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def refused(capsys, *args, needle: str):
-    capsys.readouterr()
-    code, _, err = cli(capsys, *args)
-    assert code == 2, err
-    assert err.startswith("lorakit: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert needle in err, err
-    return err
-
-
 def write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

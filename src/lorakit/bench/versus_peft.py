@@ -44,7 +44,7 @@ from lorakit.adapters.targets import compact_target_list, resolve
 from lorakit.bench.harness import Contender, alternate
 from lorakit.bench.workloads import fixed_batches, labelled_batches, machine
 from lorakit.errors import LorakitError
-from lorakit.options import option, parse_names
+from lorakit.options import is_finite, is_int, is_seed, option, parse_names
 from lorakit.train.memory import reset_peak, rss_kib
 
 MODES = ("exact", "bf16", "celora", "poly", "dora")
@@ -105,18 +105,18 @@ class BenchConfig:
                              "(or lorakit[bench]; make test installs it)")
         for name in ("batch_size", "max_length", "steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, 1):
                 raise BenchError(f"{name}={value!r} must be a positive integer")
         for name in ("warmup", "quality_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value, 0):
                 raise BenchError(f"{name}={value!r} must be an integer >= 0")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not is_int(self.r, 1):
             raise BenchError(f"--rank {self.r!r} must be a positive integer (e.g. 16)")
         for flag, value in (("--alpha", self.alpha), ("--lr", self.lr)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not (is_finite(value) and value > 0):
                 raise BenchError(f"{flag} {value!r} must be a finite number > 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        if not is_seed(self.seed):
             raise BenchError(f"--seed {self.seed!r} must be an integer from 0 to 2**63 - 1")
         if self.task not in (None, "causal-lm", "classify"):
             raise BenchError(f"task={self.task!r} is not 'causal-lm' or 'classify'")

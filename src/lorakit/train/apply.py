@@ -11,8 +11,10 @@ from lorakit.adapters import load_adapter, read_config, unload
 from lorakit.adapters.io import CONFIG_NAME, WEIGHTS_NAME, are_label_names, read_tensors
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
 from lorakit.files import OutputError, check_output_dir, entries, write_directory
+from lorakit.options import is_int
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.data import BUILTIN_DATA, load_data
+from lorakit.train.generate import adapter_chat_template, use_template
 from lorakit.train.models import check_model_exists, gguf_identity, load_model, load_tokenizer, max_positions, model_dir
 from lorakit.train.trainer import DEFAULT_MAX_LENGTH, evaluate
 
@@ -85,9 +87,7 @@ def check_base_file(adapter: str | os.PathLike, spec: str) -> None:
 def load_for_generation(adapter: str | None, model: str | None = None, *, chat_template: str | None = None):
     """A causal LM with ``adapter`` loaded (or ``model`` alone), its tokenizer set to the chat template to talk
     with (``chat_template`` FILE, else the adapter's chat_template.jinja, else the tokenizer's)."""
-    from lorakit.train.generate import adapter_chat_template_and_source, use_template
-
-    template, source = adapter_chat_template_and_source(adapter, chat_template)  # a bad file fails before the model loads
+    template, source = adapter_chat_template(adapter, chat_template)  # a bad file fails before the model loads
     if adapter is not None:
         task, _, _ = adapter_task(adapter)
         if task != "causal-lm":
@@ -117,7 +117,7 @@ def _run_document(adapter: str | os.PathLike) -> dict[str, Any]:
     path = Path(adapter) / RUN_FILE
     if not path.exists() and not path.is_symlink():
         return {}
-    fix = (f"restore it from the training run, or move it away and pass --data FILE (a file given there is evaluated "
+    fix = ("restore it from the training run, or move it away and pass --data FILE (a file given there is evaluated "
            "whole)")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -166,7 +166,7 @@ def recorded_data_fingerprint(adapter: str | os.PathLike, doc: dict[str, Any] | 
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value, 1):
         raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
@@ -189,16 +189,17 @@ def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None
         raise ConfigError(f"--label-column {label_column}: {adapter} is a {task_now} adapter, whose data has no labels; "
                           "drop --label-column")
     loaded, task, labels = load_with_adapter(adapter, model, labels=labels)
-    trained_max_length = run.get("max_length") or DEFAULT_MAX_LENGTH[task]
-    max_length = max_length or trained_max_length
+    trained = dict(max_length=run.get("max_length") or DEFAULT_MAX_LENGTH[task], text_column=run.get("text_column")
+                   or "text", label_column=run.get("label_column") or "label")  # how the run read its rows
+    given = dict(max_length=max_length, text_column=text_column, label_column=label_column)
+    now = {k: given[k] or trained[k] for k in trained}
     limit = max_positions(loaded.model.config)
-    if limit is not None and max_length > limit:
-        raise ConfigError(f"--max-length {max_length} is longer than {loaded.name} can read ({limit} positions); use "
-                          f"--max-length {limit} or less")
-    options = dict(text_column=text_column or run.get("text_column") or "text",
-                   label_column=label_column or run.get("label_column") or "label", label_names=labels,
-                   skip_bad_rows=bool(run.get("skip_bad_rows")), loss_on=run.get("loss_on") or "assistant")
-    template = _adapter_template(adapter)
+    if limit is not None and now["max_length"] > limit:
+        raise ConfigError(f"--max-length {now['max_length']} is longer than {loaded.name} can read ({limit} positions); "
+                          f"use --max-length {limit} or less")
+    options = dict(label_names=labels, skip_bad_rows=bool(run.get("skip_bad_rows")),
+                   loss_on=run.get("loss_on") or "assistant")
+    template, _ = adapter_chat_template(str(adapter), None)
     if template is not None:
         options["chat_template"] = template
     eval_spec = None
@@ -213,34 +214,23 @@ def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None
     else:
         data = data or next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
         split = data.startswith("builtin:")
-    ds = load_data(data, task, loaded.tokenizer, max_length, split=split, eval_spec=eval_spec, **options)
+    ds = load_data(data, task, loaded.tokenizer, split=split, eval_spec=eval_spec, **now, **options)
     if from_run and eval_spec is None and not data.startswith("builtin:"):
-        _check_same_training_rows(adapter, doc, data, ds.train, lambda: load_data(
-            data, task, loaded.tokenizer, trained_max_length, split=True,
-            **{**options, "text_column": run.get("text_column") or "text",
-               "label_column": run.get("label_column") or "label"}).train,
-            same_options=max_length == trained_max_length and options["text_column"] == (run.get("text_column") or "text")
-            and options["label_column"] == (run.get("label_column") or "label"))
+        rows = ds.train if now == trained else load_data(data, task, loaded.tokenizer, split=True, **trained,
+                                                         **options).train
+        _check_same_training_rows(adapter, doc, data, rows)
     metrics = evaluate(loaded.model, ds.eval, task, loaded.tokenizer.pad_token_id, batch_size=batch_size)
     return {"adapter": str(adapter), "model": loaded.name, "data": data, "rows": len(ds.eval), **metrics}
 
 
-def _adapter_template(adapter: str | os.PathLike) -> str | None:
-    """The chat template saved with the adapter (chat_template.jinja), which its conversations were rendered with."""
-    from lorakit.train.generate import adapter_chat_template
-
-    return adapter_chat_template(str(adapter), None)
-
-
-def _check_same_training_rows(adapter, doc: dict[str, Any], data: str, train_rows, trained_rows, *, same_options: bool
-                              ) -> None:
+def _check_same_training_rows(adapter, doc: dict[str, Any], data: str, train_rows: list[dict[str, Any]]) -> None:
     """Refuse to draw the held-out split again from a data file that has changed since training: the split would hold
     other rows, some of them trained on. The training rows' fingerprint recorded by the run (run.json, else the newest
-    checkpoint) is compared with that of the rows drawn now (with the training's --max-length and columns)."""
+    checkpoint) is compared with that of ``train_rows``, drawn now with the training's --max-length and columns."""
     recorded = recorded_data_fingerprint(adapter, doc)
     if recorded is None:
         return
-    now = ckpt.fingerprint_rows(train_rows if same_options else trained_rows())
+    now = ckpt.fingerprint_rows(train_rows)
     if now != recorded:
         raise DataError(f"{data} has changed since {adapter} was trained on it (its training rows' fingerprint is "
                         f"{now[:12]} now, {recorded[:12]} then): its held-out split would be drawn again and hold other "
@@ -363,8 +353,8 @@ def model_norms(model: str | None = None, adapter: str | None = None, data: str 
     run = recorded_run(adapter) if adapter is not None and data is None else {}
     if isinstance(run.get("data"), str):  # the rows the adapter was trained on, read as the run read them
         data = run["data"]
-        text_column = run.get("text_column") if isinstance(run.get("text_column"), str) else text_column
-        label_column = run.get("label_column") if isinstance(run.get("label_column"), str) else label_column
+        text_column = run.get("text_column") or text_column  # (types checked by _run_document)
+        label_column = run.get("label_column") or label_column
     if data is None:
         data = next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
     ds = load_data(data, task, tokenizer, max_length or DEFAULT_MAX_LENGTH[task], text_column=text_column,

@@ -49,16 +49,15 @@ ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": 
               "model": "assistant", "tool": "tool"}  # a turn's role (or ShareGPT "from") -> the role the template gets
 TURN_LISTS = ("messages", "conversations")  # the row fields holding a conversation
 # Turn fields the template would never see (lorakit passes role and content only): refused, not dropped.
+_TOOL_CALLS = "tool-call turns are not supported (lorakit trains text turns); drop such rows"
+_REASONING = "reasoning fields are not passed to the chat template; write the reasoning into the content or drop the field"
 UNSUPPORTED_FIELDS = {
-    "tool_calls": "tool-call turns are not supported (lorakit trains text turns); drop such rows",
-    "function_call": "tool-call turns are not supported (lorakit trains text turns); drop such rows",
+    "tool_calls": _TOOL_CALLS,
+    "function_call": _TOOL_CALLS,
     "name": "a turn's \"name\" is not passed to the chat template; drop the field or write the name into the content",
-    "reasoning_content": "reasoning fields are not passed to the chat template; write the reasoning into the content "
-                         "or drop the field",
-    "thinking": "reasoning fields are not passed to the chat template; write the reasoning into the content or drop "
-                "the field",
-    "reasoning": "reasoning fields are not passed to the chat template; write the reasoning into the content or drop "
-                 "the field",
+    "reasoning_content": _REASONING,
+    "thinking": _REASONING,
+    "reasoning": _REASONING,
     "weight": "per-turn \"weight\" is not supported (every assistant turn is trained); drop the field, and the turns "
               "it weights 0",
 }
@@ -168,13 +167,13 @@ def conversation(row: dict[str, Any], where: str) -> tuple[list[dict[str, str]],
         raw = row[key]
         if not isinstance(raw, list) or not raw:
             raise DataError(f"{where}: \"{key}\" must be a non-empty list of turns ({{\"role\", \"content\"}} objects, or "
-                            f"ShareGPT's {{\"from\", \"value\"}}), got {_preview(raw)}")
+                            f"ShareGPT's {{\"from\", \"value\"}}), got {preview(raw)}")
         names = [f"turn {i}" for i in range(1, len(raw) + 1)]
         messages = [_turn(m, where, name) for m, name in zip(raw, names)]
         system = row.get("system")
         if system not in (None, ""):
             if not isinstance(system, str):
-                raise DataError(f"{where}: \"system\" is {_preview(system)}; it must be a string")
+                raise DataError(f"{where}: \"system\" is {preview(system)}; it must be a string")
             if messages[0]["role"] == "system":
                 raise DataError(f"{where}: a \"system\" field and a system turn in \"{key}\"; keep one of them")
             messages.insert(0, {"role": "system", "content": system})
@@ -183,7 +182,7 @@ def conversation(row: dict[str, Any], where: str) -> tuple[list[dict[str, str]],
     else:
         prompt, completion = row.get("prompt"), row.get("completion")
         if not (isinstance(prompt, list) and isinstance(completion, list)):
-            raise DataError(f"{where}: \"prompt\" is {_preview(prompt)} and \"completion\" {_preview(completion)}; "
+            raise DataError(f"{where}: \"prompt\" is {preview(prompt)} and \"completion\" {preview(completion)}; "
                             "prompt/completion rows hold two strings, or two lists of {\"role\", \"content\"} turns")
         if not completion:
             raise DataError(f"{where}: \"completion\" is an empty list; it must hold the turn(s) to train on")
@@ -205,7 +204,7 @@ def _turn(message: Any, where: str, name: str) -> dict[str, str]:
     """One turn as {"role", "content"}: a {"role", "content"} or ShareGPT {"from", "value"} object of text."""
     shape = "{\"role\": ..., \"content\": \"...\"} (or ShareGPT's {\"from\": ..., \"value\": \"...\"})"
     if not isinstance(message, dict):
-        raise DataError(f"{where}: {name} is {_preview(message)}; each turn must be an object {shape}")
+        raise DataError(f"{where}: {name} is {preview(message)}; each turn must be an object {shape}")
     if message.get("role") is not None and message.get("from") is not None:
         raise DataError(f"{where}: {name} has both \"role\" and \"from\"; give one of them")
     role_key, text_key = ("role", "content") if message.get("role") is not None else ("from", "value")
@@ -225,7 +224,7 @@ def _turn(message: Any, where: str, name: str) -> dict[str, str]:
     content = message[text_key]
     if not isinstance(content, str):
         kind = "null" if content is None else type(content).__name__
-        raise DataError(f"{where}: {name} has {text_key} {kind} ({_preview(content)}); a turn's {text_key} must be a "
+        raise DataError(f"{where}: {name} has {text_key} {kind} ({preview(content)}); a turn's {text_key} must be a "
                         "string (lorakit trains text turns)")
     if role == "assistant" and not content.strip():
         raise DataError(f"{where}: {name} is an assistant turn with empty {text_key}; give it the reply to train on, "
@@ -233,7 +232,8 @@ def _turn(message: Any, where: str, name: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def _preview(value: Any) -> str:
+def preview(value: Any) -> str:
+    """A value as JSON for an error message, cut at 60 characters."""
     import json
 
     try:
@@ -258,6 +258,11 @@ def _render(tokenizer, messages: list[dict[str, str]], where: str, *, generation
                         "row, or pass --skip-bad-rows to skip such rows") from None
 
 
+def _content_not_rendered(where: str, template: str, name: str, content: str, place: str) -> DataError:
+    return DataError(f"{where}: {template} does not write {name}'s content ({preview(content)}) {place}; a chat template "
+                     "must render each message's \"content\": fix it, or pass --chat-template FILE")
+
+
 def check_rendered(text: str, messages: list[dict[str, str]], names: list[str], where: str,
                    template: str = "the chat template") -> None:
     """Refuse a rendering ``text`` that lacks a turn's content (a template that never writes ``content``)."""
@@ -270,9 +275,7 @@ def check_rendered(text: str, messages: list[dict[str, str]], names: list[str], 
         if found >= 0:
             at = found + len(content)
         elif content not in text:  # (in the text, out of order: a template that moves the system prompt)
-            raise DataError(f"{where}: {template} does not write {name}'s content ({_preview(content)}) into the "
-                            "conversation; a chat template must render each message's \"content\": fix it, or pass "
-                            "--chat-template FILE")
+            raise _content_not_rendered(where, template, name, content, "into the conversation")
 
 
 def turn_spans(tokenizer, messages: list[dict[str, str]], trained: set[int], text: str, names: list[str], where: str,
@@ -294,9 +297,7 @@ def turn_spans(tokenizer, messages: list[dict[str, str]], trained: set[int], tex
                             "or a --chat-template FILE that renders each turn the same way")
         end = len(through.rstrip())
         if messages[i]["content"].strip() not in through[start:end]:
-            raise DataError(f"{where}: {template} does not write {names[i]}'s content "
-                            f"({_preview(messages[i]['content'])}) where it renders the turn; a chat template must render "
-                            "each message's \"content\": fix it, or pass --chat-template FILE")
+            raise _content_not_rendered(where, template, names[i], messages[i]["content"], "where it renders the turn")
         yield start, end
 
 

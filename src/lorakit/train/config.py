@@ -9,7 +9,6 @@ checkpoint record, ``from_dict`` reads it back.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from lorakit.adapters import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.limits.attention import MODES as ATTENTION_MODES
-from lorakit.options import build, flatten, group, option, spelling
+from lorakit.options import build, flatten, group, is_finite, is_seed, option, spelling
 from lorakit.train.chat import LOSS_ON, read_chat_template
 from lorakit.train.models import TASKS, builtin_default_task
 
@@ -121,22 +120,22 @@ class TrainConfig:
             raise ConfigError(f"task={self.task!r} must be one of {', '.join(TASKS)} (or None: inferred from the data)")
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("give either --epochs or --steps, not both")
-        if self.lr is not None and not (_real(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (is_finite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr={self.lr!r} must be a positive number")
-        if not (_real(self.warmup) and self.warmup >= 0 and math.isfinite(self.warmup)):
+        if not (is_finite(self.warmup) and self.warmup >= 0):
             raise ConfigError(f"warmup={self.warmup!r} must be a finite number >= 0 (a fraction below 1, or a step count)")
         if self.warmup >= 1 and self.warmup != int(self.warmup):
             raise ConfigError(f"warmup={self.warmup!r} is a step count (>= 1) that is not whole; give a fraction of the "
                               f"steps below 1 (e.g. 0.06) or a whole number of steps (e.g. {int(self.warmup)})")
-        if not (_real(self.max_grad_norm) and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+        if not (is_finite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be a finite number > 0 (e.g. 1.0)")
         tol = self.attention_tolerance
-        if not (_real(tol) and math.isfinite(tol) and tol > 0):
+        if not (is_finite(tol) and tol > 0):
             raise ConfigError(f"attention_tolerance={tol!r} must be a positive number (e.g. 1e-3): the attention-output "
                               "error allowed relative to max|v|")
-        if not (_real(self.weight_decay) and self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+        if not (is_finite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0 (e.g. 0.01)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        if not is_seed(self.seed):
             raise ConfigError(f"seed={self.seed!r} must be an integer from 0 to 2**63 - 1")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one of them")
@@ -184,11 +183,6 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown TrainConfig fields {unknown}; this configuration was written by another lorakit")
         return build(cls, doc)
-
-
-def _real(value: Any) -> bool:
-    """An int or float (not a bool, not a string from a hand-edited file)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_device(device: str | None) -> None:

@@ -38,7 +38,7 @@ import torch
 
 from lorakit.errors import DataError
 from lorakit.kernels.linear_cross_entropy import IGNORE_INDEX
-from lorakit.train.chat import ChatRows, chat_rows, is_chat_row, use_chat_template
+from lorakit.train.chat import ChatRows, chat_rows, is_chat_row, preview, use_chat_template
 
 BUILTIN_DATA = {
     "rotten-tomatoes": "classify",
@@ -248,26 +248,19 @@ def text_blocks(tokenizer, text: str, max_length: int) -> list[dict[str, Any]]:
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
+PROMPT_RESPONSE_SHAPE = ("prompt/response rows hold two strings (conversational ones: \"prompt\" and \"completion\" as "
+                         "lists of {\"role\", \"content\"} turns)")
+
+
 def prompt_response_rows(tokenizer, rows: list[dict[str, Any]], max_length: int, *, response: str = "response",
-                         loss_on: str = "assistant", source: str = "", numbers: list[int] | None = None,
-                         skip_bad_rows: bool = False) -> ChatRows:
+                         loss_on: str = "assistant") -> ChatRows:
     """Prompt then response (then EOS); the loss on the response tokens only (``loss_on="all"``: on every token).
-    ``response`` names the column: "response", or "completion" as TRL's prompt-completion rows call it. Both must be
-    non-empty strings (else an error naming the row, or with ``skip_bad_rows`` the row is skipped and counted); a row
-    whose prompt fills ``max_length`` is dropped and counted, with the ``max_length`` that would keep it."""
+    ``response`` names the column: "response", or "completion" as TRL's prompt-completion rows call it (both strings:
+    ``_text_rows`` checks them). A row whose prompt fills ``max_length`` is dropped and counted, with the
+    ``max_length`` that would keep it."""
     out = ChatRows([])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    shape = ("prompt/response rows hold two strings (conversational ones: \"prompt\" and \"completion\" as lists of "
-             "{\"role\", \"content\"} turns)")
-    for k, row in enumerate(rows):
-        where = f"{source}, row {numbers[k] if numbers is not None else k + 1}"
-        problem = _not_text(row, "prompt", where, shape) or _not_text(row, response, where, shape)
-        if problem:
-            if not skip_bad_rows:
-                raise DataError(problem + "; fix the row or pass --skip-bad-rows")
-            out.bad += 1
-            out.first_bad = out.first_bad or problem
-            continue
+    for row in rows:
         p = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
         r = tokenizer(row[response], add_special_tokens=False)["input_ids"] + eos
         ids = (p + r)[:max_length]
@@ -289,19 +282,18 @@ def _not_text(row: dict[str, Any], column: str, where: str, shape: str = "") -> 
     if value is None or value == "":
         return f"{where} has an empty {column!r}"
     if not isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False, default=str)
-        text = text[:57] + "..." if len(text) > 60 else text
-        return (f"{where}: {column!r} is a {type(value).__name__} ({text}); it must be a string"
+        return (f"{where}: {column!r} is a {type(value).__name__} ({preview(value)}); it must be a string"
                 + (f": {shape}" if shape else ""))
     return ""
 
 
 def _keep_good_rows(rows: list[dict[str, Any]], problem_of: Callable[[int, dict[str, Any]], str], skip_bad_rows: bool,
-                    fix: str) -> tuple[list[dict[str, Any]], list[int], int, str]:
+                    fix: str, numbers: list[int] | None = None) -> tuple[list[dict[str, Any]], list[int], int, str]:
     """(the rows for which ``problem_of(n, row)`` is "", their row numbers, how many were skipped, the first skipped
-    one's problem); a bad row is an error (its problem + ``fix``) unless ``skip_bad_rows``."""
-    kept, numbers, skipped, first = [], [], 0, ""
-    for n, row in enumerate(rows, 1):
+    one's problem); a bad row is an error (its problem + ``fix``) unless ``skip_bad_rows``. ``numbers``: the rows'
+    numbers in the file (default 1, 2, ...)."""
+    kept, kept_numbers, skipped, first = [], [], 0, ""
+    for n, row in zip(numbers or range(1, len(rows) + 1), rows):
         problem = problem_of(n, row)
         if problem:
             if not skip_bad_rows:
@@ -310,19 +302,19 @@ def _keep_good_rows(rows: list[dict[str, Any]], problem_of: Callable[[int, dict[
             first = first or problem
             continue
         kept.append(row)
-        numbers.append(n)
-    return kept, numbers, skipped, first
+        kept_numbers.append(n)
+    return kept, kept_numbers, skipped, first
 
 
 def _text_rows(rows: list[dict[str, Any]], path: Path, texts: list[str], present: list[str], skip_bad_rows: bool,
-               shape: str = "") -> tuple[list[dict[str, Any]], list[int], int, str]:
+               shape: str = "", numbers: list[int] | None = None) -> tuple[list[dict[str, Any]], list[int], int, str]:
     """_keep_good_rows for rows whose ``texts`` columns hold non-empty strings and ``present`` columns a value."""
     def problem_of(n: int, row: dict[str, Any]) -> str:
         where = f"{path}, row {n}"
         problem = next((p for p in (_not_text(row, c, where, shape) for c in texts) if p), "")
         return problem or next((f"{where} has an empty {c!r}" for c in present if row.get(c) in (None, "")), "")
 
-    return _keep_good_rows(rows, problem_of, skip_bad_rows, "; fix the row or pass --skip-bad-rows")
+    return _keep_good_rows(rows, problem_of, skip_bad_rows, "; fix the row or pass --skip-bad-rows", numbers)
 
 
 def label_name(value: Any, where: str) -> str:
@@ -516,7 +508,7 @@ def load_data(
         conversations = kind == "conversation"
         if kind == "text":
             _require_columns(rows, path, text_column)
-            rows, numbers, skipped, first = _text_rows(rows, path, [text_column], [], skip_bad_rows)
+            rows, numbers, skipped, first = _text_rows(rows, path, [text_column], [], skip_bad_rows, numbers=numbers)
             bad, first_bad = bad + skipped, first_bad or first
             _all_skipped(rows, path, bad, first_bad)
             all_rows = []
@@ -532,8 +524,10 @@ def load_data(
                 what, why = "conversation(s)", "no assistant token"
             else:
                 response = "response" if "response" in rows[0] else "completion"
-                made = prompt_response_rows(tokenizer, rows, max_length, response=response, loss_on=loss_on,
-                                            source=str(path), numbers=numbers, skip_bad_rows=skip_bad_rows)
+                rows, numbers, skipped, first = _text_rows(rows, path, ["prompt", response], [], skip_bad_rows,
+                                                           PROMPT_RESPONSE_SHAPE, numbers)
+                bad, first_bad = bad + skipped, first_bad or first
+                made = prompt_response_rows(tokenizer, rows, max_length, response=response, loss_on=loss_on)
                 what, why = "prompt/response row(s)", "no response token"
             bad, first_bad = bad + made.bad, first_bad or made.first_bad
             _all_skipped(made.rows or made.dropped, path, bad, first_bad)

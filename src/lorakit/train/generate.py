@@ -15,7 +15,6 @@ return_dict=True, return_tensors="pt"))``): greedy at temperature 0, else sampli
 
 from __future__ import annotations
 
-import math
 import sys
 import weakref
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
+from lorakit.options import is_finite, is_int, is_seed
 from lorakit.train.chat import CHAT_TEMPLATE_FILE, end_of_turn_ids, read_chat_template
 
 # Where the chat template a tokenizer talks with came from (a --chat-template FILE, the adapter's file), for errors.
@@ -121,7 +121,7 @@ def generate(model: nn.Module, tokenizer, prompt: str | None = None, *, messages
 
     ``stream``: a file (sys.stdout) or a function that receives the text piece by piece as it is generated.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+    if not is_int(max_new_tokens, 1):
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
     check_sampling(temperature, top_p, seed)
     ids = prompt_ids(tokenizer, prompt, messages=messages, system=system, raw=raw)
@@ -147,19 +147,15 @@ def generate(model: nn.Module, tokenizer, prompt: str | None = None, *, messages
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_sampling(temperature: float, top_p: float = 1.0, seed: int | None = None, *, given_top_p: bool | None = None) -> None:
     """temperature: a finite number >= 0; top_p in (0, 1]; seed an integer from 0 to 2**63 - 1. top_p and seed act
     only when sampling (temperature > 0): given with greedy decoding they would do nothing, and are refused.
     ``given_top_p``: whether top_p was given (the command line's default is unset), else top_p != 1."""
-    if not (_number(temperature) and temperature >= 0):
+    if not (is_finite(temperature) and temperature >= 0):
         raise ConfigError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
-    if not (_number(top_p) and 0 < top_p <= 1):
+    if not (is_finite(top_p) and 0 < top_p <= 1):
         raise ConfigError(f"top_p={top_p!r} must be in (0, 1]")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+    if seed is not None and not is_seed(seed):
         raise ConfigError(f"seed={seed!r} must be an integer from 0 to 2**63 - 1")
     if temperature == 0:
         idle = [name for name, on in (("--top-p", top_p != 1 if given_top_p is None else given_top_p),
@@ -203,15 +199,10 @@ def _file_writer(fh: TextIO) -> Callable[[str], None]:
     return write
 
 
-def adapter_chat_template(adapter: str | None, template_file: str | None) -> str | None:
-    """The chat template to talk with: --chat-template FILE, else the one saved with the adapter, else None (the
-    tokenizer's own)."""
-    return adapter_chat_template_and_source(adapter, template_file)[0]
-
-
-def adapter_chat_template_and_source(adapter: str | None, template_file: str | None) -> tuple[str | None, str]:
-    """(the template text or None, where it came from, for errors). A damaged chat_template.jinja in the adapter (not
-    UTF-8, a Jinja syntax error, a directory) is an AdapterFileError naming it, not skipped."""
+def adapter_chat_template(adapter: str | None, template_file: str | None) -> tuple[str | None, str]:
+    """(the chat template to talk with, where it came from, for errors): --chat-template FILE, else the one saved with
+    the adapter, else None (the tokenizer's own). A damaged chat_template.jinja in the adapter (not UTF-8, a Jinja
+    syntax error, a directory) is an AdapterFileError naming it, not skipped."""
     if template_file:
         return read_chat_template(template_file), f"--chat-template {template_file}"
     if not adapter:
