@@ -406,3 +406,29 @@ def test_the_readme_lists_the_files_overwrite_replaces():
     paragraph = readme[readme.index("`--overwrite` replaces it"):][:600]
     listed = re.findall(r"`([\w.-]+\.\w+)`", paragraph.split("any other file")[0])
     assert sorted(listed) == sorted(RUN_FILES), listed
+
+
+def test_overwrite_that_cannot_move_the_previous_run_aside_leaves_it_whole(capsys, finished_run, tiny_bert_dir,
+                                                                         sentiment_csv, tmp_path, monkeypatch):
+    from lorakit.train import run_dir
+
+    out = finished_copy(finished_run, tmp_path)
+    (out / run_dir.REPLACED).write_text("a file where the folder would go")  # mkdir fails
+    before = snapshot(out)
+    code, _, err = cli(capsys, *train_args(tiny_bert_dir, sentiment_csv, out, "--overwrite"))
+    assert code == 2 and "cannot move the previous run's files aside" in err and len(err.splitlines()) == 1, err
+    assert snapshot(out) == before
+    (out / run_dir.REPLACED).unlink()
+    moved, real_move = [], run_dir._move
+
+    def move_then_fail(src, dst):  # the third rename fails (a full or read-only disk): the first two come back
+        if len(moved) == 2 and dst.parent.name == run_dir.REPLACED:
+            raise OSError(28, "No space left on device")
+        moved.append(src)
+        real_move(src, dst)
+
+    monkeypatch.setattr(run_dir, "_move", move_then_fail)
+    code, _, err = cli(capsys, *train_args(tiny_bert_dir, sentiment_csv, out, "--overwrite"))
+    assert code == 2 and "No space left on device" in err and "they are where they were" in err, err
+    del before[run_dir.REPLACED]
+    assert snapshot(out) == before and not (out / run_dir.REPLACED).exists()

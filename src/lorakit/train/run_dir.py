@@ -100,7 +100,8 @@ def move_aside(out: Path, keep: set[Path]) -> Path | None:
             _move(out / name, aside / name)
         fsync_dir(out)
     except OSError as exc:
-        restore(out, aside)
+        if aside.is_dir():  # (mkdir itself may be what failed)
+            restore(out, aside)
         raise OutputError(f"--overwrite: cannot move the previous run's files aside in {out}: {exc.strerror or exc}; "
                           "they are where they were") from None
     return aside
