@@ -117,3 +117,24 @@ def test_under_cpu_bf16_autocast_it_computes_as_the_unfused_head(hidden_dtype, b
         torch.testing.assert_close(db, db_ref, rtol=2e-2, atol=2e-4)
     without = linear_cross_entropy(h0, w0, y, b0, chunk=32, scale=scale, softcap=softcap)  # fp32 outside autocast
     assert not torch.equal(fused, without)  # the autocast call did take the bf16 products
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_bf16_head_under_fp32_states_is_widened_a_block_at_a_time(monkeypatch, bias):
+    """speed.widen: a frozen bf16 head with fp32 hidden states computes in fp32, widened a few rows at a time, equal
+    to the head widened whole."""
+    import lorakit.kernels.linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "WIDEN_ELEMENTS", 7 * 16)  # blocks of 256 rows (the least) of a 1000-row head
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 16, generator=g).to(torch.bfloat16)
+    b = torch.randn(1000, generator=g).to(torch.bfloat16) if bias else None
+    labels = torch.randint(0, 1000, (2, 5), generator=g)
+    results = []
+    for weight, b_ in ((w, b), (w.float(), None if b is None else b.float())):
+        h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        loss = lce.linear_cross_entropy(h, weight, labels, b_, chunk=3)
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)

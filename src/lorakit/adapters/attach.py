@@ -30,6 +30,7 @@ from lorakit.module_kinds import linear_shape
 from lorakit.adapters.targets import Resolution, _under, resolve
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.speed.forward import make_fast, remove_fast
+from lorakit.speed.widen import widen_where_bf16_is_slow
 
 _STATE_ATTR = "_lorakit_state"
 DEFAULT = "default"
@@ -183,6 +184,7 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
         celora.install(model, {n: model.get_submodule(n) for n in celora_specs}, celora_specs, cfg.celora.refresh_every)
     if first and fast:
         make_fast(model)
+        widen_where_bf16_is_slow(model)  # a base loaded in bf16 on a CPU whose bf16 products are slow: fp32 products
     return model
 
 

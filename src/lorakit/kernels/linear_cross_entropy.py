@@ -57,6 +57,41 @@ def release_workspace() -> None:
     _workspace.__dict__.pop("buffers", None)
 
 
+WIDEN_ELEMENTS = 2**24  # a 16-bit head computing in fp32 is widened this many weights at a time (64 MB)
+
+
+def _vocab_blocks(weight: Tensor, dtype: torch.dtype):
+    """(first row, rows of ``weight`` in ``dtype``): the whole weight when it is stored in ``dtype``; else blocks of
+    ~WIDEN_ELEMENTS weights widened one at a time, so a bf16 head computing in fp32 never exists whole in fp32 (a
+    Llama-3 head: 2.1 GB)."""
+    if weight.dtype == dtype:
+        yield 0, weight
+        return
+    step = max(256, WIDEN_ELEMENTS // max(1, weight.shape[1]))
+    for v0 in range(0, weight.shape[0], step):
+        yield v0, weight[v0 : v0 + step].to(dtype)
+
+
+def _logits(weight: Tensor, bias: Tensor | None, x: Tensor, out: Tensor) -> None:
+    """out [V, rows] = W x^T + b, in the dtype of x."""
+    for v0, w in _vocab_blocks(weight, x.dtype):
+        o = out[v0 : v0 + w.shape[0]]
+        if bias is not None:
+            torch.addmm(bias[v0 : v0 + w.shape[0]].to(x.dtype).unsqueeze(1), w, x.t(), out=o)
+        else:
+            torch.mm(w, x.t(), out=o)
+
+
+def _input_grad(g: Tensor, weight: Tensor, out: Tensor) -> None:
+    """out [rows, H] = g^T W for g [V, rows], in the dtype of g."""
+    if weight.dtype == g.dtype:
+        torch.mm(g.t(), weight, out=out)
+        return
+    out.zero_()
+    for v0, w in _vocab_blocks(weight, g.dtype):
+        out.addmm_(g[v0 : v0 + w.shape[0]].t(), w)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, divisor, chunk, scale, softcap):
@@ -77,10 +112,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             stop = min(start + rows, n_rows)
             x, y, ok = hidden[start:stop], labels[start:stop], valid[start:stop]
             z_in = buffer[: vocab * (stop - start)].view(vocab, stop - start)  # logits in the input dtype
-            if bias is not None:
-                torch.addmm(bias.unsqueeze(1), weight, x.t(), out=z_in)
-            else:
-                torch.mm(weight, x.t(), out=z_in)
+            _logits(weight, bias, x, z_in)
             zt = z_in if wide is None else wide[: z_in.numel()].view_as(z_in).copy_(z_in)
             if scale != 1.0:
                 zt.mul_(scale)
@@ -106,7 +138,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 zt.mul_(scale)
             g = zt if wide is None else z_in.copy_(zt)
             if dx is not None:
-                torch.mm(g.t(), weight, out=dx[start:stop])
+                _input_grad(g, weight, dx[start:stop])
             if dw is not None:
                 dw.addmm_(zt, x.float() if x.dtype != torch.float32 else x)
             if db is not None:
@@ -144,8 +176,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
     device = h.device.type
     if torch.is_autocast_enabled(device):  # the products in the autocast dtype, as the unfused head's F.linear
         h = h.to(torch.get_autocast_dtype(device))
-    w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
-    b = bias if bias is None or bias.dtype == h.dtype else bias.to(h.dtype)
+    # a frozen 16-bit head under fp32 activations (speed.widen) is widened a block at a time inside the function
+    widen_inside = (not weight.requires_grad and h.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
+                    and (bias is None or not bias.requires_grad))
+    w = weight if weight.dtype == h.dtype or widen_inside else weight.to(h.dtype)
+    b = bias if bias is None or bias.dtype == h.dtype or widen_inside else bias.to(h.dtype)
     labels = labels.reshape(-1)
     valid = labels != ignore_index
     count = int(valid.sum())

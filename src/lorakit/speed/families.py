@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lorakit.speed.widen import WidenedLinear
+
 from lorakit.architectures import FirstToken, family, model_type_of
 
 CAUSAL_LM_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -45,7 +47,7 @@ def causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if type(head) is not nn.Linear or not isinstance(body, nn.Module) or body is model:
+    if type(head) not in (nn.Linear, WidenedLinear) or not isinstance(body, nn.Module) or body is model:
         return None
     value = getattr(model.config, change.attr, None) if change.attr else None
     if change.kind == "softcap":
