@@ -139,10 +139,16 @@ def first_token_only(found: FirstTokenLayer | None) -> Iterator[None]:
         return
     layer = found.layer
     own = layer.__dict__.get("forward")  # a forward set on the instance (by a hook library) is put back
+    checkpointed = layer.__dict__.get("gradient_checkpointing")
     layer.forward = functools.partial(_first_token_forward, layer, found.layout)
+    layer.gradient_checkpointing = False  # one row's activations: nothing to recompute after the block has ended
     try:
         yield
     finally:
+        if checkpointed is None:
+            layer.__dict__.pop("gradient_checkpointing", None)
+        else:
+            layer.gradient_checkpointing = checkpointed
         if own is None:
             del layer.forward
         else:
