@@ -249,3 +249,32 @@ def refused(capsys, *args, needle: str):
 REPO = Path(__file__).resolve().parents[1]
 CHAT_DATA = REPO / "tests" / "data" / "chat.jsonl"
 GEMMA3_TEMPLATE = REPO / "examples" / "chat_templates" / "gemma3.jinja"
+
+
+# ---------------------------------------------------------------------- GGUF files written in tests
+def add_gguf_tokenizer(writer, tokens: list[str]) -> None:
+    """A byte-level BPE tokenizer (``tokens``, the first one BOS/EOS) in a GGUFWriter's metadata, as transformers reads
+    it from a GGUF file."""
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["Ġ t", "Ġ a", "h e", "Ġt he"])
+    writer.add_token_types([3] + [1] * (len(tokens) - 1))
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+
+
+def close_gguf(writer) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, and close the file."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """lorakit's cache (converted GGUF files) in this test's own folder."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("LORAKIT_CACHE", str(path))
+    return path

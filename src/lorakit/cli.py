@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.options import (add_flags, finite_float, from_flags, parse_names, positive_float, positive_int,
                              seed_int)
 
@@ -43,7 +43,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         status = launch_processes(cfg, a.nproc, a.argv)
         if status is not None:
             return status
-    line = held_out_change(run(cfg))
+    report = run(cfg)
+    if report.get("dry_run"):
+        return 0 if report["plan"]["refusal"] is None else 1
+    line = held_out_change(report)
     if line:
         print(line)
     return 0
@@ -62,6 +65,7 @@ def _add_eval(sub) -> None:
                    help="label names in the order of the classifier's outputs, for an adapter that does not record "
                         "them (PEFT's, or save_adapter without labels): neg,pos")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    add_base_dtype(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
@@ -69,7 +73,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from lorakit.train.apply import evaluate_adapter
 
     res = evaluate_adapter(a.adapter, a.data, model=a.model, max_length=a.max_length, batch_size=a.batch_size,
-                           text_column=a.text_column, label_column=a.label_column, labels=a.labels)
+                           text_column=a.text_column, label_column=a.label_column, labels=a.labels,
+                           base_dtype=a.base_dtype)
     if a.json:
         print(json.dumps(res, indent=2))
     else:
@@ -116,6 +121,7 @@ def _add_generate(sub) -> None:
                    "adapter's chat_template.jinja, else the tokenizer's)")
     p.add_argument("--raw", action="store_true", help="feed --prompt as it is, without the chat template (not with "
                    "--chat, --system or --chat-template)")
+    add_base_dtype(p)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -131,7 +137,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                               f"would do nothing; drop --raw or {' and '.join(ignored)}")
     top_p = 1.0 if a.top_p is None else a.top_p
     check_sampling(a.temperature, top_p, a.seed, given_top_p=a.top_p is not None)
-    loaded = load_for_generation(a.adapter, a.model, chat_template=a.chat_template)
+    loaded = load_for_generation(a.adapter, a.model, chat_template=a.chat_template, base_dtype=a.base_dtype)
     options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=top_p, seed=a.seed)
     if a.chat:
         chat_loop(loaded.model, loaded.tokenizer, system=a.system, **options)
@@ -169,6 +175,7 @@ def _add_norms(sub) -> None:
     hidden_alias(p, "--tolerance", "attention_tolerance", positive_float)
     p.add_argument("--per-head", action="store_true", help="one row per head (default: per layer, worst head)")
     p.add_argument("--out", default="norms", help="directory for norms.json and norms.png")
+    add_base_dtype(p)
 
 
 def cmd_norms(a: argparse.Namespace) -> int:
@@ -178,7 +185,7 @@ def cmd_norms(a: argparse.Namespace) -> int:
     out = check_output_dir(a.out)  # before the model loads
 
     report = model_norms(a.model, a.adapter, a.data, rows=a.rows, max_length=a.max_length, attention=a.attention,
-                         tolerance=a.attention_tolerance)
+                         tolerance=a.attention_tolerance, base_dtype=a.base_dtype)
     print(report.table(by="head" if a.per_head else "layer"))
     report.to_json(out / "norms.json")
     report.plot(out / "norms.png")
@@ -203,6 +210,7 @@ def _add_rank_advice(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=100, help="full fine-tuning steps with --data")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="full fine-tuning learning rate with --data")
     p.add_argument("--out", default="rank-advice", help="directory for advice.json")
+    add_base_dtype(p)
 
 
 def cmd_rank_advice(a: argparse.Namespace) -> int:
@@ -213,7 +221,10 @@ def cmd_rank_advice(a: argparse.Namespace) -> int:
 
     check_output_dir(a.out)  # before the model loads and the fine-tuning runs
     if a.tuned:
-        base, deltas = ad.tuned_deltas(a.model, a.tuned, a.targets)
+        base, deltas = ad.tuned_deltas(a.model, a.tuned, a.targets, base_dtype=a.base_dtype)
+    elif a.base_dtype not in ("auto", "fp32"):
+        raise ConfigError(f"--base-dtype {a.base_dtype} with --data: the short full fine-tuning trains the target "
+                          "weights themselves, in fp32; drop --base-dtype (or give --tuned)")
     else:
         base, deltas, after = ad.full_finetune_deltas(a.model, a.data, a.targets, steps=a.steps, lr=a.lr,
                                                       out=Path(a.out) / "full-finetune", budget=a.budget)
@@ -237,6 +248,7 @@ def _add_reproduce(sub) -> None:
     c.add_argument("--smollm2-steps", type=positive_int, default=None)
     c.add_argument("--eval-limit", type=positive_int, default=None)
     c.add_argument("--rank", type=positive_int, default=8)
+    add_base_dtype(c)
 
 
     pt = exp.add_parser("phase-transition", help="poly attention's gradient error against G / sqrt(log L), and its "
@@ -293,7 +305,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         unknown = set(parts) - {"minilm", "smollm2", "errors"}
         if unknown:
             raise LorakitError(f"--parts {sorted(unknown)} unknown; choose from minilm, smollm2, errors")
-        rc.run(a.out, budget=budget, parts=parts, rank=a.rank)
+        rc.run(a.out, budget=budget, parts=parts, rank=a.rank, base_dtype=a.base_dtype)
     return 0
 
 
@@ -305,6 +317,16 @@ def _add_bench(sub) -> None:
                        "batch, alternating steps so machine drift cancels. Writes bench.json, bench.md and bench.png.")
     add_flags(p, BenchConfig)
     p.add_argument("--out", default="bench", help="directory for bench.json, bench.md and bench.png")
+
+
+def add_base_dtype(p: argparse.ArgumentParser) -> None:
+    """--base-dtype, as ``lorakit train`` declares it (TrainConfig.base_dtype): the frozen base's storage."""
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.precision import BASE_DTYPE_CHOICES
+
+    p.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES, default="auto",
+                   help=TrainConfig.__dataclass_fields__["base_dtype"].metadata["help"] + " (default: auto, fp32 when "
+                   "the model fits in the memory available in fp32, else bf16)")
 
 
 def hidden_alias(p: argparse.ArgumentParser, spelling: str, dest: str, kind: type) -> None:

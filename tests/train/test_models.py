@@ -10,9 +10,9 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 import lorakit
+from conftest import add_gguf_tokenizer, close_gguf
 from lorakit.errors import AdapterFileError, ModelError
 from lorakit.train import models as M
 from lorakit.train.apply import load_with_adapter
@@ -90,13 +90,7 @@ def write_tiny_gguf(path, seed=0, *, hidden=16, ff=24):
     w.add_head_count_kv(2)
     w.add_rope_dimension_count(hidden // 2)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_merges(["Ġ t", "Ġ a", "h e", "Ġt he"])
-    w.add_token_types([3] + [1] * (len(tokens) - 1))
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
+    add_gguf_tokenizer(w, tokens)
 
     def rand(*shape):
         return (rng.standard_normal(shape) * 0.1).astype(np.float32)
@@ -112,18 +106,8 @@ def write_tiny_gguf(path, seed=0, *, hidden=16, ff=24):
     w.add_tensor("blk.0.ffn_down.weight", rand(hidden, ff))
     w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
     w.add_tensor("output.weight", rand(len(tokens), hidden))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    close_gguf(w)
     return embed
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv("LORAKIT_CACHE", str(path))
-    return path
 
 
 def embedding(spec):
@@ -227,10 +211,7 @@ def _bad_files(folder):
 
     w = gguf.GGUFWriter(str(folder / "arch.gguf"), "nonesuch")  # a whole GGUF that transformers cannot read
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    close_gguf(w)
     cases["arch.gguf"] = (None, "could not convert .*architecture nonesuch is not supported yet; the file is damaged, "
                                 "or holds a model architecture that transformers cannot read from GGUF")
     return {folder / name: message for name, (_, message) in cases.items()}

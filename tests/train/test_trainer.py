@@ -51,6 +51,8 @@ class CrashAt:
 @pytest.mark.parametrize("task_dir,data_fixture,extra", [
     ("tiny_bert_dir", "sentiment_csv", dict(dropout=0.1)),
     ("tiny_llama_dir", "corpus_txt", dict(grad_accum=2, max_length=32)),
+    ("tiny_bert_dir", "sentiment_csv", dict(dropout=0.1, gradient_checkpointing=True)),
+    ("tiny_llama_dir", "corpus_txt", dict(max_length=32, gradient_checkpointing=True, base_dtype="bf16")),
 ])
 def test_resume_matches_uninterrupted_run(request, tmp_path, task_dir, data_fixture, extra):
     """Acceptance 5: interrupted after a checkpoint, resumed: the same adapter weights."""

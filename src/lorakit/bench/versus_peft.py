@@ -40,6 +40,7 @@ from torch import nn
 from lorakit.adapters import LoraConfig, attach
 from lorakit.speed.gemm import peak_gemm
 from lorakit.adapters.precision import use_bf16
+from lorakit.train.precision import BASE_DTYPE_CHOICES
 from lorakit.adapters.targets import compact_target_list, resolve
 from lorakit.bench.harness import Contender, alternate
 from lorakit.bench.workloads import fixed_batches, labelled_batches, machine
@@ -92,6 +93,8 @@ class BenchConfig:
                          "engine), hf-trainer (HF Trainer's training_step)", choices=CALLERS)
     model_dropout: float | None = option(None, "set every dropout of the base model to this p",
                                          default_text="the model's own")
+    base_dtype: str = option("fp32", "the frozen base's storage, for both contenders (as in lorakit train)",
+                             choices=BASE_DTYPE_CHOICES)
 
     def validate(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -386,7 +389,8 @@ def _load(cfg: BenchConfig, task: str, count: int | None = None):
     """(base model, tokenizer, the training batches): ``count`` batches, default warm-up + measured steps."""
     from lorakit.train.models import load_model
 
-    loaded = load_model(cfg.model, task, label_names=["negative", "positive"] if task == "classify" else None)
+    loaded = load_model(cfg.model, task, label_names=["negative", "positive"] if task == "classify" else None,
+                        dtype=cfg.base_dtype)
     if cfg.model_dropout is not None:
         for module in loaded.model.modules():
             if isinstance(module, nn.Dropout):

@@ -165,9 +165,11 @@ def advise(modules: list[ModuleSpectrum], *, tol: float | None = None, budget: i
     return RankAdvice(modules, ranks, "budget", float(budget))
 
 
-def tuned_deltas(model_spec: str, tuned_spec: str, targets: str | list[str]) -> tuple[nn.Module, dict[str, Tensor]]:
+def tuned_deltas(model_spec: str, tuned_spec: str, targets: str | list[str], *, base_dtype: str | torch.dtype = "auto",
+                 ) -> tuple[nn.Module, dict[str, Tensor]]:
     """(base model, dW per target module) from a fully fine-tuned checkpoint of ``model_spec``'s architecture.
-    The task is the base's built-in one, else classification if the checkpoint is a sequence classifier."""
+    The task is the base's built-in one, else classification if the checkpoint is a sequence classifier. Both
+    models are stored in ``base_dtype`` (``train.models.load_model``; a 16-bit storage rounds small weight changes)."""
     from lorakit.adapters.targets import resolve
     from lorakit.train.models import builtin_default_task, load_model, load_tokenizer, model_config
 
@@ -178,8 +180,8 @@ def tuned_deltas(model_spec: str, tuned_spec: str, targets: str | list[str]) -> 
     # the head is not a target: its labels only have to exist (the checkpoint's own, when it has them)
     labels = [str(config.id2label[i]) for i in sorted(config.id2label)] if task == "classify" else None
     tokenizer = load_tokenizer(model_spec)
-    base = load_model(model_spec, task, tokenizer=tokenizer, label_names=labels).model
-    tuned = load_model(tuned_spec, task, tokenizer=tokenizer, label_names=labels).model
+    base = load_model(model_spec, task, tokenizer=tokenizer, label_names=labels, dtype=base_dtype).model
+    tuned = load_model(tuned_spec, task, tokenizer=tokenizer, label_names=labels, dtype=base_dtype).model
     return base, weight_deltas(base, tuned, resolve(base, LoraConfig(targets=targets)).targets)
 
 
@@ -198,7 +200,7 @@ def full_finetune_deltas(model_spec: str, data_spec: str, targets: str | list[st
 
     torch.manual_seed(seed)
     cfg = TrainConfig(model=model_spec, data=data_spec, steps=steps, lr=lr, batch_size=batch_size, seed=seed, out=str(out),
-                      quiet=quiet, save_every=None, eval_every=steps)
+                      quiet=quiet, save_every=None, eval_every=steps, base_dtype="fp32")  # the weights train: fp32
     loaded, data = prepare(cfg)
     model = loaded.model
     res = resolve(model, LoraConfig(targets=targets, task_type="SEQ_CLS" if data.task == "classify" else "CAUSAL_LM"))

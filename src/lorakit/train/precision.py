@@ -1,0 +1,124 @@
+"""One decision for every command: the frozen base's storage dtype and the dtype its products run in.
+
+``--base-dtype`` (TrainConfig.base_dtype; ``--base-dtype`` of eval, merge, generate, norms, rank-advice,
+reproduce and bench) is the STORAGE of the frozen base: the weights are read straight into it (shard by
+shard, ``models.load_model``), never through an fp32 copy.
+
+    fp32 | bf16 | fp16   as given
+    auto                 fp32 when the run fits in memory with an fp32 base, else bf16; with --bf16, bf16
+                         wherever this machine's bf16 products are at least as fast as its fp32 ones
+
+The COMPUTE dtype follows from the storage and the device (``plan_precision``):
+
+    CPU, bf16 storage, bf16 GEMM at least as fast as fp32 (AMX, AVX512-BF16)  ->  bf16 products (use_bf16)
+    CPU, any other 16-bit storage                                           ->  fp32 products, each weight
+                                                                                widened for its product only
+                                                                                (speed.widen.compute_in_fp32)
+    CUDA/MPS, bf16 storage (or --bf16)                                      ->  bf16 products
+    fp32 storage                                                            ->  fp32 (bf16 autocast on a GPU
+                                                                                with --bf16)
+
+Adapters, fully trained heads and AdamW's state are float32 in every case. fp16 products on a GPU
+would need loss scaling, which lorakit does not do: training with an fp16 base on a GPU is refused
+(its storage on CPU is fine: the products are fp32); bf16 on a GPU without bf16 support is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError
+
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BASE_DTYPE_CHOICES = ("auto", *BASE_DTYPES)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in BASE_DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def base_dtype(value: str | torch.dtype) -> torch.dtype | None:
+    """The torch dtype of a --base-dtype value (None for "auto"); anything else is refused in one line."""
+    if isinstance(value, torch.dtype):
+        if value in BASE_DTYPES.values():
+            return value
+        raise ConfigError(f"base dtype {value} is not one of {', '.join(map(str, BASE_DTYPES.values()))}")
+    if value == "auto":
+        return None
+    if value not in BASE_DTYPES:
+        raise ConfigError(f"--base-dtype {value!r} is not one of {', '.join(BASE_DTYPE_CHOICES)}")
+    return BASE_DTYPES[value]
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    storage: torch.dtype  # the frozen base as loaded
+    compute: torch.dtype  # its products
+    autocast: torch.dtype | None  # a GPU's autocast dtype (None: none)
+    why: str
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"base_dtype": dtype_name(self.storage), "compute_dtype": dtype_name(self.compute),
+                "autocast": None if self.autocast is None else dtype_name(self.autocast), "why": self.why}
+
+
+def plan_precision(requested: str | torch.dtype, device: torch.device | str, *, bf16: bool = False,
+                   fits: Callable[[torch.dtype], bool] = lambda dtype: True, training: bool = True) -> PrecisionPlan:
+    """Storage and compute dtypes for ``requested`` (--base-dtype) on ``device`` (see the module docstring).
+    ``fits(dtype)``: whether the run fits in memory with the base stored in ``dtype`` (the memory plan)."""
+    from lorakit.speed.gemm import bf16_decision
+
+    device = torch.device(device)
+    storage = base_dtype(requested)
+    on_cpu = device.type == "cpu"
+    bf16_pays, measured = bf16_decision(device) if (bf16 or storage == torch.bfloat16 or storage is None) else (False, "")
+    if storage is None:
+        if bf16 and bf16_pays:
+            storage, why = torch.bfloat16, f"--base-dtype auto with --bf16: {measured}"
+        elif fits(torch.float32):
+            storage, why = torch.float32, "--base-dtype auto: an fp32 base fits in memory"
+        else:
+            storage, why = torch.bfloat16, "--base-dtype auto: an fp32 base does not fit in memory, a bf16 one is stored"
+    else:
+        why = f"--base-dtype {dtype_name(storage)}"
+    if not on_cpu and training:
+        _check_gpu_dtype(storage, device)
+    if storage == torch.float32:
+        autocast = torch.bfloat16 if (bf16 and not on_cpu) else None
+        if bf16 and on_cpu and not bf16_pays:
+            why += f"; --bf16: {measured}"
+        return PrecisionPlan(storage, torch.float32, autocast, why + (", bf16 autocast" if autocast else ""))
+    if not on_cpu:
+        return PrecisionPlan(storage, storage, None, why + f"; {dtype_name(storage)} products on {device.type}")
+    if storage == torch.bfloat16 and bf16_pays:
+        return PrecisionPlan(storage, torch.bfloat16, None, why + f"; bf16 products ({measured})")
+    reason = measured if storage == torch.bfloat16 else "fp16 products are slow on CPUs"
+    return PrecisionPlan(storage, torch.float32, None,
+                         why + f"; fp32 products, each weight widened for its product only ({reason})")
+
+
+def _check_gpu_dtype(storage: torch.dtype, device: torch.device) -> None:
+    if storage == torch.float16:
+        raise ConfigError(f"--base-dtype fp16 on {device.type} computes in fp16, which needs loss scaling that lorakit "
+                          "does not do; use --base-dtype bf16 (or fp32)")
+    if storage == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--base-dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use "
+                          "--base-dtype fp32")
+
+
+def apply_precision(model: nn.Module, plan: PrecisionPlan) -> str | None:
+    """After attach: make an adapted model compute as ``plan`` says; what was done, as a note (None: nothing)."""
+    from lorakit.adapters.precision import use_bf16
+    from lorakit.speed.widen import compute_in_fp32, train_in_fp32
+
+    train_in_fp32(model)  # a head trained whole (modules_to_save) of a base loaded in 16 bits
+    if plan.storage == torch.float32:
+        return None
+    if plan.compute == torch.float32:
+        return compute_in_fp32(model).describe()
+    use_bf16(model, plan.compute, when="always")
+    return f"frozen weights stored and computed in {dtype_name(plan.compute)}; adapters and AdamW state in float32"
