@@ -116,3 +116,15 @@ def test_deepcopy_and_state_dict_of_a_widened_model_are_the_stored_ones(slow_bf1
     clone = copy.deepcopy(low)
     assert isinstance(clone.lm_head, WidenedLinear)
     assert {k: v.dtype for k, v in clone.state_dict().items()} == {k: v.dtype for k, v in low.state_dict().items()}
+
+
+def test_a_large_weight_is_widened_a_block_of_rows_at_a_time(monkeypatch):
+    """An LM head in eval or generation: never widened whole (2.1 GB for Llama-3's), same products."""
+    monkeypatch.setattr(widen, "BLOCK_ELEMENTS", 64)
+    w = torch.randn(50, 16).to(torch.bfloat16)
+    b = torch.randn(50).to(torch.bfloat16)
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    y = widened_linear(x, w, b)
+    torch.testing.assert_close(y, x @ w.float().t() + b.float(), rtol=1e-6, atol=1e-6)
+    y.square().sum().backward()
+    torch.testing.assert_close(x.grad, (2 * (x @ w.float().t() + b.float())) @ w.float(), rtol=1e-5, atol=1e-5)

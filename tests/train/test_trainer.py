@@ -188,3 +188,24 @@ def test_causal_lm_options_on_a_classifier_are_refused_not_ignored(tiny_bert_dir
         run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path / "out", **given))
     assert not (tmp_path / "out").exists()
     run(cfg_for(tiny_bert_dir, sentiment_csv, tmp_path / "ok", steps=1, packing=False))  # --no-packing says no more
+
+
+def test_causal_lm_evaluation_takes_the_fused_head_and_equals_the_models_own_loss(monkeypatch):
+    """Held-out loss through the fused head (no N x V logits) equals transformers' own loss."""
+    from conftest import tiny_model
+    from lorakit.speed.forward import own_forward
+    from lorakit.train import trainer as T
+
+    model = tiny_model("llama")
+    lorakit.attach(model, lorakit.LoraConfig(r=4, targets="all-linear"))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 97, (n,), generator=g).tolist()} for n in (5, 9, 7)]
+    for r in rows:
+        r["labels"] = list(r["input_ids"])
+    fused = T.evaluate(model, rows, "causal-lm", pad_id=0, batch_size=2)
+    calls = []
+    monkeypatch.setattr(T, "fused_loss_forward", lambda *a: calls.append(a))  # None: the model's own forward
+    with own_forward(model):
+        own = T.evaluate(model, rows, "causal-lm", pad_id=0, batch_size=2)
+    assert calls  # the fused path was asked first
+    assert fused["eval_loss"] == pytest.approx(own["eval_loss"], rel=1e-6)

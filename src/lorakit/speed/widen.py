@@ -39,19 +39,40 @@ WIDENED_FLAG = "_lorakit_widened"
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+BLOCK_ELEMENTS = 2**24  # a weight larger than this (64 MB in fp32) is widened a block of output rows at a time
+
+
+def _row_blocks(weight: Tensor, dtype: torch.dtype):
+    """(first row, rows of ``weight`` widened to ``dtype``): the whole weight, or for a large one (an LM head:
+    128256 x 4096 is 2.1 GB in fp32) blocks of ~BLOCK_ELEMENTS weights, one widened at a time."""
+    step = weight.shape[0] if weight.numel() <= BLOCK_ELEMENTS else max(1, BLOCK_ELEMENTS // weight.shape[1])
+    for o0 in range(0, weight.shape[0], step):
+        yield o0, weight[o0 : o0 + step].to(dtype)
+
+
 class WidenedLinearFunction(torch.autograd.Function):
     """y = x float(W)ᵀ + float(b) for a frozen W stored in a low precision; saves W as stored."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(weight)
-        wide = weight.to(x.dtype)
-        return F.linear(x, wide, None if bias is None else bias.to(x.dtype))
+        b = None if bias is None else bias.to(x.dtype)
+        if weight.numel() <= BLOCK_ELEMENTS:
+            return F.linear(x, weight.to(x.dtype), b)
+        y = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for o0, w in _row_blocks(weight, x.dtype):
+            y[..., o0 : o0 + w.shape[0]] = F.linear(x, w, None if b is None else b[o0 : o0 + w.shape[0]])
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (weight,) = ctx.saved_tensors
-        dx = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        dx = None
+        for o0, w in _row_blocks(weight, grad.dtype):
+            part = grad[..., o0 : o0 + w.shape[0]] @ w
+            dx = part if dx is None else dx.add_(part)
         return dx, None, None
 
 
