@@ -140,26 +140,30 @@ def test_hf_trainer_trains_an_attached_model(make_model, tmp_path):
 
 def test_bf16_training_tracks_float32(tiny_llama_dir, corpus_txt, tmp_path, monkeypatch):
     """--bf16 where bf16 pays: frozen weights in bf16 on CPU; the held-out loss ends within 2% of float32 training."""
-    from lorakit.train import trainer as trainer_module
+    import lorakit.speed.gemm as gemm
 
-    monkeypatch.setattr(trainer_module, "bf16_decision", lambda device: (True, "bf16 measured faster (test)"))
+    monkeypatch.setattr(gemm, "bf16_decision", lambda device="cpu": (True, "bf16 measured faster (test)"))
     a = run(cfg_for(tiny_llama_dir, corpus_txt, tmp_path / "fp32", max_length=32))
     b = run(cfg_for(tiny_llama_dir, corpus_txt, tmp_path / "bf16", max_length=32, bf16=True))
     fp32, bf16 = a["result"]["after"]["eval_loss"], b["result"]["after"]["eval_loss"]
     assert bf16 < b["result"]["before"]["eval_loss"]
     assert abs(bf16 - fp32) / fp32 < 0.02
     assert all(v.dtype == torch.float32 for v in adapter_weights(tmp_path / "bf16").values())
-    assert b["precision"] == {"bf16_used": True, "why": "bf16 measured faster (test)"} and a["precision"] is None
+    assert (b["precision"]["base_dtype"], b["precision"]["compute_dtype"]) == ("bf16", "bf16")
+    assert "bf16 measured faster (test)" in b["precision"]["why"]
+    assert (a["precision"]["base_dtype"], a["precision"]["compute_dtype"]) == ("fp32", "fp32")
 
 
 def test_bf16_where_it_would_be_slower_keeps_fp32_and_says_so(tiny_llama_dir, corpus_txt, tmp_path, monkeypatch):
-    from lorakit.train import trainer as trainer_module
+    import lorakit.adapters.precision as precision
+    import lorakit.speed.gemm as gemm
 
-    monkeypatch.setattr(trainer_module, "bf16_decision", lambda device: (False, "bf16 would be slower (test)"))
+    monkeypatch.setattr(gemm, "bf16_decision", lambda device="cpu": (False, "bf16 would be slower (test)"))
     applied = []
-    monkeypatch.setattr(trainer_module, "use_bf16", lambda model, **kw: applied.append(model))
+    monkeypatch.setattr(precision, "use_bf16", lambda model, *a, **kw: applied.append(model))
     report = run(cfg_for(tiny_llama_dir, corpus_txt, tmp_path, max_length=32, bf16=True))
-    assert report["precision"] == {"bf16_used": False, "why": "bf16 would be slower (test)"} and not applied
+    assert (report["precision"]["base_dtype"], report["precision"]["compute_dtype"]) == ("fp32", "fp32") and not applied
+    assert "--bf16: bf16 would be slower (test)" in report["precision"]["why"]
 
 
 def test_one_process_does_no_distributed_work(tiny_bert_dir, sentiment_csv, tmp_path, monkeypatch):

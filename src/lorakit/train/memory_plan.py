@@ -370,8 +370,9 @@ def plan_memory(config, *, task: str = "causal-lm", base_dtype: torch.dtype | st
     if a > w:  # a 16-bit base computing in fp32 widens one frozen weight at a time
         # (the fused loss widens its head WIDEN_ELEMENTS weights at a time, kernels.linear_cross_entropy)
         fused = task == "causal-lm" and arch.fused_head
+        block = min(arch.vocab, max(256, WIDEN_ELEMENTS // H)) * H  # (kernels.linear_cross_entropy._vocab_blocks)
         biggest = max([lin.fan_in * lin.fan_out for lin in arch.linears if not (fused and leaf(lin.path) == "lm_head")]
-                      + [WIDEN_ELEMENTS if fused else 0])
+                      + [block if fused else 0])
         if task == "causal-lm" and not fused and not any(leaf(lin.path) == "lm_head" for lin in arch.linears):
             biggest = max(biggest, arch.vocab * H)  # a tied head is the embedding matrix
         rows.append(("widened fp32 copy of the largest frozen weight", biggest * 4))
