@@ -19,8 +19,14 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.train.config import DEFAULT_MAX_LENGTH, TrainConfig
-from lorakit.train.memory_plan import MemoryPlan, available_memory, check_fits, plan_memory
+from lorakit.train.memory_plan import RUNTIME_BYTES, MemoryPlan, available_memory, check_fits, plan_memory
 from lorakit.train.precision import PrecisionPlan, dtype_name, plan_precision
+
+
+# What a `lorakit train` process holds beyond a library loop's (plan_memory's runtime row): the tokenizer's and the
+# data's Python objects, evaluation, the trainer. Measured: TinyLlama-1.1B bf16, seq 512, checkpointing, through
+# the CLI 3.70 GiB peak against 3.37 GiB for the same step in an own loop (AMD EPYC, 2026-12-06).
+TRAIN_PROCESS_BYTES = 330 * 2**20
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ def plan_run(cfg: TrainConfig, dist=None) -> RunPlan:
     def plan_for(s: dict[str, Any]) -> MemoryPlan:
         storage = s["base_dtype"]
         return plan_memory(config, task=task, targets=cfg.lora, compute_dtype=compute_dtype(storage, device, bf16_pays),
-                           attention_mask=True, **s)
+                           attention_mask=True, runtime=RUNTIME_BYTES + TRAIN_PROCESS_BYTES, **s)
 
     available = available_memory(cfg.max_memory)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
