@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -272,9 +273,83 @@ def close_gguf(writer) -> None:
     writer.close()
 
 
+TOKENS = ["<|endoftext|>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "Ċ", "!", ".", ",", "?", "Ġt",
+                                                                              "Ġa", "he", "Ġthe"]
+HF_CONFIG = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "gemma3": "Gemma3TextConfig"}  # GGUF arch: its config
+
+
+def quant_types():
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    return [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0]
+
+
+def write_gguf(path, arch="llama", *, layers=1, hidden=64, heads=4, kv_heads=2, ff=96, tied=False, seed=0,
+               types=None, skip=()):
+    """A GGUF of a config-built model of ``arch`` with a byte-level BPE tokenizer. Its 2-D tensors take the types in
+    ``types`` in turn (default F32, F16, Q8_0, Q4_0; quantised with gguf.quants.quantize), 1-D ones (norms, biases)
+    are F32 as llama.cpp writes them. Tensor names come from gguf-py's table for the model's parameter names. Returns
+    {gguf tensor name: ggml type}."""
+    import gguf
+    import transformers
+
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+    cls = getattr(transformers, HF_CONFIG[arch])
+    config = cls(vocab_size=len(TOKENS), hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                 tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), layers)
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    if arch == "llama":
+        w.add_rope_dimension_count(head_dim)
+    if arch == "gemma3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(64)
+    w.add_tokenizer_pre("default")
+    add_gguf_tokenizer(w, TOKENS)
+
+    types = types or quant_types()
+    written, i = {}, 0
+    for hf_name, t in model.state_dict().items():
+        if (tied and hf_name == "lm_head.weight") or hf_name in skip:
+            continue
+        base, suffix = hf_name.rsplit(".", 1)
+        name = f"{names.get_name(base)}.{suffix}"
+        if t.ndim == 1:
+            values, qtype = (1 + 0.1 * rng.standard_normal(t.shape)).astype(np.float32), gguf.GGMLQuantizationType.F32
+        else:
+            values, qtype = (0.1 * rng.standard_normal(t.shape)).astype(np.float32), types[i % len(types)]
+            i += 1
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, values)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, values.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        written[name] = qtype
+    close_gguf(w)
+    return written
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """lorakit's cache (converted GGUF files) in this test's own folder."""
     path = tmp_path / "cache"
     monkeypatch.setenv("LORAKIT_CACHE", str(path))
     return path
+
+

@@ -48,9 +48,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``lorakit.generate``: loaded on first use (it brings transformers' generation code with it)."""
+    """``lorakit.generate`` and ``lorakit.export_gguf``: loaded on first use (they bring transformers with them)."""
     if name == "generate":
         from lorakit.train.generate import generate
 
         return generate
+    if name == "export_gguf":
+        from lorakit.export import export_gguf
+
+        return export_gguf
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

@@ -13,6 +13,7 @@
 - ``first_token``: its sequence classifier reads row 0 of the last hidden state alone, with this
   layer layout (speed.first_token computes only that row in the last layer).
 - ``position_offset``: position embeddings reserved before the first token (RoBERTa's padding index).
+- ``gguf``: how llama.cpp stores the family (export: its GGUF architecture, q/k rows permuted, norm offset).
 
 Adding a family is one entry here (and its test): ``Family(attention=("q_proj", "k_proj", "v_proj"),
 keep_ratio=LLAMA_KEEP, lm_head=LogitChange())`` gives it the presets, CE-LoRA and the fused head.
@@ -67,6 +68,27 @@ class FirstToken:
 
 
 @dataclass(frozen=True)
+class GgufLayout:
+    """How llama.cpp stores a family in GGUF (its converter, convert_hf_to_gguf.py, is the reference):
+
+    - ``arch``: the GGUF architecture (``general.architecture``; gguf-py's tensor names follow from it).
+    - ``permute_qk``: the query and key rows are stored permuted for llama.cpp's rotary layout: with h heads (the
+      KV heads for k) of d rows, row (head, half, i) of the HF weight, half in {0, 1}, i < d/2, is stored at row
+      (head, i, half): ``W.reshape(h, 2, d/2, -1).swapaxes(1, 2)``.
+    - ``norm_offset``: added to every RMSNorm weight (Gemma's norm computes x (1 + w); llama.cpp stores 1 + w).
+    """
+
+    arch: str
+    permute_qk: bool = False
+    norm_offset: float = 0.0
+
+
+LLAMA_GGUF = GgufLayout("llama", permute_qk=True)
+GEMMA_GGUF = {t: GgufLayout(arch, norm_offset=1.0) for t, arch in
+              (("gemma", "gemma"), ("gemma2", "gemma2"), ("gemma3_text", "gemma3"))}
+
+
+@dataclass(frozen=True)
 class Family:
     attention: tuple[str, str, str] | str | None = None
     encoder: bool = False
@@ -74,6 +96,7 @@ class Family:
     lm_head: LogitChange | None = None
     first_token: FirstToken | None = None
     position_offset: int = 0
+    gguf: GgufLayout | None = None
 
 
 BERT_LAYER = EncoderLayout(
@@ -95,8 +118,9 @@ BERT_KEEP = {"value": 0.55, "attention.output.dense": 0.55, "intermediate.dense"
 PLAIN = LogitChange()
 
 
-def _llama_like(lm_head: LogitChange = PLAIN, *, keep_ratio: dict[str, float] | None = LLAMA_KEEP) -> Family:
-    return Family(attention=QKV_PROJ, keep_ratio=keep_ratio, lm_head=lm_head)
+def _llama_like(lm_head: LogitChange = PLAIN, *, keep_ratio: dict[str, float] | None = LLAMA_KEEP,
+                gguf: GgufLayout | None = None) -> Family:
+    return Family(attention=QKV_PROJ, keep_ratio=keep_ratio, lm_head=lm_head, gguf=gguf)
 
 
 def _bert_like(classifier: str, *, position_offset: int = 0) -> Family:
@@ -106,11 +130,14 @@ def _bert_like(classifier: str, *, position_offset: int = 0) -> Family:
 
 FAMILIES: dict[str, Family] = {
     # decoders with the Llama layout: presets, CE-LoRA's preset and the fused head
-    **{t: _llama_like() for t in ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen3", "gemma", "olmo", "olmo2",
-                                  "smollm3", "stablelm", "helium")},
+    **{t: _llama_like(gguf=LLAMA_GGUF) for t in ("llama", "mistral")},
+    "smollm3": _llama_like(gguf=GgufLayout("smollm3", permute_qk=True)),
+    **{t: _llama_like(gguf=GgufLayout(t)) for t in ("qwen2", "qwen3")},
+    "gemma": _llama_like(gguf=GEMMA_GGUF["gemma"]),
+    **{t: _llama_like() for t in ("ministral", "mixtral", "olmo", "olmo2", "stablelm", "helium")},
     **{t: _llama_like(keep_ratio=None) for t in ("qwen2_moe", "qwen3_moe", "olmoe")},  # experts: no CE-LoRA preset
-    "gemma2": _llama_like(LogitChange("softcap", "final_logit_softcapping")),
-    "gemma3_text": _llama_like(LogitChange("softcap", "final_logit_softcapping")),
+    **{t: _llama_like(LogitChange("softcap", "final_logit_softcapping"), gguf=GEMMA_GGUF[t])
+       for t in ("gemma2", "gemma3_text")},
     "vaultgemma": _llama_like(LogitChange("softcap", "final_logit_softcapping")),
     "granite": _llama_like(LogitChange("divide", "logits_scaling")),
     "cohere": _llama_like(LogitChange("scale", "logit_scale")),
@@ -121,7 +148,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family(attention="c_attn", keep_ratio={"attn.c_proj": 0.55, "mlp.c_fc": 0.65, "mlp.c_proj": 0.65},
                    lm_head=PLAIN),
     "gpt_neox": Family(attention="query_key_value", lm_head=PLAIN),
-    "phi3": Family(attention="qkv_proj", keep_ratio=LLAMA_KEEP, lm_head=PLAIN),
+    "phi3": Family(attention="qkv_proj", keep_ratio=LLAMA_KEEP, lm_head=PLAIN, gguf=GgufLayout("phi3")),
     # decoders and encoder-decoders lorakit only targets
     **{t: Family(attention=QKV_PROJ) for t in ("bart", "mbart", "marian", "whisper", "m2m_100", "gptj", "gpt_neo",
                                               "codegen", "persimmon", "xglm", "blenderbot", "pegasus", "nllb-moe",
@@ -190,5 +217,5 @@ def is_encoder(model_type: str | None) -> bool:
 
 
 def families_with(what: str) -> dict[str, object]:
-    """{model_type: the value} of every family that has ``what`` ("keep_ratio", "lm_head", "first_token")."""
+    """{model_type: the value} of every family that has ``what`` ("keep_ratio", "lm_head", "first_token", "gguf")."""
     return {t: getattr(f, what) for t, f in FAMILIES.items() if getattr(f, what) is not None}

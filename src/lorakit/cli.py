@@ -3,6 +3,7 @@
     lorakit train [--model ...] [--data ...] [...]    fine-tune (no arguments: MiniLM on sentiment)
     lorakit eval  --adapter DIR [--model ...] [--data ...]
     lorakit merge --adapter DIR --out DIR [--model ...]
+    lorakit export RUN_OR_ADAPTER --out FILE.gguf [--format gguf-lora|gguf] [--outtype ...] [--ollama]
     lorakit generate --adapter DIR (--prompt TEXT | --chat) [--temperature T] [--max-new-tokens N]
     lorakit info  DIR
     lorakit bench [--model ...] [--modes exact,bf16,celora,poly,dora] [--against peft]
@@ -319,6 +320,31 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", default="bench", help="directory for bench.json, bench.md and bench.png")
 
 
+def _add_export(sub) -> None:
+    from lorakit.export import ExportConfig
+
+    p = sub.add_parser("export", help="write an adapter as GGUF for llama.cpp and Ollama (a LoRA file or the merged model)",
+                       description="Write a fine-tune as GGUF: --format gguf-lora, a llama.cpp LoRA adapter for the base "
+                       "GGUF (llama-cli -m base.gguf --lora adapter.gguf); --format gguf, the base with the adapter "
+                       "merged (llama-cli -m model.gguf). --ollama adds a Modelfile.")
+    add_flags(p, ExportConfig)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from lorakit.export import ExportConfig, export_gguf
+    from lorakit.export.ollama import create_command
+
+    cfg = asdict(from_flags(ExportConfig, a))
+    written = export_gguf(cfg.pop("adapter"), cfg.pop("out"), **cfg)
+    kind = "llama.cpp LoRA adapter" if cfg["format"] == "gguf-lora" else "merged model"
+    print(f"wrote the {kind} to {written['gguf']}")
+    if "modelfile" in written:
+        print(f"wrote {written['modelfile']}; load it into Ollama with:\n  {create_command(written['modelfile'])}")
+    return 0
+
+
 def add_base_dtype(p: argparse.ArgumentParser) -> None:
     """--base-dtype, as ``lorakit train`` declares it (TrainConfig.base_dtype): the frozen base's storage."""
     from lorakit.train.config import TrainConfig
@@ -349,6 +375,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, cmd_train),
     "eval": (_add_eval, cmd_eval),
     "merge": (_add_merge, cmd_merge),
+    "export": (_add_export, cmd_export),
     "generate": (_add_generate, cmd_generate),
     "info": (_add_info, cmd_info),
     "norms": (_add_norms, cmd_norms),

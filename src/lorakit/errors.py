@@ -34,6 +34,10 @@ class ModelError(LorakitError):
     """A model could not be found or loaded."""
 
 
+class ExportError(LorakitError):
+    """An adapter or model cannot be written in the asked format (what the format cannot carry, a bad output path)."""
+
+
 class TrainingError(LorakitError):
     """Training cannot go on (for example, non-finite losses step after step)."""
 

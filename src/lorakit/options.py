@@ -41,16 +41,17 @@ _MISSING = dataclasses.MISSING
 def option(default: Any = _MISSING, help: str = "", *, factory: Callable[[], Any] | None = None, flag: str | None = None,
            parse: Callable[[str], Any] | None = None, choices: tuple[str, ...] | None = None, metavar: str | None = None,
            aliases: tuple[str, ...] = (), default_text: str | None = None, section: str | None = None,
-           cli: bool = True) -> Any:
+           cli: bool = True, positional: bool = False) -> Any:
     """A dataclass field with its command-line form.
 
     flag: the spelling (default ``--`` + the name with dashes); aliases: older spellings, accepted and
     hidden from --help; parse: string -> value (default: from the annotation, int/float/str);
     default_text: how --help states the default when the value alone would not say it ("the task's");
-    section: the argument group --help lists it under; cli=False: not a command-line option (set by lorakit itself).
+    section: the argument group --help lists it under; cli=False: not a command-line option (set by lorakit itself);
+    positional: an argument without a flag (``lorakit export RUN``), required when the field has no default.
     """
     metadata = {"help": help, "flag": flag, "parse": parse, "choices": choices, "metavar": metavar, "aliases": aliases,
-                "default_text": default_text, "section": section, "cli": cli}
+                "default_text": default_text, "section": section, "cli": cli, "positional": positional}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -144,6 +145,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 kw["choices"] = m["choices"]
             else:
                 kw["metavar"] = m.get("metavar") or fl.field.name.upper()
+        if m.get("positional"):
+            del kw["dest"]
+            if fl.field.default is _MISSING and fl.field.default_factory is _MISSING:
+                del kw["default"]
+            else:
+                kw["nargs"] = "?"
+            target.add_argument(fl.path, **kw)
+            continue
         target.add_argument(fl.spelling, **kw)
         for alias in m.get("aliases") or ():
             target.add_argument(alias, **{**kw, "help": argparse.SUPPRESS})

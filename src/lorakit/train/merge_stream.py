@@ -228,6 +228,29 @@ def _checkpoint_name(name: str, tensors: dict[str, _Stored], prefix: str, bare: 
     return name if name in tensors else None
 
 
+def adapter_changes(model, adapter: str | os.PathLike) -> tuple[dict[str, _Lora], dict[str, Tensor]]:
+    """What ``adapter`` does to ``model`` (an empty, meta-device model of its base): {weight name: its LoRA
+    (A, B, s, DoRA magnitude)} and {tensor name: the adapter's value} of modules trained whole (modules_to_save) and
+    trained biases. The adapter is checked against the model as ``load_adapter`` checks it (its errors raised as
+    they are); the model keeps the adapter attached."""
+    try:
+        load_adapter(model, adapter)  # on the empty model: the adapter's keys and shapes checked, its scales set
+    except LorakitError:
+        raise
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+        raise NotStreamable(f"{adapter} cannot be attached to an empty model ({type(exc).__name__}: "
+                            f"{str(exc)[:120]})") from None
+    values, _ = read_tensors(adapter)
+    merges: dict[str, _Lora] = {}
+    for path, layer in lora_layers(model):
+        name = layer.active
+        merges[f"{path}.weight"] = _Lora(values.pop(f"{path}.lora_A.weight"), values.pop(f"{path}.lora_B.weight"),
+                                         layer.settings[name].scale, values.pop(f"{path}.lora_magnitude_vector", None),
+                                         layer.fan_in_fan_out)
+    return merges, {k[: -len(".base_layer.bias")] + ".bias" if k.endswith(".base_layer.bias") else k: v
+                    for k, v in values.items()}
+
+
 def plan_merge(adapter: str | os.PathLike, base_dir: Path, task: str, labels: list[str] | None, tokenizer) -> MergePlan:
     """Map every tensor the merged model holds onto the base checkpoint and the adapter; raise NotStreamable (with
     the reason) where that is not exact. The adapter is checked against the model as ``load_adapter`` checks it
@@ -247,22 +270,7 @@ def plan_merge(adapter: str | os.PathLike, base_dir: Path, task: str, labels: li
     bare = bool(prefix) and not any(k.startswith(prefix + ".") for k in stored) \
         and any(k.startswith(prefix + ".") for k in names)
 
-    try:
-        load_adapter(model, adapter)  # on the empty model: the adapter's keys and shapes checked, its scales set
-    except LorakitError:
-        raise
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
-        raise NotStreamable(f"{adapter} cannot be attached to an empty model ({type(exc).__name__}: "
-                            f"{str(exc)[:120]})") from None
-    values, _ = read_tensors(adapter)
-    merges: dict[str, _Lora] = {}
-    for path, layer in lora_layers(model):
-        name = layer.active
-        merges[f"{path}.weight"] = _Lora(values.pop(f"{path}.lora_A.weight"), values.pop(f"{path}.lora_B.weight"),
-                                         layer.settings[name].scale, values.pop(f"{path}.lora_magnitude_vector", None),
-                                         layer.fan_in_fan_out)
-    replaced = {k[: -len(".base_layer.bias")] + ".bias" if k.endswith(".base_layer.bias") else k: v
-                for k, v in values.items()}
+    merges, replaced = adapter_changes(model, adapter)
     for name in list(merges) + list(replaced):
         owner = next((group for group in names.values() if name in group), None)
         if owner is None:
@@ -371,32 +379,37 @@ def _copy(fh, src: _Stored, buffer: memoryview) -> int:
 
 
 @torch.no_grad()
-def _merge(fh, out: _Out) -> int:
-    """Write W' of ``out`` (see the module docstring) in blocks of rows; W is mapped only while it is read."""
-    from safetensors import safe_open
-
-    lora, dtype = out.lora, _DTYPES[out.dtype][0]
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+def merged_rows(source: Tensor, lora: _Lora, compute: torch.dtype = torch.float32):
+    """W' of one weight (see the module docstring) in ``compute``, a block of rows at a time: yields each block of W'
+    (for a fan-in-fan-out weight, stored [in, out], the whole W' transposed back to [in, out])."""
     a, b = lora.A.to(compute), lora.B.to(compute)
     m = None if lora.magnitude is None else lora.magnitude.to(compute)
+    if lora.fan_in_fan_out:  # stored [in, out]: merged whole (GPT-2-sized layers)
+        blocks = [(0, source.shape[1])]
+    else:
+        step = max(1, BLOCK_ELEMENTS // max(1, source.shape[1]))
+        blocks = [(i, min(i + step, source.shape[0])) for i in range(0, source.shape[0], step)]
+    for start, stop in blocks:
+        base = source.t() if lora.fan_in_fan_out else source[start:stop]
+        rows = b if lora.fan_in_fan_out else b[start:stop]
+        # In place, one block: s (B A) as LoraLinear.delta_weight, + W (exactly W.float() + s B A), * g.
+        merged = (rows @ a).mul_(lora.scale).add_(base)
+        if m is not None:
+            merged.mul_(((m if lora.fan_in_fan_out else m[start:stop]) / torch.linalg.vector_norm(merged, dim=1))[:, None])
+        yield merged.t() if lora.fan_in_fan_out else merged
+        del base, merged
+
+
+def _merge(fh, out: _Out) -> int:
+    """Write W' of ``out`` in blocks of rows, at the base's dtype; W is mapped only while it is read."""
+    from safetensors import safe_open
+
+    dtype = _DTYPES[out.dtype][0]
     written = 0
     with safe_open(str(out.source.file), framework="pt") as f:
         w = f.get_tensor(out.source.name)
-        if lora.fan_in_fan_out:  # stored [in, out]: merged whole (GPT-2-sized layers)
-            blocks = [(0, w.shape[1])]
-        else:
-            step = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
-            blocks = [(i, min(i + step, w.shape[0])) for i in range(0, w.shape[0], step)]
-        for start, stop in blocks:
-            base = w.t() if lora.fan_in_fan_out else w[start:stop]
-            rows = b if lora.fan_in_fan_out else b[start:stop]
-            # In place, one float32 block: s (B A) as LoraLinear.delta_weight, + W (exactly W.float() + s B A), * g.
-            merged = (rows @ a).mul_(lora.scale).add_(base)
-            if m is not None:
-                merged.mul_(((m if lora.fan_in_fan_out else m[start:stop]) / torch.linalg.vector_norm(merged, dim=1))[:, None])
-            stored = merged.to(dtype)
-            written += _write_tensor(fh, stored.t() if lora.fan_in_fan_out else stored)
-            del base, merged, stored
+        for block in merged_rows(w, out.lora, torch.float64 if dtype == torch.float64 else torch.float32):
+            written += _write_tensor(fh, block.to(dtype))
         del w
     return written
 

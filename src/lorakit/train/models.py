@@ -136,6 +136,15 @@ def model_dir(spec: str) -> Path:
                      "config.json (what save_pretrained writes), or a GGUF file named *.gguf")
 
 
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file behind a model spec (a built-in's inside its package, or the user's .gguf), else None."""
+    if spec.startswith("builtin:"):
+        b = BUILTINS.get(spec.split(":", 1)[1])
+        return _package_dir(b.package) / b.relpath if b is not None and b.gguf else None
+    path = Path(spec).expanduser()
+    return path if is_gguf(path) else None
+
+
 def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or spec.startswith(("~", ".")) or Path(spec).suffix.lower() == ".gguf"
 
