@@ -176,15 +176,32 @@ def test_an_adapted_tied_head_is_refused_in_a_lora_file_and_becomes_its_own_outp
 # ---------------------------------------------------------------------- from a Hugging Face model directory
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_merged_gguf_from_a_model_directory_loads_in_transformers_with_the_merged_logits(tmp_path, cache, arch,
-                                                                                        smollm2_tokenizer):
+                                                                                        smollm2_tokenizer, monkeypatch):
+    """The tensors (names, q/k rows, Gemma's norm offset, Qwen's biases) read back by transformers' own GGUF loader
+    give the merged model's logits."""
     import transformers as tf
 
-    pytest.importorskip("lorakit.export.hf_metadata")
+    from lorakit.export import hf_metadata
+
+    if arch == "qwen2":  # transformers reads SmolLM2's tokenizer beside a Qwen2 config with Qwen's splitting rules,
+        # a pairing llama.cpp has no pre-tokenizer for (refused, tests/export/test_hf_metadata.py): call it qwen2 here
+        class Any(dict):
+            def __contains__(self, key):
+                return True
+
+            def __getitem__(self, key):
+                return "qwen2"
+
+        monkeypatch.setattr(hf_metadata, "PRE_TOKENIZERS", Any())
+    if arch == "gemma3":  # Gemma's SentencePiece vocabulary needs a tokenizer.model: write SmolLM2's BPE one instead
+        bpe = hf_metadata._tokenizer
+        monkeypatch.setattr(hf_metadata, "_tokenizer", lambda model_dir, arch, hparams: bpe(model_dir, "llama", hparams))
     tok = smollm2_tokenizer
     config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "gemma3": tf.Gemma3TextConfig}[arch](
         vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        **({"query_pre_attn_scalar": 16} if arch == "gemma3" else {}))  # llama.cpp's Gemma 3 scales by 1/sqrt(head_dim)
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -197,11 +214,16 @@ def test_merged_gguf_from_a_model_directory_loads_in_transformers_with_the_merge
     adapter, adapted_model = adapted(base, tmp_path, r=4, alpha=8)
     out = export_gguf(adapter, tmp_path / "m.gguf", format="gguf", outtype="f32")["gguf"]
 
+    # transformers' GGUF reader does not read Gemma's query_pre_attn_scalar (llama.cpp derives it): given here
+    read_back = tf.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32,
+                                                        **({"query_pre_attn_scalar": 16} if arch == "gemma3" else {}))
+    merged = unload(adapted_model, merge=True).eval()
+    got_tensors = read_back.state_dict()
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(got_tensors[name], value, rtol=0, atol=1e-6, msg=name)
     ids = torch.tensor([[1, 5, 9, 30, 2, 17, 33, 4]])
     with torch.no_grad():
-        want = unload(adapted_model, merge=True).eval()(ids).logits
-        got = tf.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(read_back.eval()(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------- what cannot be exported, and the outputs
@@ -282,3 +304,24 @@ def test_library_exports_a_model_with_an_adapter_attached(tmp_path, gguf_base):
     assert from_dir.keys() == from_model.keys()
     for name in from_dir:
         np.testing.assert_array_equal(from_dir[name], from_model[name])
+
+
+def test_llama3_rope_scaling_goes_into_the_merged_file_as_llama_cpps_tensor(tmp_path, cache, smollm2_tokenizer):
+    import transformers as tf
+
+    from lorakit.export.hf_metadata import rope_freqs
+
+    tok = smollm2_tokenizer
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 50000.0}
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                            rope_scaling=rope, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    base = tmp_path / "base"
+    tf.LlamaForCausalLM(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    adapter, _ = adapted(base, tmp_path, r=4, alpha=8)
+    keys, tensors, types = read(export_gguf(adapter, tmp_path / "m.gguf", format="gguf", outtype="q8_0")["gguf"])
+    assert types["rope_freqs.weight"] == "F32"
+    np.testing.assert_array_equal(tensors["rope_freqs.weight"], rope_freqs(base))
+    assert tensors["rope_freqs.weight"].max() == 8.0

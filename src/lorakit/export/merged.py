@@ -13,7 +13,7 @@ memory at a time.
   its own (llama.cpp uses it when present), the embeddings left as they are.
 - A Hugging Face model directory: its safetensors are read tensor by tensor (``merge_stream.plan_merge``), named
   and laid out as llama.cpp's converter does (``layout.GgufNames``), and the key-values are written from its
-  config and tokenizer (``hf_metadata``).
+  config and tokenizer (``hf_metadata``; Llama 3's rope scaling as the ``rope_freqs.weight`` tensor llama.cpp reads).
 """
 
 from __future__ import annotations
@@ -49,10 +49,13 @@ def _copy_metadata(reader, writer, skip: tuple[str, ...]) -> None:
         writer.add_key_value(key, field.contents(), main, sub_type=sub)
 
 
+def _name(source) -> str:
+    return f"{Path(source.adapter).resolve().name} (merged into {Path(str(source.spec)).name})"
+
+
 def _finish_metadata(writer, source, outtype: str) -> None:
     import gguf
 
-    writer.add_name(f"{Path(source.adapter).resolve().name} (merged into {Path(str(source.spec)).name})")
     if (template := source.saved_chat_template()) is not None:
         writer.add_chat_template(template)
     writer.add_file_type(file_type_of(outtype))
@@ -105,6 +108,7 @@ def _from_gguf(source, names: GgufNames, outtype: str, fh) -> tuple[callable, li
 
     def metadata(writer) -> None:
         _copy_metadata(reader, writer, ("tokenizer.chat_template",) if source.saved_chat_template() else ())
+        writer.add_name(_name(source))
         _finish_metadata(writer, source, outtype)
 
     return metadata, planned
@@ -120,7 +124,9 @@ def _gguf_name(names: GgufNames, hf_name: str) -> str:
 def _from_hf(source, names: GgufNames, outtype: str) -> tuple[callable, list[Planned]]:
     from safetensors import safe_open
 
-    from lorakit.export.hf_metadata import write_metadata
+    from gguf import GGMLQuantizationType
+
+    from lorakit.export.hf_metadata import rope_freqs, write_metadata
     from lorakit.train.merge_stream import NotStreamable, plan_merge
     from lorakit.train.models import load_tokenizer
 
@@ -139,6 +145,10 @@ def _from_hf(source, names: GgufNames, outtype: str) -> tuple[callable, list[Pla
         return encode(names.stored(out.name, values).to(torch.float32).numpy(), qtype)
 
     planned = []
+    freqs = rope_freqs(source.base_dir)  # Llama 3's rope scaling: llama.cpp reads it as a tensor, not a key
+    if freqs is not None:
+        planned.append(Planned("rope_freqs.weight", tuple(freqs.shape), GGMLQuantizationType.F32,
+                               lambda: encode(freqs, GGMLQuantizationType.F32)))
     for shard in plan.shards:
         for out in shard:
             name = _gguf_name(names, out.name)
@@ -146,7 +156,7 @@ def _from_hf(source, names: GgufNames, outtype: str) -> tuple[callable, list[Pla
             planned.append(Planned(name, tuple(out.shape), qtype, lambda o=out, n=name, q=qtype: make(o, n, q)))
 
     def metadata(writer) -> None:
-        write_metadata(writer, source.base_dir, arch=names.layout.arch)
+        write_metadata(writer, source.base_dir, arch=names.layout.arch, name=_name(source))
         _finish_metadata(writer, source, outtype)
 
     return metadata, planned
