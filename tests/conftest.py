@@ -201,6 +201,23 @@ def fill(disk: Path) -> None:
             pass
 
 
+# ---------------------------------------------------------------------- tests that need a GPU
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, saying why, on a machine without CUDA (``@pytest.mark.cuda(gpus=2)``: without
+    that many GPUs); LORAKIT_CUDA_TESTS_ON=cpu runs the one-GPU ones on the CPU."""
+    for item in items:
+        marker = item.get_closest_marker("cuda")
+        if marker is None:
+            continue
+        gpus = marker.kwargs.get("gpus", 1)
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus == 1 and os.environ.get("LORAKIT_CUDA_TESTS_ON") == "cpu":
+            continue  # gpu_check.py --dry-run: the GPU tests' plumbing, run on the CPU
+        if have < gpus:
+            item.add_marker(pytest.mark.skip(reason=f"needs {gpus} CUDA GPU(s), this machine has {have}: "
+                                                    "benchmarks/gpu_check.py runs it where there are"))
+
+
 # ---------------------------------------------------------------------- chat: SmolLM2's tokenizer and template
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():

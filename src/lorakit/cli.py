@@ -22,6 +22,12 @@ from lorakit.options import (add_flags, finite_float, from_flags, parse_names, p
                              seed_int)
 
 
+def resolve_device(device: str | None):
+    from lorakit.train.config import resolve_device as resolve
+
+    return resolve(device)
+
+
 def _add_train(sub) -> None:
     from lorakit.train.config import TrainConfig
 
@@ -67,6 +73,7 @@ def _add_eval(sub) -> None:
                         "them (PEFT's, or save_adapter without labels): neg,pos")
     p.add_argument("--batch-size", type=positive_int, default=64)
     add_base_dtype(p)
+    add_device(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
@@ -75,7 +82,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     res = evaluate_adapter(a.adapter, a.data, model=a.model, max_length=a.max_length, batch_size=a.batch_size,
                            text_column=a.text_column, label_column=a.label_column, labels=a.labels,
-                           base_dtype=a.base_dtype)
+                           base_dtype=a.base_dtype, device=resolve_device(a.device))
     if a.json:
         print(json.dumps(res, indent=2))
     else:
@@ -90,12 +97,13 @@ def _add_merge(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="default: the base model recorded in the adapter")
     p.add_argument("--overwrite", action="store_true")
+    add_device(p)
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
     from lorakit.train.apply import merge_adapter
 
-    path = merge_adapter(a.adapter, a.out, model=a.model, overwrite=a.overwrite)
+    path = merge_adapter(a.adapter, a.out, model=a.model, overwrite=a.overwrite, device=resolve_device(a.device))
     print(f"wrote the merged model to {path}/ (loads with transformers' from_pretrained)")
     return 0
 
@@ -123,6 +131,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--raw", action="store_true", help="feed --prompt as it is, without the chat template (not with "
                    "--chat, --system or --chat-template)")
     add_base_dtype(p)
+    add_device(p)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -138,7 +147,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
                               f"would do nothing; drop --raw or {' and '.join(ignored)}")
     top_p = 1.0 if a.top_p is None else a.top_p
     check_sampling(a.temperature, top_p, a.seed, given_top_p=a.top_p is not None)
-    loaded = load_for_generation(a.adapter, a.model, chat_template=a.chat_template, base_dtype=a.base_dtype)
+    loaded = load_for_generation(a.adapter, a.model, chat_template=a.chat_template, base_dtype=a.base_dtype,
+                                 device=resolve_device(a.device))
     options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=top_p, seed=a.seed)
     if a.chat:
         chat_loop(loaded.model, loaded.tokenizer, system=a.system, **options)
@@ -353,6 +363,14 @@ def add_base_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES, default="auto",
                    help=TrainConfig.__dataclass_fields__["base_dtype"].metadata["help"] + " (default: auto, fp32 when "
                    "the model fits in the memory available in fp32, else bf16)")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    """--device, as ``lorakit train`` declares it (TrainConfig.device): where the model runs."""
+    from lorakit.train.config import TrainConfig
+
+    field = TrainConfig.__dataclass_fields__["device"]
+    p.add_argument("--device", default=None, help=f"{field.metadata['help']} (default: {field.metadata['default_text']})")
 
 
 def hidden_alias(p: argparse.ArgumentParser, spelling: str, dest: str, kind: type) -> None:

@@ -1,4 +1,4 @@
-"""Training on two processes (torchrun, gloo, CPU) against the same run on one process.
+"""Training on two processes (torchrun: gloo on CPU, nccl on two GPUs) against the same run on one process.
 
 Acceptance 1-3 of the distributed-training issue: DDP over the adapter gives the one-process
 adapter (within 1e-5), FSDP2 --shard the one-process losses (rtol 1e-4), and checkpoints move
@@ -74,17 +74,27 @@ def resume_from(source, step, out):
     return out
 
 
+# The process group's backend, and the device its processes train on: the same equality tests run on both.
+BACKENDS = {"gloo": "cpu", "nccl": "cuda"}
+
+
+@pytest.fixture(scope="module", params=["gloo", pytest.param("nccl", marks=pytest.mark.cuda(gpus=2))])
+def backend(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def one_process(tiny_llama_dir, corpus_txt, tmp_path_factory):
+def one_process(tiny_llama_dir, corpus_txt, tmp_path_factory, backend):
     out = tmp_path_factory.mktemp("one-process")
-    run(config(tiny_llama_dir, corpus_txt, out))
+    run(config(tiny_llama_dir, corpus_txt, out, device=BACKENDS[backend]))
     return out
 
 
 @pytest.fixture(scope="module")
-def two_processes(tiny_llama_dir, corpus_txt, tmp_path_factory):
+def two_processes(tiny_llama_dir, corpus_txt, tmp_path_factory, backend):
     out = tmp_path_factory.mktemp("two-processes")
-    proc = lorakit_train(*cli_args(tiny_llama_dir, corpus_txt, out), "--nproc", "2")
+    proc = lorakit_train(*cli_args(tiny_llama_dir, corpus_txt, out, device=BACKENDS[backend]), "--nproc", "2")
+    assert json.loads((out / "run.json").read_text())["backend"] == backend
     return out, proc
 
 
@@ -167,17 +177,19 @@ def test_fsdp2_shard_trains_to_the_one_process_loss(tiny_llama_dir, corpus_txt, 
     assert_same_adapter(one, resumed)
 
 
-def test_checkpoints_move_between_process_counts(tiny_llama_dir, corpus_txt, one_process, two_processes, tmp_path):
+def test_checkpoints_move_between_process_counts(tiny_llama_dir, corpus_txt, one_process, two_processes, tmp_path,
+                                                 backend):
     """Acceptance 3: the two-process checkpoint at step 10 finishes on one process, and the one-process checkpoint
     on two; both end with the uninterrupted run's adapter."""
     two, _ = two_processes
+    device = BACKENDS[backend]
     on_one = resume_from(two, 10, tmp_path / "two-then-one")
-    report = run(config(tiny_llama_dir, corpus_txt, on_one, resume=True))
+    report = run(config(tiny_llama_dir, corpus_txt, on_one, resume=True, device=device))
     assert report["result"]["resumed_from"].endswith("step-000010")
     assert_same_adapter(one_process, on_one)
 
     on_two = resume_from(one_process, 10, tmp_path / "one-then-two")
-    lorakit_train(*cli_args(tiny_llama_dir, corpus_txt, on_two, quiet=False, resume=True), "--nproc", "2")
+    lorakit_train(*cli_args(tiny_llama_dir, corpus_txt, on_two, quiet=False, resume=True, device=device), "--nproc", "2")
     assert json.loads((on_two / "run.json").read_text())["result"]["resumed_from"].endswith("step-000010")
     assert_same_adapter(one_process, on_two)
 

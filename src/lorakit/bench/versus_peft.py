@@ -40,6 +40,7 @@ from torch import nn
 from lorakit.adapters import LoraConfig, attach
 from lorakit.speed.gemm import peak_gemm
 from lorakit.adapters.precision import use_bf16
+from lorakit.train.config import resolve_device
 from lorakit.train.precision import BASE_DTYPE_CHOICES
 from lorakit.adapters.targets import compact_target_list, resolve
 from lorakit.bench.harness import Contender, alternate
@@ -95,6 +96,8 @@ class BenchConfig:
                                          default_text="the model's own")
     base_dtype: str = option("fp32", "the frozen base's storage, for both contenders (as in lorakit train)",
                              choices=BASE_DTYPE_CHOICES)
+    device: str | None = option(None, "where both contenders run: cpu, cuda, cuda:1 ... (autocast and timing follow "
+                                "it: a GPU step is timed after synchronising)", default_text="cuda when present")
 
     def validate(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -224,7 +227,7 @@ class Runner:
     model: nn.Module
     batches: list[dict[str, torch.Tensor]]
     lr: float
-    autocast: bool = False
+    bf16_autocast: bool = False
     seed: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -233,12 +236,20 @@ class Runner:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
         self._cycle = itertools.cycle(self.batches)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (its first parameter's device): autocast and the timing follow it."""
+        return next(self.model.parameters()).device
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast)
+
     def step(self) -> None:
         from lorakit import celora
 
         batch = next(self._cycle)
         torch.manual_seed(self.seed + len(self.losses))  # the same dropout masks for every contender at step i
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with self.autocast():
             loss = self.loss(batch)
         loss.backward()
         self.optimizer.step()
@@ -253,7 +264,7 @@ class Runner:
     def eval_loss(self, batches) -> float:
         self.model.eval()
         try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            with self.autocast():
                 return statistics.fmean(float(self.model(**b).loss) for b in batches)
         finally:
             self.model.train()
@@ -284,7 +295,8 @@ class HFTrainerRunner(Runner):
         self.model.train()
         self._folder = tempfile.TemporaryDirectory(prefix="lorakit-bench-")
         args = TrainingArguments(output_dir=self._folder.name, per_device_train_batch_size=len(self.batches[0]["input_ids"]),
-                                 learning_rate=self.lr, lr_scheduler_type="constant", optim="adamw_torch", use_cpu=True,
+                                 learning_rate=self.lr, lr_scheduler_type="constant", optim="adamw_torch",
+                                 use_cpu=self.device.type == "cpu",
                                  report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True)
         self.trainer = Trainer(model=self.model, args=args)
         self.trainer.create_optimizer_and_scheduler(num_training_steps=10**9)
@@ -295,7 +307,7 @@ class HFTrainerRunner(Runner):
         batch = next(self._cycle)
         torch.manual_seed(self.seed + len(self.losses))
         samples, items = self.trainer.get_batch_samples(iter([batch]), 1, self.model.device)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with self.autocast():
             loss = self.trainer.training_step(self.model, samples[0], items)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -323,7 +335,8 @@ def contenders(base: nn.Module, cfg: BenchConfig, mode: str, batches, only: str 
         if name.startswith("lorakit"):
             runners.append(runner(name, use_bf16(ours, when="always") if mode == "bf16" else ours, batches, cfg.lr))
         else:
-            runners.append(runner(name, peft_twin(base, ours, lcfg), batches, cfg.lr, autocast=name.endswith("autocast")))
+            runners.append(runner(name, peft_twin(base, ours, lcfg), batches, cfg.lr,
+                                  bf16_autocast=name.endswith("autocast")))
     return runners
 
 
@@ -369,9 +382,15 @@ def _memory_probe(cfg: BenchConfig, mode: str, contender: str) -> dict[str, floa
     runner.step()
     before = rss_kib("VmRSS")
     reset_peak()
+    cuda = runner.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(runner.device)
     for _ in range(2):
         runner.step()
-    return {"peak_rss_mb": rss_kib("VmHWM") / 1024, "rss_before_steps_mb": before / 1024}
+    out = {"peak_rss_mb": rss_kib("VmHWM") / 1024, "rss_before_steps_mb": before / 1024}
+    if cuda:
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(runner.device) / 2**20
+    return out
 
 
 def measure_memory(cfg: BenchConfig, mode: str, contender: str) -> dict[str, float] | None:
@@ -389,14 +408,20 @@ def _load(cfg: BenchConfig, task: str, count: int | None = None):
     """(base model, tokenizer, the training batches): ``count`` batches, default warm-up + measured steps."""
     from lorakit.train.models import load_model
 
+    device = resolve_device(cfg.device)
     loaded = load_model(cfg.model, task, label_names=["negative", "positive"] if task == "classify" else None,
-                        dtype=cfg.base_dtype)
+                        dtype=cfg.base_dtype, device=device)
     if cfg.model_dropout is not None:
         for module in loaded.model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = cfg.model_dropout
     count = cfg.warmup + cfg.steps if count is None else count
-    return loaded.model, loaded.tokenizer, fixed_batches(loaded.tokenizer, task, cfg.batch_size, cfg.max_length, count)
+    return loaded.model, loaded.tokenizer, on(device, fixed_batches(loaded.tokenizer, task, cfg.batch_size,
+                                                                    cfg.max_length, count))
+
+
+def on(device: torch.device, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -406,21 +431,23 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
     say = progress or (lambda _m: None)
     base, tokenizer, batches = _load(cfg, task)
     tokens = cfg.batch_size * cfg.max_length
+    device = next(base.parameters()).device
     report: dict[str, Any] = {
         "benchmark": "lorakit-vs-peft", "model": cfg.model, "task": task, "config": asdict(cfg), "machine": machine(),
-        "peak_gemm_gflops": {"float32": peak_gemm(torch.float32), "bfloat16": peak_gemm(torch.bfloat16)},
+        "device": str(device), "peak_gemm_gflops": {"float32": peak_gemm(torch.float32, device=device),
+                                                    "bfloat16": peak_gemm(torch.bfloat16, device=device)},
         "modes": {},
     }
     say(f"peak GEMM: fp32 {report['peak_gemm_gflops']['float32']:.0f} GFLOP/s, "
         f"bf16 {report['peak_gemm_gflops']['bfloat16']:.0f} GFLOP/s")
     for mode in cfg.modes:
         runners = contenders(base, cfg, mode, batches)
-        timings = alternate([Contender(r.name, r.step) for r in runners], warmup=cfg.warmup, steps=cfg.steps,
+        timings = alternate([Contender(r.name, r.step, str(r.device)) for r in runners], warmup=cfg.warmup, steps=cfg.steps,
                             progress=lambda m, mode=mode: say(f"{mode}: {m}"))
         entry: dict[str, Any] = {"contenders": {}}
         for r in runners:
             t = timings[r.name].summary()
-            precision = "bfloat16" if (r.autocast or r.name.endswith("bf16")) else "float32"
+            precision = "bfloat16" if (r.bf16_autocast or r.name.endswith("bf16")) else "float32"
             flops = step_flops(r.step)
             t.update(tokens_per_s=tokens / t["median_s"], step_gflop=flops / 1e9, precision=precision,
                      achieved_gflops=flops / t["median_s"] / 1e9,
@@ -456,11 +483,12 @@ def bf16_quality(base, cfg: BenchConfig, tokenizer, task: str, batches, say) -> 
     """Held-out loss after ``quality_steps`` steps of lorakit bf16 and lorakit fp32 training from the same start:
     the benchmark's text blocks (causal LM: the blocks after them are held out), or real labelled sentiment
     snippets (classification: the benchmark's blocks carry arbitrary labels)."""
+    device = next(base.parameters()).device
     if task == "classify":
-        batches = labelled_batches(tokenizer, cfg.batch_size, cfg.max_length, cfg.quality_steps)
-        held_out = labelled_batches(tokenizer, cfg.batch_size, cfg.max_length, 4, held_out=True)
+        batches = on(device, labelled_batches(tokenizer, cfg.batch_size, cfg.max_length, cfg.quality_steps))
+        held_out = on(device, labelled_batches(tokenizer, cfg.batch_size, cfg.max_length, 4, held_out=True))
     else:
-        held_out = fixed_batches(tokenizer, task, cfg.batch_size, cfg.max_length, 2, first=len(batches))
+        held_out = on(device, fixed_batches(tokenizer, task, cfg.batch_size, cfg.max_length, 2, first=len(batches)))
     fp32 = Runner("fp32", build_ours(base, cfg, "exact"), batches, cfg.lr)
     bf16 = Runner("bf16", use_bf16(build_ours(base, cfg, "exact"), when="always"), batches, cfg.lr)
     before = fp32.eval_loss(held_out)

@@ -47,10 +47,10 @@ def adapter_task(adapter: str | os.PathLike) -> tuple[str, list[str] | None, str
 
 
 def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, labels: list[str] | None = None,
-                      base_dtype: str | torch.dtype = "auto"):
+                      base_dtype: str | torch.dtype = "auto", device: str | torch.device | None = None):
     """(LoadedModel with the adapter loaded, task, label names). ``labels``: the classifier's label names, for an
     adapter that does not record them (one saved by PEFT or by ``save_adapter`` without ``labels``); ``base_dtype``:
-    the base's storage (--base-dtype, ``models.load_model``)."""
+    the base's storage (--base-dtype, ``models.load_model``); ``device``: where the model runs (None: the CPU)."""
     task, recorded, base = adapter_task(adapter)
     if labels is not None and task != "classify":
         raise ConfigError(f"--labels {','.join(map(str, labels))}: label names are a classifier's, and {adapter} is a "
@@ -67,7 +67,7 @@ def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, l
     if model is None:
         check_model_exists(spec, recorded_in=str(Path(adapter) / CONFIG_NAME))
         check_base_file(adapter, spec)
-    loaded = load_model(spec, task, label_names=labels, tokenizer=load_tokenizer(spec), dtype=base_dtype)
+    loaded = load_model(spec, task, label_names=labels, tokenizer=load_tokenizer(spec), dtype=base_dtype, device=device)
     load_adapter(loaded.model, adapter)
     return loaded, task, labels
 
@@ -89,7 +89,7 @@ def check_base_file(adapter: str | os.PathLike, spec: str) -> None:
 
 
 def load_for_generation(adapter: str | None, model: str | None = None, *, chat_template: str | None = None,
-                        base_dtype: str | torch.dtype = "auto"):
+                        base_dtype: str | torch.dtype = "auto", device: str | torch.device | None = None):
     """A causal LM with ``adapter`` loaded (or ``model`` alone), its tokenizer set to the chat template to talk
     with (``chat_template`` FILE, else the adapter's chat_template.jinja, else the tokenizer's)."""
     template, source = adapter_chat_template(adapter, chat_template)  # a bad file fails before the model loads
@@ -98,11 +98,11 @@ def load_for_generation(adapter: str | None, model: str | None = None, *, chat_t
         if task != "causal-lm":
             raise LorakitError(f"{adapter} is a {task} adapter; lorakit generate needs a causal-LM one "
                                "(lorakit eval measures a classifier)")
-        loaded, _, _ = load_with_adapter(adapter, model, base_dtype=base_dtype)
+        loaded, _, _ = load_with_adapter(adapter, model, base_dtype=base_dtype, device=device)
     elif model is None:
         raise LorakitError("give --adapter, --model, or both")
     else:
-        loaded = load_model(model, "causal-lm", dtype=base_dtype)
+        loaded = load_model(model, "causal-lm", dtype=base_dtype, device=device)
     if template is not None:
         use_template(loaded.tokenizer, template, source)
     return loaded
@@ -177,8 +177,9 @@ def _check_positive(name: str, value: Any) -> None:
 
 def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None = None, max_length: int | None = None,
                      batch_size: int = 64, text_column: str | None = None, label_column: str | None = None,
-                     labels: list[str] | None = None, base_dtype: str | torch.dtype = "auto") -> dict[str, Any]:
-    """Held-out metrics of an adapter (its base stored in ``base_dtype``, ``models.load_model``).
+                     labels: list[str] | None = None, base_dtype: str | torch.dtype = "auto",
+                     device: str | torch.device | None = None) -> dict[str, Any]:
+    """Held-out metrics of an adapter (its base stored in ``base_dtype``, ``models.load_model``, on ``device``).
 
     Without ``data``: the held-out rows of the training run that wrote it (its run.json: data, --eval-data,
     max length, columns), else the built-in set's held-out split. With ``data``: every row of that file (or
@@ -193,7 +194,7 @@ def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None
     if task_now != "classify" and label_column is not None:
         raise ConfigError(f"--label-column {label_column}: {adapter} is a {task_now} adapter, whose data has no labels; "
                           "drop --label-column")
-    loaded, task, labels = load_with_adapter(adapter, model, labels=labels, base_dtype=base_dtype)
+    loaded, task, labels = load_with_adapter(adapter, model, labels=labels, base_dtype=base_dtype, device=device)
     trained = dict(max_length=run.get("max_length") or DEFAULT_MAX_LENGTH[task], text_column=run.get("text_column")
                    or "text", label_column=run.get("label_column") or "label")  # how the run read its rows
     given = dict(max_length=max_length, text_column=text_column, label_column=label_column)
@@ -243,7 +244,8 @@ def _check_same_training_rows(adapter, doc: dict[str, Any], data: str, train_row
                         "file whole (one of held-out rows only)")
 
 
-def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite: bool = False) -> Path:
+def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite: bool = False,
+                  device: str | torch.device | None = None) -> Path:
     """Write base + adapter, merged, as a plain Hugging Face model directory (loads without lorakit).
 
     ``out`` may not be, contain or lie inside the adapter or the model directory; an existing non-empty
@@ -252,7 +254,7 @@ def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite
     A base stored as safetensors is merged tensor by tensor (``merge_stream``: W' = W + s B A, DoRA
     m (W + s B A) / ||W + s B A||_row, in float32, stored at the base's dtype), never whole in memory; what the
     stream cannot map exactly (no safetensors, renamed or fused tensors, an adapter on a tied head) is merged in
-    memory, the base loaded at its stored dtype, with a note saying why.
+    memory, the base loaded at its stored dtype (on ``device``), with a note saying why.
     """
     check_output_dir(out)  # a path that cannot be a directory is refused before anything else is read
     spec = model or _recorded_base(adapter)
@@ -285,7 +287,7 @@ def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite
     if plan is not None:
         return write_directory(out_path, lambda tmp: merge_stream.write_merged(plan, tmp, tokenizer), replace=True)
     dtype = merge_stream.stored_dtype(model_dir(spec)) if reason else None
-    loaded, _, _ = load_with_adapter(adapter, model, **({"base_dtype": dtype} if dtype is not None else {}))
+    loaded, _, _ = load_with_adapter(adapter, model, device=device, **({"base_dtype": dtype} if dtype is not None else {}))
     if reason:  # after the load, which refuses a damaged base in one error line of its own
         stored = f" in {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
         print(f"lorakit: the merge is not streamed: {reason}; merging in memory instead (the whole base loaded{stored})",

@@ -172,7 +172,7 @@ class TrainConfig:
         needs_whole = {"--norm-cap": self.lora.norm_control.cap is not None, "--attention": self.attention is not None,
                        "--norm-every": self.norm_every is not None, "--backward celora": self.lora.backward == "celora"}
         bad = [name for name, used in needs_whole.items() if used]
-        on_cpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+        on_cpu = resolve_device(self.device).type == "cpu"
         if (self.bf16 or self.base_dtype in ("bf16", "fp16")) and on_cpu:
             raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) "
                               "needs one dtype per sharded block; on CPU use --shard without --bf16, or --bf16 without "
@@ -221,6 +221,12 @@ def check_device(device: str | None) -> None:
             raise ConfigError(f"device={device!r}: MPS is not available on this machine; use --device cpu")
     elif dev.type != "cpu":
         raise ConfigError(f"device={device!r}: lorakit trains on cpu, cuda or mps")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device a command runs on: ``device`` (checked: ``check_device``), else cuda when present, else cpu."""
+    check_device(device)
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # Options that change neither the model, the data nor the training trajectory: a resume may change them.

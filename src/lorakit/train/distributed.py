@@ -68,6 +68,30 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
 
 
+def backend(d: Dist) -> str | None:
+    """The process group's backend (nccl between GPUs, gloo between CPU processes), None for one process."""
+    return ("nccl" if torch.device(d.device).type == "cuda" else "gloo") if d.active else None
+
+
+def uses_cuda(device: str | None) -> bool:
+    """Processes train on GPUs (one each, cuda:LOCAL_RANK, nccl) when CUDA is present and --device allows it."""
+    return torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+
+
+def check_gpus(processes: int, device: str | None, *, local_rank: int | None = None) -> None:
+    """Refuse, in one line, more GPU processes than GPUs, or one device index for several processes."""
+    if processes <= 1 or not uses_cuda(device):
+        return
+    if device not in (None, "cuda"):
+        raise ConfigError(f"--device {device} with {processes} processes: each process trains on its own GPU, "
+                          "cuda:LOCAL_RANK (pick the GPUs with CUDA_VISIBLE_DEVICES); give --device cuda")
+    count = torch.cuda.device_count()
+    if processes > count if local_rank is None else local_rank >= count:
+        raise ConfigError(f"{processes} processes on this machine's {count} CUDA device(s): lorakit runs one process "
+                          f"per GPU (nccl); use --nproc {count} (torchrun --nproc-per-node {count}), or --device cpu "
+                          f"for {processes} CPU processes (gloo)")
+
+
 def from_environment(*, shard: bool = False, device: str | None = None) -> Dist:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR ...); a plain run is Dist()."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,7 +101,8 @@ def from_environment(*, shard: bool = False, device: str | None = None) -> Dist:
                               "run with --nproc N (N >= 2) or under torchrun")
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    cuda = uses_cuda(device)
+    check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", world)), device, local_rank=local_rank)
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

@@ -610,12 +610,14 @@ def load_model(
     tokenizer=None,
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str | None = None,
+    device: torch.device | str | None = None,
 ) -> LoadedModel:
     """Load a model (and its tokenizer, unless given) for ``task``; "classify" needs ``label_names``.
 
     ``dtype``: the frozen base's storage, a torch dtype or a --base-dtype value ("fp32", "bf16", "fp16", or
     "auto": fp32 when its weights fit in the memory available, else bf16; ``train.precision``). The weights are
-    read straight into it, one safetensors shard at a time (transformers' loader), never through an fp32 copy."""
+    read straight into it, one safetensors shard at a time (transformers' loader), never through an fp32 copy.
+    ``device``: moved there once loaded (None: left on the CPU, where training moves it itself)."""
     if task not in TASKS:
         raise ModelError(f"task {task!r} is not one of {TASKS}")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -652,6 +654,8 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    if device is not None:
+        model.to(device)
     from lorakit.speed.widen import widen_where_bf16_is_slow
 
     widen_where_bf16_is_slow(model, adapted=False)  # a 16-bit base on a CPU whose bf16 products are slow: fp32 products

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.train.config import DEFAULT_MAX_LENGTH, TrainConfig
+from lorakit.train.config import DEFAULT_MAX_LENGTH, TrainConfig, resolve_device
 from lorakit.train.memory_plan import RUNTIME_BYTES, MemoryPlan, available_memory, check_fits, plan_memory
 from lorakit.train.precision import PrecisionPlan, dtype_name, plan_precision
 
@@ -69,7 +69,7 @@ def plan_run(cfg: TrainConfig, dist=None) -> RunPlan:
     if dist is not None and dist.active:
         device = str(dist.device)
     else:
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(resolve_device(cfg.device))
     task = cfg.task or infer_task(cfg.data, label_column=cfg.label_column)
     config = model_config(cfg.model)
     check_max_length(cfg.model, cfg.max_length or DEFAULT_MAX_LENGTH[task])

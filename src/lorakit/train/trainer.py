@@ -698,6 +698,7 @@ def launch_processes(cfg: TrainConfig, nproc: int, argv: list[str]) -> int | Non
         return None
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be >= 1")
+    distributed.check_gpus(nproc, cfg.device)
     settle_leftover(cfg)
     check_output(cfg)
     distributed.rank_batch_size(cfg.batch_size, Dist(world=nproc))
@@ -752,7 +753,7 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None, plan: RunPlan)
                 f"{s.adapter_params:,} adapter parameters in {len(s.rows)} modules, {s.trainable:,} trainable")
     if d.active:
         how = "FSDP2, base sharded" if d.shard else "DDP over the adapter"
-        trainer.say(f"{d.world} processes ({how}, {'nccl' if trainer.device.type == 'cuda' else 'gloo'}): "
+        trainer.say(f"{d.world} processes ({how}, {distributed.backend(d)}): "
                     f"{trainer.rank_batch} rows each of the global batch of {cfg.batch_size}")
     for note in data.notes + ([packing] if packing else []):
         trainer.say("note: " + note)
@@ -771,7 +772,7 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None, plan: RunPlan)
               "precision": plan.precision.to_dict(), "memory_plan": plan.memory.to_dict(),
               "adapter_params": s.adapter_params, "trainable_params": s.trainable, "total_params": s.total,
               "skipped_rows": data.bad_rows, "skipped_steps": trainer.skipped_steps, "fingerprint": fingerprint,
-              "processes": d.world,
+              "processes": d.world, "backend": distributed.backend(d),
               "sharded": d.shard, "is_main": d.is_main, "memory_per_process": distributed.gather(d, memory.usage(trainer.device)),
               "gradient_checkpointing": cfg.gradient_checkpointing}
     report["peak_rss_mib"] = report["memory_per_process"][0].get("peak_rss_mib") if report["memory_per_process"] else None
