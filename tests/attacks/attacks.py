@@ -55,7 +55,7 @@ CHAT_DATA = REPO / "tests" / "data" / "chat.jsonl"
 HELD, TRACEBACK, UNCLEAR, WRONG, WRONGLY_REFUSED = "held", "traceback", "unclear", "silently wrong", "wrongly refused"
 CLASSES = (HELD, TRACEBACK, UNCLEAR, WRONG, WRONGLY_REFUSED)
 FAILING = (TRACEBACK, WRONG, WRONGLY_REFUSED)
-COMMANDS = ("train", "eval", "merge", "generate", "info", "norms", "rank-advice", "reproduce", "bench", "(none)")
+COMMANDS = ("train", "eval", "merge", "export", "generate", "info", "norms", "rank-advice", "reproduce", "bench", "(none)")
 
 
 # ====================================================================== the table's row
@@ -519,6 +519,23 @@ def _attacks() -> list[Attack]:
           needle=("empty\\.gguf",), setup=named_files({"empty.gguf": b""})))
     add(A("merge", "works: merged model equals base + adapter", ["merge", "--adapter", "{lm}", "--out", "{d}/merged"],
           expect="ok", check=merged_equals_adapter))
+
+    # ------------------------------------------------------------------ export
+    add(A("export", "--out onto an existing file without --overwrite", ["export", "{lm}", "--out", "{d}/mine.gguf"],
+          needle=("mine\\.gguf", "overwrite"), setup=named_files({"mine.gguf": "my model\n"})))
+    add(A("export", "--out a directory", ["export", "{lm}", "--out", "{d}"], needle=("directory",)))
+    add(A("export", "--out not a .gguf", ["export", "{lm}", "--out", "{d}/model.bin"], needle=("model\\.bin", "gguf")))
+    add(A("export", "no --out", ["export", "{lm}"], needle=("--out",)))
+    add(A("export", "--outtype q2_k", ["export", "{lm}", "--out", "{d}/m.gguf", "--outtype", "q2_k"],
+          needle=("q2_k",)))
+    add(A("export", "a classifier adapter", ["export", "{cls}", "--out", "{d}/m.gguf"], needle=("classif", "lorakit merge")))
+    add(A("export", "adapter missing", ["export", "{d}/nowhere", "--out", "{d}/m.gguf"], needle=("nowhere",)))
+    add(A("export", "a corrupt adapter_config.json", ["export", "{d}/run", "--out", "{d}/m.gguf"],
+          needle=("adapter_config\\.json",), setup=copy_run("lm", extra=CORRUPT_CONFIG)))
+    add(A("export", "--model an empty .gguf", ["export", "{lm}", "--model", "{d}/empty.gguf", "--out", "{d}/m.gguf"],
+          needle=("empty\\.gguf",), setup=named_files({"empty.gguf": b""})))
+    add(A("export", "works: a llama.cpp LoRA file", ["export", "{lm}", "--out", "{d}/lora.gguf"], expect="ok",
+          check=file_exists("lora.gguf")))
 
     # ------------------------------------------------------------------ generate
     for flag, value, needle in [("--temperature", "inf", ("temperature", "inf")), ("--temperature", "nan", ("temperature", "nan")),

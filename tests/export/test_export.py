@@ -291,7 +291,7 @@ def test_ollama_modelfile_for_the_adapter_and_for_the_merged_model(tmp_path, ggu
     code, out, err = cli(capsys, "export", adapter, "--out", tmp_path / "m.gguf", "--format", "gguf", "--ollama")
     assert code == 0, err
     text = (tmp_path / "m.Modelfile").read_text()
-    assert text.startswith("FROM ./m.gguf\nTEMPLATE \"\"\"") and "PARAMETER stop <|im_end|>" in text
+    assert text.startswith("FROM ./m.gguf\nTEMPLATE \"\"\"") and 'PARAMETER stop "<|im_end|>"' in text
     keys, _, _ = read(tmp_path / "m.gguf")
     assert keys["tokenizer.chat_template"] == (adapter / "chat_template.jinja").read_text()  # the adapter's template
 

@@ -47,14 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lorakit.architectures import families_with
 from lorakit.errors import ExportError
 
 if TYPE_CHECKING:
     import gguf
 
 FIX = "export from the base's GGUF file with --model FILE.gguf, or --format gguf-lora"
-MODEL_TYPES = {"llama": ("llama", "mistral"), "qwen2": ("qwen2",), "qwen3": ("qwen3",), "gemma2": ("gemma2",),
-               "gemma3": ("gemma3_text", "gemma3")}
+ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")  # the GGUF architectures whose key-values this module writes
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6}  # llama.cpp's default: layer i slides unless i % n == n - 1
 BIG_GEMMA_LAYERS = {"gemma2": 46, "gemma3": 62}  # the 27B models, whose query scale is 1/sqrt(hidden / heads)
 # llama.cpp's check text and the names of the hashes of its encodings (convert_hf_to_gguf_update.py's output in
@@ -132,8 +132,9 @@ def _config(model_dir: Path) -> dict[str, Any]:
 def _hparams(model_dir: Path, arch: str) -> dict[str, Any]:
     """The writer calls (method, value) of the hyperparameters, and the text config they come from."""
     model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    if model_type not in MODEL_TYPES.get(arch, ()):
-        known = ", ".join(f"{t} (as {a})" for a, ts in MODEL_TYPES.items() for t in ts)
+    layouts = families_with("gguf")  # architectures.py: model_type -> its GGUF layout
+    if arch not in ARCHS or getattr(layouts.get(model_type), "arch", None) != arch:
+        known = ", ".join(f"{t} (as {layout.arch})" for t, layout in layouts.items() if layout.arch in ARCHS)
         raise ExportError(f"{model_dir}: model_type {model_type!r} cannot be written as GGUF architecture {arch!r} "
                           f"from its config (supported: {known}); {FIX}")
     c = _config(model_dir)

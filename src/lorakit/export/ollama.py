@@ -4,7 +4,7 @@
     FROM /path/to/base.gguf                 or the base GGUF with the LoRA export on top
     ADAPTER ./adapter.gguf
     TEMPLATE \"\"\"...\"\"\"                     the chat format, as Ollama's Go template
-    PARAMETER stop <end-of-turn token>
+    PARAMETER stop "<end-of-turn token>"
 
 Ollama's templates are Go templates, not the tokenizer's Jinja, so the chat format is recognised from the Jinja
 template's markers (ChatML ``<|im_start|>``: SmolLM2, Qwen; Gemma's ``<start_of_turn>``; Llama 3's
@@ -15,6 +15,7 @@ saved by ``lorakit train --chat-template``), else the base tokenizer's.
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,7 @@ def plan(source, out: Path, format: str, overwrite: bool) -> ModelfilePlan:
     if known is not None:
         template, stops = known
         lines.append(f'TEMPLATE """{template}"""')
-        lines += [f"PARAMETER stop {shlex.quote(s) if ' ' in s else s}" for s in stops]
+        lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
     else:
         lines.append("# TEMPLATE left out: Ollama reads the chat template from the GGUF (tokenizer.chat_template)")
     return ModelfilePlan(path, "\n".join(lines) + "\n")
