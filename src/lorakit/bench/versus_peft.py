@@ -22,6 +22,7 @@ bf16 also reports the held-out loss after ``quality_steps`` steps of bf16 and of
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import itertools
 import json
@@ -236,9 +237,10 @@ class Runner:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
         self._cycle = itertools.cycle(self.batches)
 
-    @property
+    @functools.cached_property
     def device(self) -> torch.device:
-        """Where the model is (its first parameter's device): autocast and the timing follow it."""
+        """Where the model is (its first parameter's device, read once: not in the timed step): autocast and the
+        timing follow it."""
         return next(self.model.parameters()).device
 
     def autocast(self):

@@ -48,7 +48,7 @@ def _source(adapter: Path, model: str | None) -> Source:
     from lorakit.export.layout import gguf_layout
     from lorakit.train.apply import adapter_task, check_base_file
     from lorakit.train.merge_stream import NotStreamable, _empty_model, adapter_changes
-    from lorakit.train.models import check_model_exists, gguf_file, model_dir
+    from lorakit.train.models import check_model_exists, gguf_file, model_config, model_dir
 
     task, _, recorded = adapter_task(adapter)
     if task != "causal-lm":
@@ -66,10 +66,7 @@ def _source(adapter: Path, model: str | None) -> Source:
         raise ExportError(f"{adapter} is a PiSSA adapter saved for its residual base (W - s B0 A0); save it converted "
                           "(save_adapter(..., convert_pissa=True), lorakit's default) and export that")
     base_dir = model_dir(spec)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base_dir)
-    gguf_layout(config)  # an encoder or a family llama.cpp does not run: refused before the weights are read
+    gguf_layout(model_config(spec))  # an encoder or a family llama.cpp does not run: refused before any weight is read
     empty = _empty_model(base_dir, "causal-lm", None)
     try:
         merges, replaced = adapter_changes(empty, adapter)

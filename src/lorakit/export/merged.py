@@ -32,7 +32,7 @@ NOT_COPIED = ("GGUF.", "general.architecture", "general.file_type", "general.qua
               "general.alignment", "general.name")
 
 
-def _merged(hf_name: str, values: torch.Tensor, lora) -> torch.Tensor:
+def _merged(values: torch.Tensor, lora) -> torch.Tensor:
     from lorakit.train.merge_stream import merged_rows
 
     return torch.cat(list(merged_rows(values, lora)))
@@ -95,7 +95,7 @@ def _from_gguf(source, names: GgufNames, outtype: str, fh) -> tuple[callable, li
             hf_name, lora, value = changes[name]
             if lora is not None:
                 w = names.from_gguf_rows(hf_name, torch.from_numpy(values))
-                values = names.to_gguf_rows(hf_name, _merged(hf_name, w, lora)).numpy()
+                values = names.to_gguf_rows(hf_name, _merged(w, lora)).numpy()
             else:
                 values = names.stored(hf_name, value.to(torch.float32)).numpy()
             if values.shape != element_shape[name]:
@@ -141,8 +141,8 @@ def _from_hf(source, names: GgufNames, outtype: str) -> tuple[callable, list[Pla
         else:
             with safe_open(str(out.source.file), framework="pt") as f:
                 w = f.get_tensor(out.source.name)
-            values = _merged(out.name, w, out.lora) if out.lora is not None else w.to(torch.float32)
-        return encode(names.stored(out.name, values).to(torch.float32).numpy(), qtype)
+            values = _merged(w, out.lora) if out.lora is not None else w.to(torch.float32)
+        return encode(names.stored(out.name, values).numpy(), qtype)
 
     planned = []
     freqs = rope_freqs(source.base_dir)  # Llama 3's rope scaling: llama.cpp reads it as a tensor, not a key
