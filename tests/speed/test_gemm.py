@@ -11,9 +11,23 @@ from lorakit.speed import gemm
 
 def test_the_measurement_is_real_and_cached():
     speeds = gemm.cpu_gemm_speeds()
-    assert speeds.fp32_gflops > 0 and speeds.bf16_gflops > 0 and gemm.cpu_gemm_speeds() is speeds
+    # a real CPU's fp32 GEMM at 512^2 (2 cores: tens to hundreds of GFLOP/s); bf16 from 0.1 (no bf16 units) upward
+    assert speeds.size == 512 and 0.5 < speeds.fp32_gflops < 20000 and 0.05 < speeds.bf16_gflops < 50000
+    assert gemm.cpu_gemm_speeds() is speeds  # measured once per process
+    assert speeds.bf16_pays == (speeds.bf16_gflops >= speeds.fp32_gflops)
     used, why = gemm.bf16_decision("cpu")
-    assert used == speeds.bf16_pays and f"{speeds.fp32_gflops:.0f} fp32" in why
+    assert used == speeds.bf16_pays
+    assert why.startswith(f"bf16 GEMMs run at {speeds.bf16_gflops:.0f} GFLOP/s on this CPU against "
+                          f"{speeds.fp32_gflops:.0f} fp32 (512^2 products, measured now)")
+
+
+def test_peak_gemm_is_the_best_of_its_timed_products(monkeypatch):
+    """2 n^3 / seconds of the fastest product, the first (cold) one included; a product over the budget ends it."""
+    ticks = iter([0.0, 0.004, 1.0, 1.002, 2.0, 2.008, 3.0, 3.5])  # n=64: 4 ms, 2 ms, 8 ms; n=128: 500 ms (> budget)
+    monkeypatch.setattr(gemm.time, "perf_counter", lambda: next(ticks))
+    best = gemm.peak_gemm(torch.float32, sizes=(64, 128, 256), repeats=2, budget_s=0.1)
+    assert best == pytest.approx(2 * 64**3 / 0.002 / 1e9)
+    assert next(ticks, None) is None  # n=256 was never timed: the 128^2 product took longer than the budget
 
 
 @pytest.mark.parametrize("bf16_gflops,applied", [(1.0, False), (150.0, True)])
