@@ -5,6 +5,7 @@ semantics: W + (alpha / r) B A per pair, q/k rows un-permuted), and against tran
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,7 +175,7 @@ def test_an_adapted_tied_head_is_refused_in_a_lora_file_and_becomes_its_own_outp
 
 
 # ---------------------------------------------------------------------- from a Hugging Face model directory
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3"])
 def test_merged_gguf_from_a_model_directory_loads_in_transformers_with_the_merged_logits(tmp_path, cache, arch,
                                                                                         smollm2_tokenizer, monkeypatch):
     """The tensors (names, q/k rows, Gemma's norm offset, Qwen's biases) read back by transformers' own GGUF loader
@@ -197,7 +198,8 @@ def test_merged_gguf_from_a_model_directory_loads_in_transformers_with_the_merge
         bpe = hf_metadata._tokenizer
         monkeypatch.setattr(hf_metadata, "_tokenizer", lambda model_dir, arch, hparams: bpe(model_dir, "llama", hparams))
     tok = smollm2_tokenizer
-    config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "gemma3": tf.Gemma3TextConfig}[arch](
+    config = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+              "gemma3": tf.Gemma3TextConfig}[arch](
         vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
@@ -213,14 +215,21 @@ def test_merged_gguf_from_a_model_directory_loads_in_transformers_with_the_merge
     tok.save_pretrained(base)
     adapter, adapted_model = adapted(base, tmp_path, r=4, alpha=8)
     out = export_gguf(adapter, tmp_path / "m.gguf", format="gguf", outtype="f32")["gguf"]
+    if arch == "mistral":  # llama.cpp runs Mistral as its llama (the converter's MistralModel is a LlamaModel)
+        assert read(out)[0]["general.architecture"] == "llama"
 
     # transformers' GGUF reader does not read Gemma's query_pre_attn_scalar (llama.cpp derives it): given here
     read_back = tf.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32,
                                                         **({"query_pre_attn_scalar": 16} if arch == "gemma3" else {}))
     merged = unload(adapted_model, merge=True).eval()
-    got_tensors = read_back.state_dict()
-    for name, value in merged.state_dict().items():
-        torch.testing.assert_close(got_tensors[name], value, rtol=0, atol=1e-6, msg=name)
+    assert_reads_back_as(read_back, merged.state_dict(), merged)
+
+
+def assert_reads_back_as(read_back, want: dict, merged) -> None:
+    """The file read back by transformers holds ``want`` (to 1e-6) and computes ``merged``'s logits."""
+    got = read_back.state_dict()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
     ids = torch.tensor([[1, 5, 9, 30, 2, 17, 33, 4]])
     with torch.no_grad():
         torch.testing.assert_close(read_back.eval()(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
@@ -325,3 +334,151 @@ def test_llama3_rope_scaling_goes_into_the_merged_file_as_llama_cpps_tensor(tmp_
     assert types["rope_freqs.weight"] == "F32"
     np.testing.assert_array_equal(tensors["rope_freqs.weight"], rope_freqs(base))
     assert tensors["rope_freqs.weight"].max() == 8.0
+
+
+# ---------------------------------------------------------------------- Phi-3 (fused projections) and Gemma 1
+def tiny_base(tmp_path, tok, config, monkeypatch) -> Path:
+    """``config``'s model saved with SmolLM2's tokenizer (random norm weights: a missing offset would show); the
+    export writes SmolLM2's byte-level BPE vocabulary (these families' own is SentencePiece, which needs a
+    tokenizer.model: tests/export/test_hf_metadata.py)."""
+    import transformers as tf
+
+    from lorakit.export import hf_metadata
+
+    bpe = hf_metadata._tokenizer
+    monkeypatch.setattr(hf_metadata, "_tokenizer", lambda model_dir, arch, hparams: bpe(model_dir, "llama", hparams))
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.1)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    return base
+
+
+PHI3_ALL = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("targets", [PHI3_ALL, ["o_proj", "down_proj"]], ids=["fused", "unfused"])
+def test_phi3_merged_from_a_model_directory_loads_in_transformers_with_the_merged_logits(tmp_path, cache, targets,
+                                                                                        smollm2_tokenizer,
+                                                                                        monkeypatch):
+    """Phi-3's fused qkv_proj and gate_up_proj (lorakit adapts them whole) are llama.cpp's attn_qkv and ffn_up as
+    they are (gate rows, then up rows: ggml_swiglu's halves); read back by transformers' GGUF loader and by numpy."""
+    import transformers as tf
+
+    tok = smollm2_tokenizer
+    config = tf.Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           original_max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    base = tiny_base(tmp_path, tok, config, monkeypatch)
+    adapter, adapted_model = adapted(base, tmp_path, r=4, alpha=8, targets=targets)
+    out = export_gguf(adapter, tmp_path / "m.gguf", format="gguf", outtype="f32")["gguf"]
+    keys, tensors, types = read(out)
+    merged = unload(adapted_model, merge=True).eval()
+    want = merged.state_dict()
+
+    assert keys["general.architecture"] == "phi3" and set(types.values()) == {"F32"}
+    assert {k.removeprefix("phi3."): v for k, v in keys.items() if k.startswith("phi3.")} == {
+        "context_length": 256, "embedding_length": 64, "block_count": 2, "feed_forward_length": 96,
+        "attention.head_count": 4, "attention.head_count_kv": 2,
+        "attention.layer_norm_rms_epsilon": pytest.approx(1e-5),
+        "vocab_size": len(tok), "rope.dimension_count": 16, "rope.freq_base": 10000.0,
+        "rope.scaling.original_context_length": 256, "attention.sliding_window": 0}
+    assert sorted(tensors) == sorted(["token_embd.weight", "output_norm.weight", "output.weight"] + [
+        f"blk.{i}.{t}.weight" for i in range(2) for t in ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up",
+                                                          "ffn_down")])
+    for i in range(2):  # the fused tensors as llama.cpp's phi3 loads them: {hidden, hidden + 2 kv} and {hidden, 2 ff}
+        layer = f"model.layers.{i}"
+        assert tensors[f"blk.{i}.attn_qkv.weight"].shape == (64 + 2 * 2 * 16, 64)
+        np.testing.assert_array_equal(tensors[f"blk.{i}.attn_qkv.weight"], want[f"{layer}.self_attn.qkv_proj.weight"])
+        gate, up = np.split(tensors[f"blk.{i}.ffn_up.weight"], 2)  # ggml_swiglu: silu(first half) * second half
+        w = want[f"{layer}.mlp.gate_up_proj.weight"].numpy()
+        np.testing.assert_array_equal(gate, w[:96])
+        np.testing.assert_array_equal(up, w[96:])
+    from safetensors.torch import load_file
+
+    before = load_file(base / "model.safetensors")
+    for leaf in ("self_attn.qkv_proj", "mlp.gate_up_proj", "self_attn.o_proj"):  # the adapter changes what it targets
+        name = f"model.layers.0.{leaf}.weight"
+        changed = (want[name] - before[name].float()).abs().max() > 1e-3
+        assert changed == (leaf.split(".")[1] in targets), name
+
+    read_back = tf.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    assert type(read_back).__name__ == "Phi3ForCausalLM"
+    assert_reads_back_as(read_back, want, merged)
+
+
+def test_phi3_longrope_is_llama_cpps_factor_tensors_and_attention_factor(tmp_path, cache, smollm2_tokenizer,
+                                                                        monkeypatch):
+    import json
+
+    import transformers as tf
+
+    tok = smollm2_tokenizer
+    long, short = [1.0 + i / 4 for i in range(8)], [1.0 + i / 16 for i in range(8)]
+    config = tf.Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                           num_attention_heads=4, max_position_embeddings=1024, original_max_position_embeddings=256,
+                           bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, sliding_window=512,
+                           rope_parameters={"rope_type": "longrope", "long_factor": long, "short_factor": short,
+                                            "original_max_position_embeddings": 256, "rope_theta": 10000.0})
+    base = tiny_base(tmp_path, tok, config, monkeypatch)
+    assert json.loads((base / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
+    adapter, _ = adapted(base, tmp_path, r=4, alpha=8, targets=PHI3_ALL)
+    keys, tensors, types = read(export_gguf(adapter, tmp_path / "m.gguf", format="gguf", outtype="q8_0")["gguf"])
+    # the converter's Phi3MiniModel: the factors as tensors (F32), the attention factor sqrt(1 + ln(s) / ln(orig))
+    assert types["rope_factors_long.weight"] == types["rope_factors_short.weight"] == "F32"
+    np.testing.assert_array_equal(tensors["rope_factors_long.weight"], np.float32(long))
+    np.testing.assert_array_equal(tensors["rope_factors_short.weight"], np.float32(short))
+    assert keys["phi3.rope.scaling.attn_factor"] == pytest.approx(np.sqrt(1 + np.log(4) / np.log(256)))
+    assert keys["phi3.rope.scaling.original_context_length"] == 256 and keys["phi3.context_length"] == 1024
+    assert keys["phi3.attention.sliding_window"] == 512 and "phi3.rope.scaling.type" not in keys
+
+
+def test_gemma_merged_from_a_model_directory_is_the_merged_model(tmp_path, cache, smollm2_tokenizer, monkeypatch):
+    """Gemma 1 (transformers' GGUF loader does not read it): the file's tensors, read with numpy, are the merged
+    model's (norms stored as 1 + w, no output.weight: llama.cpp's gemma ties the head), and a GemmaForCausalLM built
+    from the file alone (its key-values, its tensors) gives the merged logits."""
+    import gguf
+    import transformers as tf
+
+    tok = smollm2_tokenizer
+    config = tf.GemmaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    base = tiny_base(tmp_path, tok, config, monkeypatch)
+    adapter, adapted_model = adapted(base, tmp_path, r=4, alpha=8)
+    keys, tensors, types = read(export_gguf(adapter, tmp_path / "m.gguf", format="gguf", outtype="f32")["gguf"])
+    merged = unload(adapted_model, merge=True).eval()
+
+    assert keys["general.architecture"] == "gemma"
+    kv = {k.removeprefix("gemma."): v for k, v in keys.items() if k.startswith("gemma.")}
+    assert kv == {"context_length": 256, "embedding_length": 64, "block_count": 2, "feed_forward_length": 96,
+                  "attention.head_count": 4, "attention.head_count_kv": 1, "attention.key_length": 32,
+                  "attention.value_length": 32, "attention.layer_norm_rms_epsilon": pytest.approx(1e-6),
+                  "vocab_size": len(tok), "rope.dimension_count": 32, "rope.freq_base": 10000.0}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA, 2)
+    state = merged.state_dict()
+    hf = {names.get_name(n, try_suffixes=(".weight",)): n for n in state if n != "lm_head.weight"}
+    assert set(tensors) == set(hf) and "output.weight" not in tensors
+    for name, hf_name in hf.items():
+        offset = 1.0 if hf_name.endswith("norm.weight") else 0.0
+        np.testing.assert_array_equal(tensors[name], state[hf_name].numpy() + np.float32(offset), err_msg=name)
+
+    # the file alone, as llama.cpp reads it
+    rebuilt = tf.GemmaConfig(vocab_size=len(keys["tokenizer.ggml.tokens"]), hidden_size=kv["embedding_length"],
+                             intermediate_size=kv["feed_forward_length"], num_hidden_layers=kv["block_count"],
+                             num_attention_heads=kv["attention.head_count"], head_dim=kv["attention.key_length"],
+                             num_key_value_heads=kv["attention.head_count_kv"], rope_theta=kv["rope.freq_base"],
+                             rms_norm_eps=kv["attention.layer_norm_rms_epsilon"], tie_word_embeddings=True)
+    model = tf.GemmaForCausalLM(rebuilt).eval()
+    model.load_state_dict({hf_name: torch.from_numpy(tensors[n] - (1.0 if hf_name.endswith("norm.weight") else 0.0))
+                           for n, hf_name in hf.items()}, strict=False)
+    ids = torch.tensor([[1, 5, 9, 30, 2, 17, 33, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)

@@ -277,9 +277,11 @@ def tiny_config(kind: str, **overrides):
              "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64, attn_logit_softcapping=40.0,
                             final_logit_softcapping=20.0),
              "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64, num_hidden_layers=7,
-                                 final_logit_softcapping=25.0)}[kind]
+                                 final_logit_softcapping=25.0),
+             "gemma": dict(head_dim=32), "phi3": dict(original_max_position_embeddings=256)}[kind]
     cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
-           "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig}[kind]
+           "gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig,
+           "phi3": tf.Phi3Config}[kind]
     return cls(**{**common, **extra, **overrides})
 
 
@@ -296,8 +298,8 @@ def save(tmp_path, smollm2_tokenizer):
     return make
 
 
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-        "gemma3_text": "gemma3"}
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+        "gemma3_text": "gemma3", "phi3": "phi3"}
 
 
 @pytest.mark.parametrize("kind", list(ARCH))
@@ -318,6 +320,8 @@ def test_tiny_config_hyperparameters(kind, save):
         want |= {"attention.sliding_window": 64, "attn_logit_softcapping": 40.0, "final_logit_softcapping": 20.0}
     if arch == "gemma3":
         want |= {"attention.sliding_window": 64, "final_logit_softcapping": 25.0, "rope.freq_base_swa": 10000.0}
+    if arch == "phi3":  # conversion/phi.py Phi3MiniModel: the original context always, 0 for no sliding window
+        want |= {"rope.scaling.original_context_length": 256, "attention.sliding_window": 0}
     assert {k.removeprefix(f"{arch}."): v for k, v in got.items() if k.startswith(f"{arch}.")} == want
     assert rope_freqs(save(config, tokenizer=False)) is None
 
@@ -342,7 +346,7 @@ def test_qwen2_reads_smollm2_tokenizer_with_qwens_pre_tokenizer(save):
     one_line_refusal(excinfo, "does not know this BPE pre-tokenizer", FIX)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3_text"])
 def test_gemma_with_a_bpe_tokenizer_is_refused(kind, save):
     with pytest.raises(ExportError) as excinfo:
         metadata(save(tiny_config(kind)), ARCH[kind])
@@ -408,3 +412,42 @@ def test_a_tokenizer_larger_than_the_model_is_refused(save):
     with pytest.raises(ExportError) as excinfo:
         metadata(save(tiny_config("llama", vocab_size=1000)), "llama")
     one_line_refusal(excinfo, "token id 49151", "vocab_size 1000")
+
+
+def test_phi3_partial_rotary_and_sliding_window(save):
+    """Phi-3's rotary size is the converter's int(partial_rotary_factor * hidden) // heads (llama.cpp's phi3 rotates
+    that many dims of each head, as transformers); its sliding window is written as given."""
+    config = tiny_config("phi3", sliding_window=128, partial_rotary_factor=0.75)
+    got = metadata(save(config, tokenizer=False), "phi3", fn=write_hyperparameters)
+    assert got["phi3.rope.dimension_count"] == 12 and got["phi3.attention.sliding_window"] == 128
+    assert "phi3.attention.key_length" not in got and "phi3.rope.scaling.attn_factor" not in got
+    assert hf_metadata.rope_factors(save(config, tokenizer=False)) == {}
+
+
+def test_phi3_head_dim_other_than_hidden_over_heads_is_refused(save):
+    with pytest.raises(ExportError) as excinfo:
+        metadata(save(tiny_config("phi3", head_dim=32), tokenizer=False), "phi3", fn=write_hyperparameters)
+    one_line_refusal(excinfo, "head_dim 32", "phi3", FIX)
+
+
+def test_phi3_added_tokens_as_the_converter_takes_them(tmp_path):
+    """Phi3MiniModel.set_vocab: an added token is control if special, else user-defined, its text as given (no
+    "looks special" rule, no ▁ -> space)."""
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(spm_model([("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("▁a", -1.0, 1)]))
+    added = {1: ("<s>", True), 2: ("▁▁x", False), 3: ("<|user|>", False), 4: ("<|end|>", True)}
+    tokens, scores, types, _ = hf_metadata._sentencepiece(path, 5, added, as_given=True)
+    assert tokens == [b"<unk>", b"<s>", "▁▁x".encode(), b"<|user|>", b"<|end|>"]
+    assert types == [2, 3, 4, 4, 3] and scores == [0.0, -1000.0, -1000.0, -1000.0, -1000.0]
+    assert hf_metadata._sentencepiece(path, 5, added)[2] == [2, 3, 4, 3, 3]  # the general rule: looks special
+
+
+def test_gemma_writes_the_converters_end_of_turn_token(save):
+    """GemmaModel.set_vocab sets eot 107 (<end_of_turn> in Gemma's vocabulary; llama.cpp stops on it) and no space
+    prefix. (A made-up tokenizer.model beside SmolLM2's tokenizer files: only the key-values are checked.)"""
+    d = save(tiny_config("gemma"))
+    (d / "tokenizer.model").write_bytes(spm_model([(f"t{i}", -float(i), 1) for i in range(200)]))
+    got = metadata(d, "gemma")
+    assert got["tokenizer.ggml.model"] == "llama" and got["tokenizer.ggml.eot_token_id"] == 107
+    assert got["tokenizer.ggml.add_space_prefix"] is False
+    assert got["tokenizer.ggml.tokens"][107] == "t107" and len(got["tokenizer.ggml.tokens"]) == 49152

@@ -3,7 +3,7 @@
 What is written, and where llama.cpp's loader reads it (llama-model.cpp ``load_hparams``, models/<arch>.cpp,
 llama-vocab.cpp ``load``); the values are those of llama.cpp's converter (convert_hf_to_gguf.py: conversion/base.py
 ``set_gguf_parameters``, ``get_vocab_base``, ``_create_vocab_sentencepiece``; conversion/llama.py, qwen.py,
-gemma.py), taken from transformers' parsed config (``AutoConfig(...).to_dict()``, as the converter reads it):
+gemma.py, phi.py), taken from transformers' parsed config (``AutoConfig(...).to_dict()``, as the converter reads it):
 
     general.name, general.type            the model's name; "model"
     <arch>.context_length ...             max_position_embeddings, hidden_size, num_hidden_layers, intermediate_size,
@@ -14,6 +14,16 @@ gemma.py), taken from transformers' parsed config (``AutoConfig(...).to_dict()``
     <arch>.rope.scaling.*                 linear: type, factor; yarn: type, factor, original context, yarn params.
                                           llama3 (Llama 3.1+) has no key-value: llama.cpp reads the tensor
                                           ``rope_freqs.weight``, which the caller adds (``rope_freqs``)
+    Phi-3 (phi.py Phi3MiniModel)          rope.dimension_count = int(partial_rotary_factor * hidden) / heads;
+                                          rope.scaling.original_context_length; attention.sliding_window (0 for
+                                          none; llama.cpp's phi3 ignores it and runs full attention); longrope ("su",
+                                          "yarn" in old configs): rope.scaling.attn_factor and the tensors
+                                          ``rope_factors_long/short.weight`` (``rope_factors``). The tokenizer's
+                                          added tokens as its set_vocab takes them (control if special, else
+                                          user-defined, text as given); no add_space_prefix (llama.cpp's default)
+    Gemma 1                               key/value_length; the embedding scale sqrt(hidden), the query scale
+                                          1/sqrt(head_dim) and the tied head are llama.cpp's gemma; eot_token_id 107
+                                          (<end_of_turn>), as the converter's GemmaModel.set_vocab
     Gemma 2/3                             attention.sliding_window, attn/final_logit_softcapping; llama.cpp derives
                                           the sliding layers (every 2nd / all but every 6th) and the query scale
                                           (1/sqrt(head_dim)) itself, so a config that differs is refused
@@ -54,7 +64,8 @@ if TYPE_CHECKING:
     import gguf
 
 FIX = "export from the base's GGUF file with --model FILE.gguf, or --format gguf-lora"
-ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")  # the GGUF architectures whose key-values this module writes
+ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")  # the GGUF architectures written here
+GEMMA_EOT = 107  # Gemma 1's <end_of_turn>: the converter's GemmaModel.set_vocab sets eot (its FIM ids have no writer)
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6}  # llama.cpp's default: layer i slides unless i % n == n - 1
 BIG_GEMMA_LAYERS = {"gemma2": 46, "gemma3": 62}  # the 27B models, whose query scale is 1/sqrt(hidden / heads)
 # llama.cpp's check text and the names of the hashes of its encodings (convert_hf_to_gguf_update.py's output in
@@ -142,20 +153,29 @@ def _hparams(model_dir: Path, arch: str) -> dict[str, Any]:
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     rope = c.get("rope_parameters") or {}
     full, sliding = rope.get("full_attention", rope), rope.get("sliding_attention")
+    partial = full.get("partial_rotary_factor", c.get("partial_rotary_factor")) or 1.0
+    rope_dims = int(partial * c["hidden_size"]) // heads if arch == "phi3" else head_dim  # the converter's
     keys = [("add_context_length", c["max_position_embeddings"]), ("add_embedding_length", c["hidden_size"]),
             ("add_block_count", c["num_hidden_layers"]), ("add_feed_forward_length", c["intermediate_size"]),
             ("add_head_count", heads), ("add_head_count_kv", c.get("num_key_value_heads") or heads),
             ("add_layer_norm_rms_eps", c["rms_norm_eps"]), ("add_vocab_size", c["vocab_size"]),
-            ("add_rope_dimension_count", head_dim), ("add_rope_freq_base", full.get("rope_theta", 10000.0))]
+            ("add_rope_dimension_count", rope_dims), ("add_rope_freq_base", full.get("rope_theta", 10000.0))]
     if head_dim != c["hidden_size"] // heads or arch.startswith("gemma"):
         keys += [("add_key_length", head_dim), ("add_value_length", head_dim)]
-    keys += _rope_scaling(model_dir, full)
 
     def refuse(what: str) -> None:
         raise ExportError(f"{model_dir}: {what}, which llama.cpp's {arch} does not implement; {FIX}")
 
-    if c.get("partial_rotary_factor", 1.0) != 1.0:
-        refuse(f"partial_rotary_factor {c['partial_rotary_factor']}")
+    if arch == "phi3":
+        if head_dim != c["hidden_size"] // heads:  # llama.cpp's phi3: heads of hidden_size / heads, wo square
+            refuse(f"head_dim {head_dim} (not hidden_size / num_attention_heads)")
+        keys += _phi3_rope(model_dir, c, full, rope_dims)
+        # the converter writes 0 for no sliding window; llama.cpp's phi3 runs full attention either way
+        keys.append(("add_sliding_window", c.get("sliding_window") or 0))
+    else:
+        keys += _rope_scaling(model_dir, full)
+    if partial != 1.0 and arch != "phi3":
+        refuse(f"partial_rotary_factor {partial}")
     if arch in ("qwen2", "qwen3") and c.get("use_sliding_window"):
         refuse(f"use_sliding_window (sliding_window {c.get('sliding_window')})")
     if arch in SWA_PATTERN:
@@ -181,6 +201,48 @@ def _hparams(model_dir: Path, arch: str) -> dict[str, Any]:
         if sliding and arch == "gemma3":
             keys.append(("add_rope_freq_base_swa", sliding.get("rope_theta", 10000.0)))
     return {"keys": keys, "vocab_size": c["vocab_size"]}
+
+
+def _phi3_rope(model_dir: Path, c: dict, rope: dict, rope_dims: int) -> list[tuple[str, Any]]:
+    """Phi-3's rope key-values, as the converter's Phi3MiniModel (conversion/phi.py): always the original context
+    length; for longrope (transformers' name for "su" and Phi-3's "yarn") with factors, the attention factor
+    (the config's attention_factor, else sqrt(1 + ln(s) / ln(original)), s = context / original, as both
+    transformers and the converter compute it); the factors themselves are tensors (``rope_factors``)."""
+    original = rope.get("original_max_position_embeddings", c.get("original_max_position_embeddings"))
+    if original is None:
+        raise ExportError(f"{model_dir}: a phi3 config without original_max_position_embeddings; {FIX}")
+    keys = [("add_rope_scaling_orig_ctx_len", original)]
+    kind = str(rope.get("rope_type", rope.get("type", "default"))).lower()
+    if kind == "default":
+        return keys
+    if kind not in ("longrope", "su", "yarn"):
+        raise ExportError(f"{model_dir}: rope_type {kind!r} (config.json rope_parameters) is not one llama.cpp's "
+                          f"phi3 implements (default, longrope); {FIX}")
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long:  # the converter writes nothing more (nor does transformers scale anything)
+        return keys
+    if not short or len(long) != len(short) or len(long) * 2 != rope_dims:
+        raise ExportError(f"{model_dir}: longrope long_factor/short_factor of lengths {len(long)}/"
+                          f"{len(short or [])}, not rotary dims / 2 = {rope_dims // 2}; {FIX}")
+    scale = c["max_position_embeddings"] / original
+    factor = rope.get("attention_factor")
+    if factor is None:
+        factor = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+    return keys + [("add_rope_scaling_attn_factors", float(factor))]
+
+
+def rope_factors(model_dir: Path) -> dict[str, np.ndarray]:
+    """Phi-3's longrope factors, the tensors llama.cpp reads (``rope_factors_long.weight``,
+    ``rope_factors_short.weight``: float32, rotary dims / 2; it takes the long ones when the context is longer
+    than the original), as the converter's Phi3MiniModel.generate_extra_tensors; {} for any other model."""
+    model_dir = Path(model_dir)
+    if json.loads((model_dir / "config.json").read_text()).get("model_type") != "phi3":
+        return {}
+    rope = _config(model_dir).get("rope_parameters") or {}
+    if str(rope.get("rope_type", "")).lower() not in ("longrope", "su", "yarn") or not rope.get("long_factor"):
+        return {}
+    return {"rope_factors_long.weight": np.asarray(rope["long_factor"], np.float32),
+            "rope_factors_short.weight": np.asarray(rope["short_factor"], np.float32)}
 
 
 def _rope_scaling(model_dir: Path, rope: dict) -> list[tuple[str, Any]]:
@@ -232,9 +294,14 @@ def _tokenizer(model_dir: Path, arch: str, hparams: dict) -> Any:
         config = read("tokenizer_config.json")  # its added tokens, as the converter reads them; else the tokenizer's
         added = {int(i): (t["content"], t.get("special", False)) for i, t in config.get("added_tokens_decoder", {}).items()}
         added = added or {i: (t.content, t.special) for i, t in tok.added_tokens_decoder.items()}
-        tokens, scores, types, dummy_prefix = _sentencepiece(spm_file, n_vocab, added)
+        if arch == "phi3":  # Phi3MiniModel.set_vocab: added_tokens.json, then tokenizer_config's, then tokenizer.json's
+            added = {i: (t, False) for t, i in read("added_tokens.json").items()} | added | {
+                int(t["id"]): (t["content"], t.get("special", False)) for t in read("tokenizer.json").get("added_tokens", [])}
+        tokens, scores, types, dummy_prefix = _sentencepiece(spm_file, n_vocab, added, as_given=arch == "phi3")
         space_prefix = False if arch.startswith("gemma") else config.get("add_prefix_space")
         space_prefix = dummy_prefix if space_prefix is None else bool(space_prefix)
+        if arch == "phi3" and space_prefix:
+            space_prefix = None  # the converter's phi3 writes none: llama.cpp's SentencePiece default (true)
     else:
         kind, merges, scores = "gpt2", True, None
         digest = hashlib.sha256(str(tok.encode(CHECK_TEXT)).encode()).hexdigest()
@@ -256,6 +323,8 @@ def _tokenizer(model_dir: Path, arch: str, hparams: dict) -> Any:
     plain, full = tok.encode("a", add_special_tokens=False), tok.encode("a")
     special.add_special_token["bos"] = "bos" in ids and full[:1] == [ids["bos"]] != plain[:1]
     special.add_special_token["eos"] = "eos" in ids and full[-1:] == [ids["eos"]] != plain[-1:]
+    if arch == "gemma" and GEMMA_EOT < len(tokens):
+        special.special_token_ids.setdefault("eot", GEMMA_EOT)
 
     def add(writer) -> None:
         writer.add_tokenizer_model(kind)
@@ -264,7 +333,8 @@ def _tokenizer(model_dir: Path, arch: str, hparams: dict) -> Any:
         if scores is not None:
             writer.add_token_scores(scores)
         writer.add_token_types(types)
-        writer.add_add_space_prefix(space_prefix)
+        if space_prefix is not None:
+            writer.add_add_space_prefix(space_prefix)
         special.add_to_gguf(writer, quiet=True)
 
     return add
@@ -326,11 +396,14 @@ def _fields(data):
         yield key >> 3, value
 
 
-def _sentencepiece(path: Path, n_vocab: int, added: dict) -> tuple[list[bytes], list[float], list[int], bool]:
+def _sentencepiece(path: Path, n_vocab: int, added: dict, *, as_given: bool = False) -> tuple[list[bytes],
+                                                                                                  list[float],
+                                                                                                  list[int], bool]:
     """Tokens, scores and types of a SentencePiece tokenizer.model (ModelProto: pieces = field 1 {piece 1, score 2,
     type 3}; normalizer_spec = field 3 {add_dummy_prefix 3}), as the converter's ``_create_vocab_sentencepiece``:
     user-defined pieces count as normal, unset ids are [PAD<id>]; the added tokens (id -> (text, special))
-    override (score -1000, control if special or looking so, else user-defined with ▁ as a space). Also
+    override (score -1000, control if special or looking so, else user-defined with ▁ as a space; ``as_given``:
+    control if special, else user-defined, the text as it is, as the converter's Phi3MiniModel). Also
     add_dummy_prefix."""
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
     scores, types = [-10000.0] * n_vocab, [5] * n_vocab
@@ -347,7 +420,9 @@ def _sentencepiece(path: Path, n_vocab: int, added: dict) -> tuple[list[bytes], 
         i += 1
     for token_id, (text, special) in added.items():
         if token_id < n_vocab:
-            if special or _looks_special(text):
+            if as_given:
+                types[token_id] = 3 if special else 4
+            elif special or _looks_special(text):
                 types[token_id] = 3
             else:
                 text, types[token_id] = text.replace("\u2581", " "), 4

@@ -13,7 +13,9 @@ memory at a time.
   its own (llama.cpp uses it when present), the embeddings left as they are.
 - A Hugging Face model directory: its safetensors are read tensor by tensor (``merge_stream.plan_merge``), named
   and laid out as llama.cpp's converter does (``layout.GgufNames``), and the key-values are written from its
-  config and tokenizer (``hf_metadata``; Llama 3's rope scaling as the ``rope_freqs.weight`` tensor llama.cpp reads).
+  config and tokenizer (``hf_metadata``; Llama 3's rope scaling as the ``rope_freqs.weight`` tensor llama.cpp reads,
+  Phi-3's longrope as ``rope_factors_long/short.weight``). Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` (gate
+  rows, then up rows) are llama.cpp's ``attn_qkv`` and ``ffn_up`` as they are, merged like any other weight.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _from_hf(source, names: GgufNames, outtype: str) -> tuple[callable, list[Pla
 
     from gguf import GGMLQuantizationType
 
-    from lorakit.export.hf_metadata import rope_freqs, write_metadata
+    from lorakit.export.hf_metadata import rope_factors, rope_freqs, write_metadata
     from lorakit.train.merge_stream import NotStreamable, plan_merge
     from lorakit.train.models import load_tokenizer
 
@@ -149,6 +151,9 @@ def _from_hf(source, names: GgufNames, outtype: str) -> tuple[callable, list[Pla
     if freqs is not None:
         planned.append(Planned("rope_freqs.weight", tuple(freqs.shape), GGMLQuantizationType.F32,
                                lambda: encode(freqs, GGMLQuantizationType.F32)))
+    for name, factors in rope_factors(source.base_dir).items():  # Phi-3's longrope: tensors too
+        planned.append(Planned(name, tuple(factors.shape), GGMLQuantizationType.F32,
+                               lambda f=factors: encode(f, GGMLQuantizationType.F32)))
     for shard in plan.shards:
         for out in shard:
             name = _gguf_name(names, out.name)
