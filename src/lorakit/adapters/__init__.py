@@ -1,4 +1,5 @@
-"""LoRA adapters: configuration, the adapted layer, attaching to a model, named adapters, PEFT-format files."""
+"""LoRA adapters: configuration, the adapted layer (a frozen weight's ``storage`` plus adapters, each with its
+``variants`` strategy: plain LoRA, DoRA, PiSSA, CE-LoRA), attaching to a model, named adapters, PEFT-format files."""
 
 from lorakit.adapters.attach import (
     active_adapters,

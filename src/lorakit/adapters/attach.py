@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lorakit.adapters import variants
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.layer import BASE, LoraLinear
 from lorakit.module_kinds import linear_shape
@@ -139,9 +140,8 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
     if not first:
         _check_can_add(model, cfg, name)
     res = resolution or resolve(model, cfg)
-    celora_specs = None
-    if cfg.backward == "celora":
-        celora_specs, cfg = _plan_celora(model, cfg, res.targets)
+    variant = variants.of(cfg)
+    cfg = variant.plan(model, cfg, res.targets)  # checked before anything is modified; may set ranks (rank_pattern)
     check_ranks(model, cfg, res.targets)
     for note in res.notes:
         warnings.warn(note, stacklevel=2)
@@ -162,7 +162,7 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
         parent_name, _, child = target.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        kw = dict(dropout=cfg.dropout, rslora=cfg.rslora, init=cfg.init, dora=cfg.use_dora)
+        kw = dict(dropout=cfg.dropout, rslora=cfg.rslora, variant=variant)
         if isinstance(base, LoraLinear):
             base.add_adapter(name, cfg.rank_for(target), cfg.alpha_for(target), **kw)
             layer = base
@@ -178,10 +178,7 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
         _install_row_adapters(model)
     else:
         state(model).adapters[name] = entry
-    if celora_specs:
-        from lorakit import celora
-
-        celora.install(model, {n: model.get_submodule(n) for n in celora_specs}, celora_specs, cfg.celora.refresh_every)
+    variant.install(model)
     if first and fast:
         make_fast(model)
         widen_where_bf16_is_slow(model)  # a base loaded in bf16 on a CPU whose bf16 products are slow: fp32 products
@@ -198,10 +195,9 @@ def _check_can_add(model: nn.Module, cfg: LoraConfig, name: str) -> None:
         raise LorakitError("the model's adapters are merged into its weights; lorakit.unmerge(model) before adding one")
     for other, c in [(name, cfg)] + [(n, e.config) for n, e in st.adapters.items()]:
         shared = st.adapters[other].modules_to_save if other in st.adapters else []
-        what = ("init='pissa' (it rewrites the base weights)" if c.init == "pissa" else
-                "backward='celora' (its approximation is installed per layer)" if c.backward == "celora" else
-                f"bias={c.bias!r} (the base biases would be shared by both adapters)" if c.bias != "none" else
-                f"modules_to_save={shared} (trained in place, they would be shared by both adapters)" if shared else None)
+        what = variants.of(c).one_per_model or (
+            f"bias={c.bias!r} (the base biases would be shared by both adapters)" if c.bias != "none" else
+            f"modules_to_save={shared} (trained in place, they would be shared by both adapters)" if shared else None)
         if what:
             raise ConfigError(f"adapter {other!r} has {what}, which lorakit supports with one adapter per model only; "
                               "use a separate model for it")
@@ -215,14 +211,20 @@ def set_adapter(model: nn.Module, adapters: str | Sequence[str]) -> nn.Module:
     unknown = [n for n in names if n not in st.adapters]
     if unknown or not names:
         raise LorakitError(f"set_adapter({adapters!r}): the model has adapters {sorted(st.adapters)}; name one or more of them")
-    if len(names) > 1 and any(st.adapters[n].config.use_dora for n in names):
-        raise ConfigError(f"set_adapter({names!r}): a DoRA adapter is active alone in lorakit; activate it by itself")
+    alone = _acts_alone(st, names)
+    if len(names) > 1 and alone:
+        raise ConfigError(f"set_adapter({names!r}): {alone} is active alone in lorakit; activate it by itself")
     if any(layer.merged for _, layer in lora_layers(model)):
         raise LorakitError("the active adapters are merged into the weights; lorakit.unmerge(model) before switching")
     for _, layer in lora_layers(model):
         layer.set_active(names)
     st.active = list(dict.fromkeys(names))
     return model
+
+
+def _acts_alone(st: AdapterState, names) -> str | None:
+    """The description of the first of adapters ``names`` whose variant must act alone, or None."""
+    return next(filter(None, (variants.of(st.adapters[n].config).active_alone for n in names)), None)
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
@@ -278,8 +280,9 @@ def _take_row_adapters(model: nn.Module, args, kwargs):
     if unknown:
         raise LorakitError(f"adapter_names holds {unknown}, which the model does not have; its adapters are "
                            f"{sorted(st.adapters)} (and {BASE!r} for the base model)")
-    if any(st.adapters[r].config.use_dora for r in set(rows) - {BASE}):
-        raise ConfigError("adapter_names with a DoRA adapter is not supported (PEFT refuses it too); "
+    alone = _acts_alone(st, dict.fromkeys(r for r in rows if r != BASE))
+    if alone:
+        raise ConfigError(f"adapter_names with {alone} is not supported (PEFT refuses it too); "
                           "run its rows in a batch of their own with set_adapter")
     if any(layer.merged for _, layer in lora_layers(model)):
         raise LorakitError("adapter_names cannot be used while adapters are merged; lorakit.unmerge(model) first")
@@ -291,22 +294,6 @@ def _take_row_adapters(model: nn.Module, args, kwargs):
 def _clear_row_adapters(model: nn.Module, args, output) -> None:
     for _, layer in lora_layers(model):
         layer.row_adapters = None
-
-
-def _plan_celora(model: nn.Module, cfg: LoraConfig, targets: list[str]):
-    """CE-LoRA's per-layer plan, validated before anything is modified; with svd_rank="balanced"
-    the approximated layers' trainable rank becomes int(7r/8) (recorded in rank_pattern)."""
-    from lorakit.celora import balanced_rank, plan_layers
-
-    shapes = {n: (*linear_shape(model.get_submodule(n)), cfg.rank_for(n)) for n in targets}
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    ce = cfg.celora
-    specs = plan_layers(model_type, shapes, keep_ratio=ce.keep_ratio, svd_rank=ce.svd_rank, selection=ce.selection)
-    if ce.svd_rank == "balanced":
-        pattern = dict(cfg.rank_pattern)
-        pattern.update({name: balanced_rank(cfg.rank_for(name)) for name in specs})
-        cfg = cfg.replace(rank_pattern=pattern)
-    return specs, cfg
 
 
 def _infer_task_type(model: nn.Module) -> str | None:
@@ -325,7 +312,7 @@ def _infer_task_type(model: nn.Module) -> str | None:
 
 
 def is_adapter_parameter(name: str) -> bool:
-    """True for a LoRA factor or a DoRA magnitude (``...q_proj.lora_A.default.weight``)."""
+    """True for a LoRA factor or a per-feature magnitude (``...q_proj.lora_A.default.weight``)."""
     return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
 
 
@@ -361,19 +348,19 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove the adapters and return the plain model, with the active ones merged (default) or all discarded.
 
-    With ``merge=False`` and PiSSA, the base weights are restored to W0 (residual + s B0 A0).
+    With ``merge=False`` the base weights get back the values they had before the adapters' init (a variant such as
+    PiSSA rewrites them to a residual).
     """
     st = state(model)
-    from lorakit import celora
-
-    celora.uninstall(model)
+    for entry in st.adapters.values():
+        variants.of(entry.config).uninstall(model)
     for name, layer in list(lora_layers(model)):
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-            if hasattr(layer, "pissa_A0"):
-                layer._add_to_base(layer.scale * (layer.pissa_B0 @ layer.pissa_A0))
+            for adapter, settings in layer.settings.items():
+                settings.variant.restore_base(layer, adapter)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base_layer)
@@ -437,8 +424,7 @@ def summary(model: nn.Module) -> Summary:
     for name, layer in lora_layers(model):
         kind = "Conv1D" if layer.fan_in_fan_out else "Linear"
         for adapter, s in layer.settings.items():
-            n = (layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel()
-                 + (layer.out_features if adapter in layer.lora_magnitude_vector else 0))
+            n = sum(p.numel() for p in layer.adapter_parameters(adapter))
             label = f"{name} [{adapter}{', active' if adapter in layer.active_adapters else ''}]" if several else name
             rows.append((label, kind, layer.in_features, layer.out_features, s.r, s.scale, n))
     seen: set[int] = set()

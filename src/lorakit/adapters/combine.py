@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lorakit.adapters import variants
 from lorakit.adapters.attach import attach, lora_layers, state
 from lorakit.adapters.config import NormControl
 from lorakit.adapters.targets import Resolution
@@ -40,10 +41,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type={combination_type!r} is not one of {', '.join(COMBINATIONS)} "
                           "(PEFT's ties/dare/magnitude_prune variants are not implemented)")
-    dora = [a for a in adapters if st.adapters[a].config.use_dora]
-    if dora:
-        raise ConfigError(f"add_weighted_adapter: {dora} are DoRA adapters, whose magnitudes do not combine linearly; "
-                          "combine plain LoRA adapters")
+    refusals = {a: variants.of(st.adapters[a].config).combine_refusal for a in adapters}
+    refused = [a for a, why in refusals.items() if why]
+    if refused:
+        raise ConfigError(f"add_weighted_adapter: {refused} are {refusals[refused[0]]}; combine plain LoRA adapters")
     combination = "linear" if len(adapters) == 1 else combination_type
     configs = [st.adapters[a].config for a in adapters]
     ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.adapters import variants
 from lorakit.celora.plan import check_keep_ratio
 from lorakit.celora.selector import SELECTIONS
 from lorakit.errors import ConfigError
@@ -38,6 +39,15 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS
 
 # PEFT adapter_config.json fields lorakit understands; every other field is ignored with a
 # warning unless it asks for a feature lorakit does not implement (then loading refuses).
+# LoraConfig's field -> PEFT's adapter_config.json key: the one place PEFT's field names are spelled.
+PEFT_FIELDS = {"task_type": "task_type", "base_model": "base_model_name_or_path", "r": "r", "alpha": "lora_alpha",
+               "rslora": "use_rslora", "targets": "target_modules", "exclude": "exclude_modules",
+               "dropout": "lora_dropout", "bias": "bias", "use_dora": "use_dora", "init": "init_lora_weights",
+               "modules_to_save": "modules_to_save", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+               "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern"}
+# PEFT's keys with no LoraConfig field: fixed by lorakit (peft_type, inference_mode), by the model (fan_in_fan_out),
+# or PEFT's bookkeeping.
+PEFT_ONLY = ("peft_type", "fan_in_fan_out", "inference_mode", "revision", "peft_version", "auto_mapping")
 _PEFT_UNSUPPORTED = {
     "lora_bias": False,
     "layer_replication": None,
@@ -174,10 +184,9 @@ class LoraConfig:
             self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
-        if isinstance(self.celora, dict):  # from JSON (run.json, a checkpoint)
-            self.celora = build(CeloraConfig, self.celora)
-        if isinstance(self.norm_control, dict):
-            self.norm_control = build(NormControl, self.norm_control)
+        for field_name, group_type in _GROUPS.items():
+            if isinstance(getattr(self, field_name), dict):  # from JSON (run.json, a checkpoint)
+                setattr(self, field_name, build(group_type, getattr(self, field_name)))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -190,18 +199,13 @@ class LoraConfig:
         for key, value in self.alpha_pattern.items():
             _check_pattern_key("alpha_pattern", key)
             _check_alpha(f"alpha_pattern[{key!r}]", value)
-        if not isinstance(self.rslora, bool):
-            raise ConfigError(f"rslora={self.rslora!r} must be true or false")
-        if not isinstance(self.use_dora, bool):
-            raise ConfigError(f"use_dora={self.use_dora!r} must be true or false")
-        if not isinstance(self.celora, CeloraConfig) or not isinstance(self.norm_control, NormControl):
+        for field_name in ("rslora", "use_dora"):
+            value = getattr(self, field_name)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{field_name}={value!r} must be true or false")
+        if not all(isinstance(getattr(self, f), group_type) for f, group_type in _GROUPS.items()):
             raise ConfigError(f"celora={self.celora!r} and norm_control={self.norm_control!r} must be a CeloraConfig and "
                               "a NormControl (lorakit.adapters.config)")
-        if self.use_dora and self.init == "pissa":
-            raise ConfigError("use_dora=True with init='pissa' is not supported; use init='kaiming' or 'gaussian'")
-        if self.use_dora and self.norm_control.cap is not None:
-            raise ConfigError("norm_cap with use_dora=True: the cap bounds s B A, but DoRA also rescales every row of "
-                              "W0 + s B A by its trained magnitude, so the cap would certify nothing; drop one of them")
         if self.exclude is not None:
             _check_names_or_regex("exclude", self.exclude)
         if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
@@ -232,6 +236,7 @@ class LoraConfig:
             raise ConfigError(f"backward={self.backward!r} is not one of {BACKWARDS}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"task_type={self.task_type!r} is not one of {TASK_TYPES} or None")
+        variants.of(self).validate(self)  # what the adapter's variants refuse (e.g. DoRA with PiSSA)
 
     def _validate_layers(self) -> None:
         layers = self.layers_to_transform
@@ -289,31 +294,22 @@ class LoraConfig:
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def variant(self) -> variants.Variant:
+        """The adapter's variant (``lorakit.adapters.variants``): what it adds to plain LoRA, e.g. DoRA's magnitude."""
+        return variants.of(self)
+
     # ------------------------------------------------------------------ PEFT JSON
     def to_peft(self, target_modules: list[str] | str, fan_in_fan_out: bool) -> dict[str, Any]:
         """The adapter_config.json document PEFT reads (target_modules already resolved)."""
-        init: Any = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}[self.init]
-        return {
-            "peft_type": "LORA",
-            "task_type": self.task_type,
-            "base_model_name_or_path": self.base_model,
-            "r": self.r,
-            "lora_alpha": self.alpha,
-            "use_rslora": self.rslora,
-            "target_modules": target_modules,
-            "exclude_modules": self.exclude,
-            "lora_dropout": self.dropout,
-            "fan_in_fan_out": fan_in_fan_out,
-            "bias": self.bias,
-            "use_dora": self.use_dora,
-            "init_lora_weights": init,
-            "modules_to_save": self.modules_to_save or None,
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern),
-            "layers_to_transform": self.layers_to_transform,
-            "layers_pattern": self.layers_pattern,
-            "inference_mode": True,
-        }
+        values = {"task_type": self.task_type, "base_model": self.base_model, "r": self.r, "alpha": self.alpha,
+                  "rslora": self.rslora, "targets": target_modules, "exclude": self.exclude, "dropout": self.dropout,
+                  "bias": self.bias, "use_dora": self.use_dora, "init": variants.peft_init(self.init),
+                  "modules_to_save": self.modules_to_save or None, "rank_pattern": dict(self.rank_pattern),
+                  "alpha_pattern": dict(self.alpha_pattern), "layers_to_transform": self.layers_to_transform,
+                  "layers_pattern": self.layers_pattern}
+        return {"peft_type": "LORA", **{PEFT_FIELDS[k]: v for k, v in values.items()},
+                "fan_in_fan_out": fan_in_fan_out, "inference_mode": True}
 
     @classmethod
     def from_peft(cls, doc: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
@@ -328,27 +324,20 @@ class LoraConfig:
             if value not in (neutral, [], {}, False, None):
                 raise ConfigError(f"{source}: {key}={value!r} is a PEFT feature lorakit does not implement")
         _check_field_types(doc, source)
-        init_value = doc.get("init_lora_weights", True)
-        if init_value in (True, False, None):
-            init = "kaiming"  # weights come from the file; the init only matters for PiSSA's residual
-        elif isinstance(init_value, str) and init_value.lower() == "gaussian":
-            init = "gaussian"
-        elif isinstance(init_value, str) and init_value.startswith("pissa"):
-            init = "pissa"
-        else:
+
+        def get(field: str, default: Any = None) -> Any:
+            return doc.get(PEFT_FIELDS[field], default)
+
+        init_value = get("init", True)
+        init = variants.init_from_peft(init_value)  # True/False/None: kaiming (the weights come from the file)
+        if init is None:
             raise ConfigError(f"{source}: init_lora_weights={init_value!r} is not supported (kaiming, gaussian, pissa)")
-        target_modules = doc.get("target_modules")
+        target_modules = get("targets")
         if target_modules in (None, [], ""):
             raise ConfigError(f"{source}: target_modules is empty; the file does not say which modules it adapts")
         if target_modules == "all-linear":
             target_modules = "all-linear"
-        known = {
-            "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora",
-            "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out", "bias",
-            "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "inference_mode",
-            "layers_to_transform", "layers_pattern", "use_dora",
-            "revision", "peft_version", "auto_mapping",
-        } | set(_PEFT_UNSUPPORTED)
+        known = set(PEFT_FIELDS.values()) | set(PEFT_ONLY) | set(_PEFT_UNSUPPORTED)
         ignored = sorted(
             k for k, v in doc.items() if k not in known and v not in (None, [], {}, False) and _PEFT_DEFAULTS.get(k) != v
         )
@@ -356,29 +345,32 @@ class LoraConfig:
             warnings.warn(f"{source}: ignoring PEFT fields lorakit does not use: {ignored}", stacklevel=2)
         try:
             return cls(
-                r=doc.get("r", 8),
-                alpha=doc.get("lora_alpha", 8),
+                r=get("r", 8),
+                alpha=get("alpha", 8),
                 targets=target_modules if isinstance(target_modules, str) else list(target_modules),
-                dropout=float(doc.get("lora_dropout", 0.0) or 0.0),
-                bias=doc.get("bias", "none") or "none",
-                rslora=doc.get("use_rslora") or False,
-                use_dora=doc.get("use_dora") or False,
+                dropout=float(get("dropout", 0.0) or 0.0),
+                bias=get("bias", "none") or "none",
+                rslora=get("rslora") or False,
+                use_dora=bool(get("use_dora")),
                 init=init,
                 # A file's null means "no modules to save", not "pick the task head automatically".
-                modules_to_save=list(doc.get("modules_to_save") or []),
-                exclude=doc.get("exclude_modules") or None,
-                rank_pattern=doc.get("rank_pattern") or {},
-                alpha_pattern=doc.get("alpha_pattern") or {},
+                modules_to_save=list(get("modules_to_save") or []),
+                exclude=get("exclude") or None,
+                rank_pattern=get("rank_pattern") or {},
+                alpha_pattern=get("alpha_pattern") or {},
                 # PEFT treats an empty list as "every layer"
-                layers_to_transform=doc.get("layers_to_transform") if doc.get("layers_to_transform") != [] else None,
-                layers_pattern=doc.get("layers_pattern") or None,
-                task_type=doc.get("task_type"),
-                base_model=doc.get("base_model_name_or_path"),
+                layers_to_transform=get("layers_to_transform") if get("layers_to_transform") != [] else None,
+                layers_pattern=get("layers_pattern") or None,
+                task_type=get("task_type"),
+                base_model=get("base_model"),
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: malformed value: {exc}") from None
+
+
+_GROUPS = {"celora": CeloraConfig, "norm_control": NormControl}  # LoraConfig's nested option groups
 
 
 def _check_pattern_key(field_name: str, key: Any) -> None:
@@ -402,12 +394,12 @@ def _check_names_or_regex(field_name: str, value: Any) -> None:
 
 # The JSON types each adapter_config.json field may have (None is allowed for all of them).
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "use_rslora": (bool,), "fan_in_fan_out": (bool,), "inference_mode": (bool,), "use_dora": (bool,),
-    "lora_bias": (bool,), "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "bias": (str,),
-    "task_type": (str,), "base_model_name_or_path": (str,), "peft_type": (str,), "target_modules": (str, list),
-    "exclude_modules": (str, list), "modules_to_save": (list,), "rank_pattern": (dict,), "alpha_pattern": (dict,),
-    "init_lora_weights": (bool, str), "revision": (str,), "layers_to_transform": (int, list),
-    "layers_pattern": (str, list),
+    **{PEFT_FIELDS[f]: types for f, types in {
+        "rslora": (bool,), "use_dora": (bool,), "r": (int,), "alpha": (int, float), "dropout": (int, float),
+        "bias": (str,), "task_type": (str,), "base_model": (str,), "targets": (str, list), "exclude": (str, list),
+        "modules_to_save": (list,), "rank_pattern": (dict,), "alpha_pattern": (dict,), "init": (bool, str),
+        "layers_to_transform": (int, list), "layers_pattern": (str, list)}.items()},
+    "fan_in_fan_out": (bool,), "inference_mode": (bool,), "lora_bias": (bool,), "peft_type": (str,), "revision": (str,),
 }
 _LIST_OF_INTS = {"layers_to_transform"}
 _JSON_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}

@@ -14,7 +14,6 @@ error naming the key, checked before the model is touched.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -26,8 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lorakit.adapters import variants
 from lorakit.adapters.attach import DEFAULT, attach, check_adapter_name, is_adapter_parameter, is_attached, lora_layers, state
-from lorakit.adapters.config import LoraConfig
+from lorakit.adapters.config import PEFT_FIELDS, LoraConfig
 from lorakit.adapters.layer import LoraLinear
 from lorakit.module_kinds import linear_shape
 from lorakit.adapters.targets import Resolution, _under, compact_target_list, resolve
@@ -39,8 +39,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # adapter_config.json fields that decide what the weights mean; the weights file records them, so a
 # config from another save (an interrupted save, a hand edit) is refused instead of loaded wrongly.
-WEIGHT_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "rank_pattern", "alpha_pattern", "bias",
-                 "modules_to_save", "fan_in_fan_out", "init_lora_weights", "layers_to_transform", "layers_pattern")
+WEIGHT_FIELDS = tuple(PEFT_FIELDS[f] for f in ("r", "alpha", "rslora", "use_dora", "targets", "rank_pattern",
+                                                "alpha_pattern", "bias", "modules_to_save", "init",
+                                                "layers_to_transform", "layers_pattern")) + ("fan_in_fan_out",)
 SAVED_FIELDS_KEY = "lorakit_weights_config"
 
 
@@ -59,23 +60,16 @@ def adapter_tensors(model: nn.Module, adapter: str | None = None, *, convert_pis
     """The tensors of adapter ``adapter`` (default: the active one), keyed as in PEFT's files (parameter
     path without the adapter name, no "base_model.model." prefix).
 
-    With PiSSA and ``convert_pissa`` the adapter is rewritten for the original base weight
-    W0 = W_res + s B0 A0: s B A on W_res equals s' [B, B0] [A; -A0] on W0 with rank 2r and
-    the same scale (PEFT's PiSSA conversion), so the file works on an unmodified base model.
+    With ``convert_pissa`` an adapter whose variant rewrote the base weight is written for the original one
+    (PiSSA: W0 = W_res + s B0 A0, ``variants.pissa``), so the file works on an unmodified base model.
     """
     st = state(model)
     name = st.active_name if adapter is None else adapter
     entry = st.entry(name)
     out: dict[str, Tensor] = {}
     for path, layer in lora_layers(model, name):
-        a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
-        if convert_pissa and hasattr(layer, "pissa_A0"):
-            a = torch.cat([a, -layer.pissa_A0], dim=0)
-            b = torch.cat([b, layer.pissa_B0], dim=1)
-        out[f"{path}.lora_A.weight"] = a
-        out[f"{path}.lora_B.weight"] = b
-        if name in layer.lora_magnitude_vector:
-            out[f"{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].detach()
+        tensors = layer.settings[name].variant.file_tensors(layer, name, convert=convert_pissa)
+        out.update({f"{path}.{key}": value for key, value in tensors.items()})
     for pname, param in model.named_parameters():
         if is_adapter_parameter(pname):
             continue
@@ -87,18 +81,6 @@ def adapter_tensors(model: nn.Module, adapter: str | None = None, *, convert_pis
         elif pname.endswith("base_layer.bias") and entry.config.bias == "lora_only":
             out[pname] = param.detach()
     return out
-
-
-def _converted_config(cfg: LoraConfig) -> LoraConfig:
-    """Config of a PiSSA adapter rewritten at rank 2r with the same scale (see adapter_tensors)."""
-    factor = math.sqrt(2.0) if cfg.rslora else 2.0
-    return cfg.replace(
-        r=2 * cfg.r,
-        alpha=cfg.alpha * factor,
-        rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
-        alpha_pattern={k: v * factor for k, v in cfg.alpha_pattern.items()},
-        init="kaiming",
-    )
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str | Sequence[str] | None = None,
@@ -135,9 +117,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str | Se
 def _save_one(model: nn.Module, name: str, path: Path, convert_pissa: bool, metadata: dict[str, str] | None,
               labels: list[str] | None) -> None:
     entry = state(model).entry(name)
-    cfg = entry.config
-    if cfg.init == "pissa" and convert_pissa:
-        cfg = _converted_config(cfg)
+    cfg = variants.of(entry.config).saved_config(entry.config, convert_pissa)
     tensors = {PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_tensors(model, name, convert_pissa=convert_pissa).items()}
     fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model, name))
     doc = cfg.to_peft(compact_target_list(entry.targets, model, cfg), fan_in_fan_out)
@@ -290,8 +270,7 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig, res: Resolution, adapter
             (in_f, out_f), r, base = linear_shape(module), cfg.rank_for(name), module
         shapes[f"{name}.lora_A.weight"] = (r, in_f)
         shapes[f"{name}.lora_B.weight"] = (out_f, r)
-        if cfg.use_dora:
-            shapes[f"{name}.lora_magnitude_vector"] = (out_f,)
+        shapes.update({f"{name}.{key}": shape for key, shape in variants.of(cfg).extra_shapes(in_f, out_f).items()})
         if cfg.bias == "lora_only" and base.bias is not None:
             shapes[f"{name}.base_layer.bias"] = tuple(base.bias.shape)
     targets = set(res.targets)
@@ -327,11 +306,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str | No
     if into_existing:
         entry = state(model).entry(name)
         res = Resolution(entry.targets, entry.modules_to_save, entry.notes)
-        if entry.config.use_dora != cfg.use_dora:
-            kinds = {True: "a DoRA adapter", False: "a plain LoRA adapter"}
-            raise AdapterFileError(f"{folder} holds {kinds[cfg.use_dora]} but the model's adapter {name!r} is "
-                                   f"{kinds[entry.config.use_dora]}; call lorakit.unload(model, merge=False) first, "
-                                   "load into the plain model, or load it under another name")
+        held, read = variants.of(entry.config).file_kind, variants.of(cfg).file_kind
+        if held != read:
+            raise AdapterFileError(f"{folder} holds {read} but the model's adapter {name!r} is {held}; call "
+                                   "lorakit.unload(model, merge=False) first, load into the plain model, or load it "
+                                   "under another name")
     else:
         res = resolve(model, cfg, strict_entries=False)
     expected = _expected_shapes(model, cfg, res, name)

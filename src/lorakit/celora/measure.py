@@ -13,16 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lorakit.kernels.amm import (
-    approx_input_grad,
-    double_lora_factors,
-    dropped_rows_only,
-    kept_features,
-    residual_row_norms,
-    sample_features,
-    select_top,
-    topk_input_grad,
-)
+from lorakit.celora.selector import FeatureSelector, SelectorSpec
 
 
 def capture_output_grads(model: nn.Module, batch: dict[str, Tensor], layers: list[str]) -> dict[str, Tensor]:
@@ -58,23 +49,28 @@ class LayerError:
     relative_error: float
 
 
+class _FrozenWeight(nn.Module):
+    """A stand-in layer that holds only W0, for a FeatureSelector outside a model."""
+
+    def __init__(self, w0: Tensor) -> None:
+        super().__init__()
+        self.w0 = w0
+
+    def base_weight(self) -> Tensor:
+        return self.w0
+
+
 def relative_dx_error(g_select: Tensor, g_eval: Tensor, w0: Tensor, keep_ratio: float, svd_rank: int, selection: str,
                       *, seed: int = 0) -> float:
-    """||approx(G_eval) - G_eval W0|| / ||G_eval W0||, features chosen from G_select."""
+    """||approx(G_eval) - G_eval W0|| / ||G_eval W0||, the features chosen from G_select by the training-time
+    selector: G_select passes through a refresh step, G_eval through the step after it."""
     w0 = w0.float()
-    b0, a0 = double_lora_factors(w0, svd_rank, seed=seed) if svd_rank > 0 else (None, None)
-    rows = residual_row_norms(w0, b0, a0)
-    k = kept_features(keep_ratio, w0.shape[0])
-    scores = rows if selection == "weight" else g_select.float().norm(dim=0) * rows
-    exact = g_eval.float() @ w0
-    if selection == "sample":
-        gen = torch.Generator().manual_seed(seed)
-        idx, weights = sample_features(scores / scores.sum(), k, gen)
-        approx = approx_input_grad(g_eval.float(), w0, idx, b0, a0, weights)
-    else:
-        idx = select_top(scores, k)
-        approx = topk_input_grad(g_eval.float(), w0, idx, dropped_rows_only(b0, idx) if b0 is not None else None, a0)
-    return float((approx - exact).norm() / exact.norm().clamp_min(1e-30))
+    selector = FeatureSelector(_FrozenWeight(w0), SelectorSpec(keep_ratio, svd_rank, selection, seed))
+    selector(g_select.float())  # a refresh step: exact, and it scores the features
+    selector.end_step(next_is_refresh=False)
+    g = g_eval.float()
+    exact = g @ w0
+    return float((selector(g) - exact).norm() / exact.norm().clamp_min(1e-30))
 
 
 def layer_errors(model: nn.Module, batches: tuple[dict[str, Tensor], dict[str, Tensor]], plan: dict[str, float],

@@ -62,7 +62,7 @@ def _source(adapter: Path, model: str | None) -> Source:
         check_model_exists(spec, recorded_in=str(adapter / "adapter_config.json"))
         check_base_file(adapter, spec)
     settings = read_config(adapter)
-    if settings.init == "pissa":
+    if settings.variant.rewrites_base:
         raise ExportError(f"{adapter} is a PiSSA adapter saved for its residual base (W - s B0 A0); save it converted "
                           "(save_adapter(..., convert_pissa=True), lorakit's default) and export that")
     base_dir = model_dir(spec)
