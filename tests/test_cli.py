@@ -156,12 +156,21 @@ def test_train_with_celora_flags(cli, tiny_llama_dir, corpus_txt, tmp_path):
 @pytest.mark.real_model
 def test_reproduce_celora_smoke(cli, tmp_path):
     code, out, err = cli("reproduce", "celora", "--parts", "minilm", "--seeds", "1", "--minilm-steps", "2",
-                         "--eval-limit", "32", "--out", tmp_path)
+                         "--eval-limit", "32", "--rank", "4", "--out", tmp_path)
     assert code == 0, err
     import json
 
-    summary = json.loads((tmp_path / "results.json").read_text())["summary"]["minilm"]
-    assert 0 <= summary["accuracy_celora"] <= 1 and (tmp_path / "celora.png").exists()
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["rank"] == 4 and result["budget"]["seeds"] == 1 and result["budget"]["minilm_steps"] == 2
+    assert result["budget"]["eval_limit"] == 32 and set(result["runs"]) == {"minilm"}
+    runs = result["runs"]["minilm"]
+    assert sorted(r["backward"] for r in runs) == ["celora", "exact"] and all(r["steps"] == 2 for r in runs)
+    summary = result["summary"]["minilm"]
+    assert 0 <= summary["accuracy_celora"] <= 1 and (tmp_path / "celora.png").stat().st_size > 0
+    assert "MiniLM sentiment, seed 0, exact ..." in out
+    code, _, err = cli("reproduce", "celora", "--parts", "minilm,nope", "--out", tmp_path / "x")
+    assert code == 2 and err == "lorakit: error: --parts ['nope'] unknown; choose from minilm, smollm2, errors\n"
+    assert not (tmp_path / "x").exists()
 
 
 def test_adapter_works_from_another_directory_and_small_held_out_sets_are_named(tiny_bert_dir, sentiment_csv, tmp_path,

@@ -120,23 +120,3 @@ def test_a_refused_number_is_one_line_naming_the_flag(capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert err == "lorakit: error: argument --batch-size: -1 is not a positive integer; give 1 or more (see: lorakit eval --help)\n"
-
-
-def test_every_numeric_option_of_the_hand_written_commands_has_a_checking_parser():
-    """eval, merge, generate, norms, rank-advice, reproduce (and train's --nproc): no option parses with bare int or
-    float, which take 0, -1, nan and inf (train's and bench's other options are checked by their dataclasses)."""
-    from lorakit.bench.versus_peft import BenchConfig
-    from lorakit.cli import parser
-    from lorakit.train import TrainConfig
-
-    generated = {fl.path for cls in (TrainConfig, BenchConfig) for fl in opt.flags(cls)}
-
-    def walk(p, name):
-        for action in p._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub_name, sub in action.choices.items():
-                    yield from walk(sub, f"{name} {sub_name}")
-            elif action.type in (int, float) and action.dest not in generated:
-                yield f"{name} {'/'.join(action.option_strings)}"
-
-    assert list(walk(parser(), "lorakit")) == []

@@ -7,19 +7,149 @@
     lorakit generate --adapter DIR (--prompt TEXT | --chat) [--temperature T] [--max-new-tokens N]
     lorakit info  DIR
     lorakit bench [--model ...] [--modes exact,bf16,celora,poly,dora] [--against peft]
+
+Every command is one row of COMMANDS: its name, its help, the dataclass of its options (composed from the shared
+groups of lorakit.train.config: model, data, adapter, output, precision, distributed) and the function it runs.
+``parser()`` builds argparse from the table with ``lorakit.options.add_flags``; nothing here adds an argument.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from lorakit.adapters import LoraConfig
+from lorakit.bench.versus_peft import BenchConfig
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.options import (add_flags, finite_float, from_flags, parse_names, positive_float, positive_int,
-                             seed_int)
+from lorakit.export import ExportConfig
+from lorakit.options import (add_flags, fill_defaults, finite_float, from_flags, group, is_finite, is_seed, option,
+                             positive_int)
+from lorakit.reproduce.celora import CeloraRun
+from lorakit.reproduce.expressive import ExpressiveRun
+from lorakit.reproduce.limits import PhaseRun, SpeedRun
+from lorakit.train.config import (AdapterSource, AttentionOptions, ChatTemplateOptions, DataOptions, ModelOptions,
+                                  OutputOptions, StepOptions, TrainCommand)
+
+
+# ---------------------------------------------------------------------- each command's options
+@dataclass
+class EvalConfig(StepOptions, DataOptions, AdapterSource, ModelOptions):
+    OMIT: ClassVar[tuple[str, ...]] = ("steps", "lr", "warmup", "seed")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("adapter",)
+    DEFAULTS: ClassVar[dict[str, Any]] = {"batch_size": 64, "base_dtype": "auto"}
+    NOTES: ClassVar[dict[str, str]] = {"data": "a file given here is evaluated whole", "batch_size": "eval: rows per batch"}
+
+    labels: list[str] | None = option(
+        None, "label names in the order of the classifier's outputs, for an adapter that does not record them (PEFT's, "
+        "or save_adapter without labels): neg,pos", parse=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        metavar="NAMES")
+    json: bool = option(False, "print the metrics as JSON")
+
+    def __post_init__(self) -> None:
+        fill_defaults(self)
+
+
+@dataclass
+class MergeConfig(OutputOptions, AdapterSource, ModelOptions):
+    OMIT: ClassVar[tuple[str, ...]] = ("base_dtype",)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("adapter", "out")
+    NOTES: ClassVar[dict[str, str]] = {"out": "the merged model's directory"}
+
+
+@dataclass
+class GenerateConfig(StepOptions, ChatTemplateOptions, AdapterSource, ModelOptions):
+    OMIT: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "lr", "warmup")
+    DEFAULTS: ClassVar[dict[str, Any]] = {"base_dtype": "auto"}
+    NOTES: ClassVar[dict[str, str]] = {"seed": "generate: for sampling (with --temperature > 0)"}
+
+    prompt: str | None = option(None, "one user turn; the reply is printed", exclusive="prompt or chat", required=True)
+    chat: bool = option(False, "an interactive conversation (empty line or /exit ends it, /reset forgets it)",
+                        exclusive="prompt or chat")
+    system: str | None = option(None, "a system turn put first")
+    max_new_tokens: int = option(128, "at most the model's context length (its position embeddings) less the prompt's "
+                                 "tokens", parse=positive_int)
+    temperature: float = option(0.0, "0: greedy; above 0: sampling", parse=finite_float(0), default_text="0, greedy")
+    top_p: float | None = option(None, "nucleus sampling: keep the most likely tokens up to this probability mass, in "
+                                 "(0, 1] (with --temperature > 0)", parse=finite_float(0, 1, lo_open=True),
+                                 default_text="1")
+    raw: bool = option(False, "feed --prompt as it is, without the chat template (not with --chat, --system or "
+                       "--chat-template)")
+
+    def __post_init__(self) -> None:
+        fill_defaults(self)
+        if self.seed is not None and not is_seed(self.seed):
+            raise ConfigError(f"seed={self.seed!r} must be an integer from 0 to 2**63 - 1")
+        if self.raw:  # checked before the model loads
+            ignored = [flag for flag, on in (("--chat", self.chat), ("--system", self.system is not None),
+                                             ("--chat-template", self.chat_template is not None)) if on]
+            if ignored:
+                raise ConfigError(f"--raw feeds --prompt as it is, without the chat template, so {' and '.join(ignored)} "
+                                  f"would do nothing; drop --raw or {' and '.join(ignored)}")
+
+
+@dataclass
+class InfoConfig:
+    dir: str = option(help="an adapter directory (a training run's output or a PEFT adapter)", positional=True,
+                      metavar="DIR")
+
+
+@dataclass
+class NormsConfig(OutputOptions, AttentionOptions, DataOptions, AdapterSource, ModelOptions):
+    OMIT: ClassVar[tuple[str, ...]] = ("overwrite", "text_column", "label_column", "device")
+    DEFAULTS: ClassVar[dict[str, Any]] = {"out": "norms", "base_dtype": "auto"}
+    DEFAULT_TEXTS: ClassVar[dict[str, str]] = {"data": "the adapter's training data (as eval), else the built-in set "
+                                               "of the task", "max_length": "the task's"}
+    NOTES: ClassVar[dict[str, str]] = {"out": "the directory for norms.json and norms.png",
+                                       "attention": "measure with lorakit attention (shows its per-layer decision)"}
+
+    rows: int = option(8, "rows of data in the forward pass", parse=positive_int)
+    per_head: bool = option(False, "one row per head (default: per layer, worst head)")
+
+    def __post_init__(self) -> None:
+        fill_defaults(self)
+        if not (is_finite(self.attention_tolerance) and self.attention_tolerance > 0):
+            raise ConfigError(f"attention_tolerance={self.attention_tolerance!r} must be a positive number (e.g. 1e-3)")
+
+
+@dataclass
+class RankAdviceConfig(OutputOptions, StepOptions, DataOptions, ModelOptions):
+    OMIT: ClassVar[tuple[str, ...]] = ("overwrite", "batch_size", "warmup", "seed", "text_column", "label_column",
+                                       "max_length", "device")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model",)
+    ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (("tuned", "data"), ("tol", "budget"))
+    DEFAULTS: ClassVar[dict[str, Any]] = {"steps": 100, "lr": 1e-4, "out": "rank-advice", "base_dtype": "auto"}
+    NOTES: ClassVar[dict[str, str]] = {"steps": "rank-advice: full fine-tuning steps with --data",
+                                       "lr": "rank-advice: full fine-tuning learning rate with --data",
+                                       "data": "rank-advice: data for a short full fine-tuning run",
+                                       "out": "the directory for advice.json"}
+
+    tuned: str | None = option(None, "a fully fine-tuned model directory of the same architecture", metavar="DIR")
+    tol: float | None = option(None, "relative Frobenius error left per module, in [0, 1), e.g. 0.5",
+                               parse=finite_float(0, 1, hi_open=True))
+    budget: int | None = option(None, "adapter parameters to split across modules", parse=positive_int)
+    lora: LoraConfig = group(LoraConfig, "LoRA adapter", only=("targets",),
+                             factory=lambda: LoraConfig(targets="all-linear"))
+
+    def __post_init__(self) -> None:
+        fill_defaults(self)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+            raise ConfigError(f"steps={self.steps!r} must be a positive integer (--steps: full fine-tuning steps)")
+        if not (is_finite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr={self.lr!r} must be a positive number (--lr: full fine-tuning learning rate)")
+
+
+@dataclass
+class LorakitOptions:
+    """The options of ``lorakit`` itself, before a command."""
+
+    version: str = option(f"lorakit {__import__('lorakit').__version__}", "print the version and exit",
+                          action="version")
 
 
 def resolve_device(device: str | None):
@@ -28,29 +158,16 @@ def resolve_device(device: str | None):
     return resolve(device)
 
 
-def _add_train(sub) -> None:
-    from lorakit.train.config import TrainConfig
-
-    p = sub.add_parser("train", help="fine-tune a LoRA adapter", description="Fine-tune a LoRA adapter. "
-                       "With no arguments: MiniLM on fresh-vs-rotten sentiment, 200 steps. Every option is a field of "
-                       "lorakit.train.TrainConfig (the LoRA ones of its LoraConfig), with the same help.")
-    add_flags(p, TrainConfig)
-    processes = next(g for g in p._action_groups if g.title == "several processes (torch.distributed)")
-    processes.add_argument("--nproc", type=positive_int, default=None,
-                           help="train on N processes of this machine (torchrun; gloo on CPU, nccl on CUDA); --batch-size "
-                                "is the global batch. On several machines run torchrun ... -m lorakit train instead")
-
-
-def cmd_train(a: argparse.Namespace) -> int:
-    from lorakit.train import TrainConfig, run
+# ---------------------------------------------------------------------- what each command does
+def cmd_train(cfg: TrainCommand, argv: list[str]) -> int:
+    from lorakit.train import run
     from lorakit.train.trainer import held_out_change, launch_processes
 
-    cfg = from_flags(TrainConfig, a)
-    if a.nproc is not None:
-        status = launch_processes(cfg, a.nproc, a.argv)
+    if cfg.nproc is not None:
+        status = launch_processes(cfg.train, cfg.nproc, argv)
         if status is not None:
             return status
-    report = run(cfg)
+    report = run(cfg.train)
     if report.get("dry_run"):
         return 0 if report["plan"]["refusal"] is None else 1
     line = held_out_change(report)
@@ -59,25 +176,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate an adapter on held-out data")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--model", default=None, help="default: the base model recorded in the adapter")
-    p.add_argument("--data", default=None, help="default: the held-out rows of the training run (its run.json), else "
-                   "the built-in set of the adapter's task; a file given here is evaluated whole")
-    p.add_argument("--text-column", default=None, help="default: the training run's, else text")
-    p.add_argument("--label-column", default=None, help="default: the training run's, else label")
-    p.add_argument("--max-length", type=positive_int, default=None, help="default: the training run's")
-    p.add_argument("--labels", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
-                   help="label names in the order of the classifier's outputs, for an adapter that does not record "
-                        "them (PEFT's, or save_adapter without labels): neg,pos")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    add_base_dtype(p)
-    add_device(p)
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-
-
-def cmd_eval(a: argparse.Namespace) -> int:
+def cmd_eval(a: EvalConfig, argv: list[str]) -> int:
     from lorakit.train.apply import evaluate_adapter
 
     res = evaluate_adapter(a.adapter, a.data, model=a.model, max_length=a.max_length, batch_size=a.batch_size,
@@ -91,16 +190,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_merge(sub) -> None:
-    p = sub.add_parser("merge", help="merge an adapter into its base model and write a plain HF model directory")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default=None, help="default: the base model recorded in the adapter")
-    p.add_argument("--overwrite", action="store_true")
-    add_device(p)
-
-
-def cmd_merge(a: argparse.Namespace) -> int:
+def cmd_merge(a: MergeConfig, argv: list[str]) -> int:
     from lorakit.train.apply import merge_adapter
 
     path = merge_adapter(a.adapter, a.out, model=a.model, overwrite=a.overwrite, device=resolve_device(a.device))
@@ -108,43 +198,10 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="talk to a causal LM with its adapter (no merge needed)",
-                       description="Text from the base model plus the adapter: the prompt in the chat template (the one "
-                       "saved with the adapter, else the tokenizer's), the reply streamed as it is generated.")
-    p.add_argument("--adapter", default=None, help="an adapter directory (without it: the --model alone)")
-    p.add_argument("--model", default=None, help="default: the base model recorded in the adapter")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", default=None, help="one user turn; the reply is printed")
-    what.add_argument("--chat", action="store_true", help="an interactive conversation (empty line or /exit ends it, "
-                      "/reset forgets it)")
-    p.add_argument("--system", default=None, help="a system turn put first")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="at most the model's context length "
-                   "(its position embeddings) less the prompt's tokens (default: 128)")
-    p.add_argument("--temperature", type=finite_float(0), default=0.0, help="0: greedy (default); above 0: sampling")
-    p.add_argument("--top-p", type=finite_float(0, 1, lo_open=True), default=None,
-                   help="nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1] "
-                   "(with --temperature > 0; default: 1)")
-    p.add_argument("--seed", type=seed_int, default=None, help="for sampling (with --temperature > 0)")
-    p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template (default: the "
-                   "adapter's chat_template.jinja, else the tokenizer's)")
-    p.add_argument("--raw", action="store_true", help="feed --prompt as it is, without the chat template (not with "
-                   "--chat, --system or --chat-template)")
-    add_base_dtype(p)
-    add_device(p)
-
-
-def cmd_generate(a: argparse.Namespace) -> int:
-    from lorakit.errors import ConfigError
+def cmd_generate(a: GenerateConfig, argv: list[str]) -> int:
     from lorakit.train.apply import load_for_generation
     from lorakit.train.generate import chat_loop, check_sampling, generate
 
-    if a.raw:  # checked before the model loads
-        ignored = [flag for flag, on in (("--chat", a.chat), ("--system", a.system is not None),
-                                         ("--chat-template", a.chat_template is not None)) if on]
-        if ignored:
-            raise ConfigError(f"--raw feeds --prompt as it is, without the chat template, so {' and '.join(ignored)} "
-                              f"would do nothing; drop --raw or {' and '.join(ignored)}")
     top_p = 1.0 if a.top_p is None else a.top_p
     check_sampling(a.temperature, top_p, a.seed, given_top_p=a.top_p is not None)
     loaded = load_for_generation(a.adapter, a.model, chat_template=a.chat_template, base_dtype=a.base_dtype,
@@ -158,43 +215,18 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="what an adapter directory holds")
-    p.add_argument("dir")
-
-
-def cmd_info(a: argparse.Namespace) -> int:
+def cmd_info(a: InfoConfig, argv: list[str]) -> int:
     from lorakit.train.apply import describe
 
     print(describe(a.dir))
     return 0
 
 
-def _add_norms(sub) -> None:
-    p = sub.add_parser("norms", help="which side of the sqrt(log L) threshold each attention layer and head is on",
-                       description="One forward pass on a few rows: per layer and head, max |entry| of X W_Q, X W_K, X W_V "
-                       "(adapters included), the adapter's share, the max logit and its certified bound, against sqrt(log L).")
-    p.add_argument("--model", default=None, help="builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file (default: the adapter's base)")
-    p.add_argument("--adapter", default=None, help="an adapter directory (ours or PEFT's)")
-    p.add_argument("--data", default=None, help="default: the built-in set of the task")
-    p.add_argument("--rows", type=positive_int, default=8)
-    p.add_argument("--max-length", type=positive_int, default=None)
-    p.add_argument("--attention", choices=["poly", "auto", "softmax1", "exact"], default=None,
-                   help="measure with lorakit attention (shows its per-layer decision)")
-    p.add_argument("--attention-tolerance", type=positive_float, default=1e-3,
-                   help="with --attention auto: the error poly must stay under (as in lorakit train)")
-    hidden_alias(p, "--tolerance", "attention_tolerance", positive_float)
-    p.add_argument("--per-head", action="store_true", help="one row per head (default: per layer, worst head)")
-    p.add_argument("--out", default="norms", help="directory for norms.json and norms.png")
-    add_base_dtype(p)
-
-
-def cmd_norms(a: argparse.Namespace) -> int:
+def cmd_norms(a: NormsConfig, argv: list[str]) -> int:
     from lorakit.files import check_output_dir
     from lorakit.train.apply import model_norms
 
     out = check_output_dir(a.out)  # before the model loads
-
     report = model_norms(a.model, a.adapter, a.data, rows=a.rows, max_length=a.max_length, attention=a.attention,
                          tolerance=a.attention_tolerance, base_dtype=a.base_dtype)
     print(report.table(by="head" if a.per_head else "layer"))
@@ -204,40 +236,21 @@ def cmd_norms(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_rank_advice(sub) -> None:
-    p = sub.add_parser("rank-advice", help="per-module LoRA ranks from the spectrum of a full fine-tuning's weight change",
-                       description="From a fully fine-tuned checkpoint (--tuned) or a short full fine-tuning lorakit runs "
-                       "itself (--data), the singular spectrum of each target module's weight change and the smallest "
-                       "rank reaching --tol, or the best split of --budget parameters; prints a rank_pattern.")
-    p.add_argument("--model", required=True, help="the base model: builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--tuned", help="a fully fine-tuned model directory of the same architecture")
-    src.add_argument("--data", help="data for a short full fine-tuning run (builtin:rotten-tomatoes, FILE.csv, ...)")
-    goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--tol", type=finite_float(0, 1, hi_open=True),
-                      help="relative Frobenius error left per module, in [0, 1), e.g. 0.5")
-    goal.add_argument("--budget", type=positive_int, help="adapter parameters to split across modules")
-    p.add_argument("--targets", type=parse_names, default="all-linear")
-    p.add_argument("--steps", type=positive_int, default=100, help="full fine-tuning steps with --data")
-    p.add_argument("--lr", type=positive_float, default=1e-4, help="full fine-tuning learning rate with --data")
-    p.add_argument("--out", default="rank-advice", help="directory for advice.json")
-    add_base_dtype(p)
-
-
-def cmd_rank_advice(a: argparse.Namespace) -> int:
+def cmd_rank_advice(a: RankAdviceConfig, argv: list[str]) -> int:
     from pathlib import Path
 
     from lorakit.expressive import advice as ad
     from lorakit.files import check_output_dir
 
     check_output_dir(a.out)  # before the model loads and the fine-tuning runs
+    targets = a.lora.targets
     if a.tuned:
-        base, deltas = ad.tuned_deltas(a.model, a.tuned, a.targets, base_dtype=a.base_dtype)
+        base, deltas = ad.tuned_deltas(a.model, a.tuned, targets, base_dtype=a.base_dtype)
     elif a.base_dtype not in ("auto", "fp32"):
         raise ConfigError(f"--base-dtype {a.base_dtype} with --data: the short full fine-tuning trains the target "
                           "weights themselves, in fp32; drop --base-dtype (or give --tuned)")
     else:
-        base, deltas, after = ad.full_finetune_deltas(a.model, a.data, a.targets, steps=a.steps, lr=a.lr,
+        base, deltas, after = ad.full_finetune_deltas(a.model, a.data, targets, steps=a.steps, lr=a.lr,
                                                       out=Path(a.out) / "full-finetune", budget=a.budget)
         print("full fine-tuning, held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in after.items()))
     advice = ad.advise(ad.spectra(base, deltas), tol=a.tol, budget=a.budget)
@@ -247,160 +260,83 @@ def cmd_rank_advice(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_reproduce(sub) -> None:
-    p = sub.add_parser("reproduce", help="reproduce a paper's claim (writes JSON/CSV and a PNG)")
-    exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
-    c = exp.add_parser("celora", help="exact LoRA vs CE-LoRA on MiniLM sentiment and SmolLM2/Hamlet")
-    c.add_argument("--out", default="reproduce/celora")
-    c.add_argument("--full", action="store_true", help="longer runs (400 / 200 steps)")
-    c.add_argument("--parts", default="minilm,smollm2,errors", help="any of minilm, smollm2, errors")
-    c.add_argument("--seeds", type=positive_int, default=None)
-    c.add_argument("--minilm-steps", type=positive_int, default=None)
-    c.add_argument("--smollm2-steps", type=positive_int, default=None)
-    c.add_argument("--eval-limit", type=positive_int, default=None)
-    c.add_argument("--rank", type=positive_int, default=8)
-    add_base_dtype(c)
-
-
-    pt = exp.add_parser("phase-transition", help="poly attention's gradient error against G / sqrt(log L), and its "
-                        "time against exact attention (Hu et al. 2025)")
-    pt.add_argument("--out", default="reproduce/phase-transition")
-    pt.add_argument("--quick", action="store_true", help="a small grid (seconds), for a smoke test")
-    ns = exp.add_parser("norm-speed", help="the paper's Table 1 at CPU scale: standard vs norm-controlled, three sizes, "
-                        "time per epoch with attention auto")
-    ns.add_argument("--out", default="reproduce/norm-speed")
-    ns.add_argument("--quick", action="store_true", help="tiny models and short sequences, for a smoke test")
-    ns.add_argument("--length", type=positive_int, default=None, help="tokens per sequence (default 4096)")
-    ns.add_argument("--sequences", type=positive_int, default=None, help="sequences per epoch (default 8)")
-    ns.add_argument("--epochs", type=positive_int, default=None)
-
-
-    xp = exp.add_parser("expressive", help="the expressive power of LoRA on synthetic linear, ReLU and transformer "
-                        "models: constructions vs gradient descent (Zeng & Lee 2024)")
-    xp.add_argument("--experiment", dest="experiment_names", default="linear,fnn,flt,tfn,depth,bias",
-                    help="comma-separated: linear, fnn, flt, tfn, depth, bias (default: all)")
-    xp.add_argument("--out", default="reproduce/expressive")
-    size = xp.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="the paper's budget (5 seeds, 5000 epochs, full grid): hours on CPU")
-    size.add_argument("--quick", action="store_true", help="D = 8, 2 seeds, 30 epochs: a smoke test")
-
-
-def cmd_reproduce(a: argparse.Namespace) -> int:
+def cmd_reproduce(a: CeloraRun | PhaseRun | SpeedRun | ExpressiveRun, argv: list[str]) -> int:
     from lorakit.files import check_output_dir
-    from lorakit.reproduce import with_overrides
 
     check_output_dir(a.out)  # a file, a dangling link or a read-only place: refused before minutes of work
-
-    if a.experiment == "expressive":
-        from lorakit.reproduce import expressive as rx
-
-        budget = rx.Budget.full() if a.full else rx.Budget.quick() if a.quick else rx.Budget()
-        rx.run(a.out, tuple(e.strip() for e in a.experiment_names.split(",") if e.strip()), budget)
-        return 0
-    if a.experiment in ("phase-transition", "norm-speed"):
-        from lorakit.reproduce import limits as rl
-
-        if a.experiment == "phase-transition":
-            rl.phase_transition(a.out, rl.PhaseBudget.quick() if a.quick else rl.PhaseBudget())
-        else:
-            budget = with_overrides(rl.SpeedBudget.quick() if a.quick else rl.SpeedBudget(), length=a.length,
-                                    sequences=a.sequences, epochs=a.epochs)
-            rl.norm_speed(a.out, budget)
-        return 0
-    if a.experiment == "celora":
-        from lorakit.reproduce import celora as rc
-
-        budget = with_overrides(rc.Budget.full() if a.full else rc.Budget(), seeds=a.seeds, minilm_steps=a.minilm_steps,
-                                smollm2_steps=a.smollm2_steps, eval_limit=a.eval_limit)
-        parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
-        unknown = set(parts) - {"minilm", "smollm2", "errors"}
-        if unknown:
-            raise LorakitError(f"--parts {sorted(unknown)} unknown; choose from minilm, smollm2, errors")
-        rc.run(a.out, budget=budget, parts=parts, rank=a.rank, base_dtype=a.base_dtype)
+    a.run()
     return 0
 
 
-def _add_bench(sub) -> None:
-    from lorakit.bench.versus_peft import BenchConfig
+def cmd_bench(cfg: BenchConfig, argv: list[str]) -> int:
+    from lorakit.bench import versus_peft as vp
 
-    p = sub.add_parser("bench", help="our training step against PEFT's: time, memory, FLOP/s, same run",
-                       description="Time lorakit's training step against PEFT's on the same model, data, precision and "
-                       "batch, alternating steps so machine drift cancels. Writes bench.json, bench.md and bench.png.")
-    add_flags(p, BenchConfig)
-    p.add_argument("--out", default="bench", help="directory for bench.json, bench.md and bench.png")
-
-
-def _add_export(sub) -> None:
-    from lorakit.export import ExportConfig
-
-    p = sub.add_parser("export", help="write an adapter as GGUF for llama.cpp and Ollama (a LoRA file or the merged model)",
-                       description="Write a fine-tune as GGUF: --format gguf-lora, a llama.cpp LoRA adapter for the base "
-                       "GGUF (llama-cli -m base.gguf --lora adapter.gguf); --format gguf, the base with the adapter "
-                       "merged (llama-cli -m model.gguf). --ollama adds a Modelfile.")
-    add_flags(p, ExportConfig)
+    report = vp.run(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    paths = vp.write(report, cfg.out)
+    print(vp.markdown(report))
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
+    return 0
 
 
-def cmd_export(a: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from lorakit.export import ExportConfig, export_gguf
+def cmd_export(cfg: ExportConfig, argv: list[str]) -> int:
+    from lorakit.export import export_gguf
     from lorakit.export.ollama import create_command
 
-    cfg = asdict(from_flags(ExportConfig, a))
-    written = export_gguf(cfg.pop("adapter"), cfg.pop("out"), **cfg)
-    kind = "llama.cpp LoRA adapter" if cfg["format"] == "gguf-lora" else "merged model"
+    written = export_gguf(cfg.adapter, cfg.out, **cfg.export_arguments())
+    kind = "llama.cpp LoRA adapter" if cfg.format == "gguf-lora" else "merged model"
     print(f"wrote the {kind} to {written['gguf']}")
     if "modelfile" in written:
         print(f"wrote {written['modelfile']}; load it into Ollama with:\n  {create_command(written['modelfile'])}")
     return 0
 
 
-def add_base_dtype(p: argparse.ArgumentParser) -> None:
-    """--base-dtype, as ``lorakit train`` declares it (TrainConfig.base_dtype): the frozen base's storage."""
-    from lorakit.train.config import TrainConfig
-    from lorakit.train.precision import BASE_DTYPE_CHOICES
+# ---------------------------------------------------------------------- the table of commands
+@dataclass(frozen=True)
+class Command:
+    """One ``lorakit`` command: ``name`` ("reproduce celora": a subcommand of "reproduce"), its one-line help, its
+    options (a dataclass; None for a command that only holds subcommands) and what it runs: ``run(config, argv)``."""
 
-    p.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES, default="auto",
-                   help=TrainConfig.__dataclass_fields__["base_dtype"].metadata["help"] + " (default: auto, fp32 when "
-                   "the model fits in the memory available in fp32, else bf16)")
-
-
-def add_device(p: argparse.ArgumentParser) -> None:
-    """--device, as ``lorakit train`` declares it (TrainConfig.device): where the model runs."""
-    from lorakit.train.config import TrainConfig
-
-    field = TrainConfig.__dataclass_fields__["device"]
-    p.add_argument("--device", default=None, help=f"{field.metadata['help']} (default: {field.metadata['default_text']})")
+    name: str
+    help: str
+    config: type | None = None
+    run: Callable[[Any, list[str]], int] | None = None
+    description: str | None = None
+    metavar: str | None = None  # the subcommands' placeholder in --help
 
 
-def hidden_alias(p: argparse.ArgumentParser, spelling: str, dest: str, kind: type) -> None:
-    """An older spelling of an option, still accepted, not shown in --help."""
-    p.add_argument(spelling, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-
-def cmd_bench(a: argparse.Namespace) -> int:
-    from lorakit.bench import versus_peft as vp
-
-    cfg = from_flags(vp.BenchConfig, a)
-    report = vp.run(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    paths = vp.write(report, a.out)
-    print(vp.markdown(report))
-    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
-    return 0
-
-
-COMMANDS: dict[str, tuple[Callable, Callable]] = {
-    "train": (_add_train, cmd_train),
-    "eval": (_add_eval, cmd_eval),
-    "merge": (_add_merge, cmd_merge),
-    "export": (_add_export, cmd_export),
-    "generate": (_add_generate, cmd_generate),
-    "info": (_add_info, cmd_info),
-    "norms": (_add_norms, cmd_norms),
-    "rank-advice": (_add_rank_advice, cmd_rank_advice),
-    "reproduce": (_add_reproduce, cmd_reproduce),
-    "bench": (_add_bench, cmd_bench),
-}
+_TRAIN = ("Fine-tune a LoRA adapter. With no arguments: MiniLM on fresh-vs-rotten sentiment, 200 steps. Every option "
+          "is a field of lorakit.train.TrainConfig (the LoRA ones of its LoraConfig), with the same help.")
+COMMANDS: tuple[Command, ...] = (
+    Command("train", "fine-tune a LoRA adapter", TrainCommand, cmd_train, _TRAIN),
+    Command("eval", "evaluate an adapter on held-out data", EvalConfig, cmd_eval),
+    Command("merge", "merge an adapter into its base model and write a plain HF model directory", MergeConfig, cmd_merge),
+    Command("export", "write an adapter as GGUF for llama.cpp and Ollama (a LoRA file or the merged model)", ExportConfig,
+            cmd_export, "Write a fine-tune as GGUF: --format gguf-lora, a llama.cpp LoRA adapter for the base GGUF "
+            "(llama-cli -m base.gguf --lora adapter.gguf); --format gguf, the base with the adapter merged (llama-cli -m "
+            "model.gguf). --ollama adds a Modelfile."),
+    Command("generate", "talk to a causal LM with its adapter (no merge needed)", GenerateConfig, cmd_generate,
+            "Text from the base model plus the adapter: the prompt in the chat template (the one saved with the adapter, "
+            "else the tokenizer's), the reply streamed as it is generated."),
+    Command("info", "what an adapter directory holds", InfoConfig, cmd_info),
+    Command("norms", "which side of the sqrt(log L) threshold each attention layer and head is on", NormsConfig,
+            cmd_norms, "One forward pass on a few rows: per layer and head, max |entry| of X W_Q, X W_K, X W_V (adapters "
+            "included), the adapter's share, the max logit and its certified bound, against sqrt(log L)."),
+    Command("rank-advice", "per-module LoRA ranks from the spectrum of a full fine-tuning's weight change",
+            RankAdviceConfig, cmd_rank_advice, "From a fully fine-tuned checkpoint (--tuned) or a short full fine-tuning "
+            "lorakit runs itself (--data), the singular spectrum of each target module's weight change and the smallest "
+            "rank reaching --tol, or the best split of --budget parameters; prints a rank_pattern."),
+    Command("reproduce", "reproduce a paper's claim (writes JSON/CSV and a PNG)", metavar="EXPERIMENT"),
+    Command("reproduce celora", "exact LoRA vs CE-LoRA on MiniLM sentiment and SmolLM2/Hamlet", CeloraRun, cmd_reproduce),
+    Command("reproduce phase-transition", "poly attention's gradient error against G / sqrt(log L), and its time against "
+            "exact attention (Hu et al. 2025)", PhaseRun, cmd_reproduce),
+    Command("reproduce norm-speed", "the paper's Table 1 at CPU scale: standard vs norm-controlled, three sizes, time "
+            "per epoch with attention auto", SpeedRun, cmd_reproduce),
+    Command("reproduce expressive", "the expressive power of LoRA on synthetic linear, ReLU and transformer models: "
+            "constructions vs gradient descent (Zeng & Lee 2024)", ExpressiveRun, cmd_reproduce),
+    Command("bench", "our training step against PEFT's: time, memory, FLOP/s, same run", BenchConfig, cmd_bench,
+            "Time lorakit's training step against PEFT's on the same model, data, precision and batch, alternating steps "
+            "so machine drift cancels. Writes bench.json, bench.md and bench.png."),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -411,13 +347,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    """argparse from COMMANDS: a subparser per row (a row "a b" under row "a"), its options from the row's config."""
     p = _Parser(prog="lorakit", description="Fast LoRA fine-tuning that tells you what your adapters can and cannot do.")
-    from lorakit import __version__
-
-    p.add_argument("--version", action="version", version=f"lorakit {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add, _ in COMMANDS.values():
-        add(sub)
+    add_flags(p, LorakitOptions)
+    subparsers = {"": p.add_subparsers(dest="command", metavar="COMMAND")}
+    for row in COMMANDS:
+        parent, _, leaf = row.name.rpartition(" ")
+        sub = subparsers[parent].add_parser(leaf, help=row.help, description=row.description or None)
+        if row.config is None:
+            subparsers[row.name] = sub.add_subparsers(dest=f"{row.name} command", metavar=row.metavar, required=True)
+        else:
+            add_flags(sub, row.config)
+            sub.set_defaults(_row=row)
     return p
 
 
@@ -426,12 +367,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    args.argv = argv[argv.index(args.command) + 1 :] if args.command in argv else []
     if args.command is None:
         parser().print_help()
         return 2
+    row: Command = args._row
+    rest = argv[argv.index(args.command) + 1 :] if args.command in argv else []
     try:
-        return COMMANDS[args.command][1](args)
+        return row.run(from_flags(row.config, args), rest)
     except LorakitError as exc:
         print(f"lorakit: error: {exc}", file=sys.stderr)
         return 2

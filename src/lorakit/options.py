@@ -13,9 +13,9 @@ The parsers below turn a command-line string into a field's value ("a,b" -> a li
 layer indices, a rank-advice JSON file -> a rank pattern); they raise ``ArgumentTypeError``,
 which argparse reports as one ``lorakit: error:`` line naming the flag. The number parsers
 (``positive_int``, ``seed_int``, ``finite_float(lo, hi)``, ``positive_float``) are the one check of
-every numeric option of the hand-written commands (eval, generate, norms, rank-advice, reproduce):
+every numeric option that states its range on the command line:
 
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    batch_size: int | None = option(None, "rows per batch", parse=positive_int)
     -> lorakit eval --batch-size -1
        lorakit: error: argument --batch-size: -1 is not a positive integer; give 1 or more
 """
@@ -41,53 +41,110 @@ _MISSING = dataclasses.MISSING
 def option(default: Any = _MISSING, help: str = "", *, factory: Callable[[], Any] | None = None, flag: str | None = None,
            parse: Callable[[str], Any] | None = None, choices: tuple[str, ...] | None = None, metavar: str | None = None,
            aliases: tuple[str, ...] = (), default_text: str | None = None, section: str | None = None,
-           cli: bool = True, positional: bool = False) -> Any:
+           cli: bool = True, positional: bool = False, exclusive: str | None = None, required: bool = False,
+           action: str | None = None) -> Any:
     """A dataclass field with its command-line form.
 
     flag: the spelling (default ``--`` + the name with dashes); aliases: older spellings, accepted and
     hidden from --help; parse: string -> value (default: from the annotation, int/float/str);
     default_text: how --help states the default when the value alone would not say it ("the task's");
     section: the argument group --help lists it under; cli=False: not a command-line option (set by lorakit itself);
-    positional: an argument without a flag (``lorakit export RUN``), required when the field has no default.
+    positional: an argument without a flag (``lorakit export RUN``), required when the field has no default;
+    exclusive: the name of a set of options of which at most one may be given (``--prompt`` or ``--chat``), exactly
+    one when a member says required=True; action="version": prints the default (a version string) and exits.
     """
     metadata = {"help": help, "flag": flag, "parse": parse, "choices": choices, "metavar": metavar, "aliases": aliases,
-                "default_text": default_text, "section": section, "cli": cli, "positional": positional}
+                "default_text": default_text, "section": section, "cli": cli, "positional": positional,
+                "exclusive": exclusive, "required": required, "action": action}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def group(cls: type, title: str) -> Any:
-    """A nested configuration (a dataclass of options), shown as one argument group titled ``title``."""
-    return dataclasses.field(default_factory=cls, metadata={"group": title, "cls": cls})
+def group(cls: type, title: str | None = None, *, factory: Callable[[], Any] | None = None,
+          only: tuple[str, ...] | None = None, aliases: dict[str, tuple[str, ...]] | None = None) -> Any:
+    """A nested configuration (a dataclass of options), shown as one argument group titled ``title`` (None: each
+    field under its own section).
+
+    factory: the group's default (a preset, e.g. bench's ``LoraConfig(r=16, alpha=32)``; --help states its values);
+    only: the fields of ``cls`` this command takes (the others keep the preset's values); aliases: more hidden
+    spellings of the group's fields for this command ({"r": ("--r",)}). The options stay declared once, in ``cls``."""
+    return dataclasses.field(default_factory=factory or cls,
+                             metadata={"group": title, "cls": cls, "only": only, "aliases": aliases or {}})
+
+
+def fill_defaults(config: Any) -> None:
+    """Set each field of ``config`` that is None to the value its class's ``DEFAULTS`` gives it.
+
+    A shared option (``--model``, ``--out``, ``--batch-size``) is declared once with the default None ("the
+    command's"); each command's configuration says in ``DEFAULTS`` what None means for it (TrainConfig:
+    {"model": "builtin:minilm", "out": "out"}), and --help shows that value."""
+    for name, value in getattr(type(config), "DEFAULTS", {}).items():
+        if getattr(config, name, None) is None:
+            setattr(config, name, value)
 
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
-    """One command-line option: the dotted path of its field (``lora.celora.keep_ratio``) and how it parses."""
+    """One command-line option: the dotted path of its field (``lora.celora.keep_ratio``) and how it parses.
+
+    default: the value this command starts from (the field's, its class's ``DEFAULTS`` entry or its group's preset);
+    default_text: how --help states it (the class's ``DEFAULT_TEXTS`` entry, else the field's)."""
 
     path: str
     field: dataclasses.Field
     annotation: Any
     group: str | None
+    default: Any = None
+    default_text: str | None = None
+    aliases: tuple[str, ...] = ()
+    note: str | None = None
+    required: bool = False
+    exclusive: str | None = None
 
     @property
     def spelling(self) -> str:
         return self.field.metadata.get("flag") or "--" + self.field.name.replace("_", "-")
 
     @property
+    def spellings(self) -> tuple[str, ...]:
+        """Every spelling of the option (a positional argument has none)."""
+        if self.field.metadata.get("positional"):
+            return ()
+        return (self.spelling, *(self.field.metadata.get("aliases") or ()), *self.aliases)
+
+    @property
     def help(self) -> str:
         return self.field.metadata.get("help", "")
 
 
-def flags(cls: type, *, prefix: str = "", title: str | None = None) -> Iterator[Flag]:
-    """Every command-line option of ``cls`` and its nested groups, in declaration order."""
+def flags(cls: type, *, prefix: str = "", title: str | None = None, only: tuple[str, ...] | None = None,
+          preset: Any = None, aliases: dict[str, tuple[str, ...]] | None = None) -> Iterator[Flag]:
+    """Every command-line option of ``cls`` and its nested groups, in declaration order (less the names in the
+    class's ``OMIT``: options of a shared group that this command does not take). A class's REQUIRED names the
+    options this command needs, its ONE_OF the sets of options of which it needs exactly one."""
     hints = typing.get_type_hints(cls)
+    omit = set(getattr(cls, "OMIT", ()))
+    defaults, texts, notes = (getattr(cls, name, {}) for name in ("DEFAULTS", "DEFAULT_TEXTS", "NOTES"))
+    required = set(getattr(cls, "REQUIRED", ()))
+    one_of = {name: "+".join(names) for names in getattr(cls, "ONE_OF", ()) for name in names}
     for f in dataclasses.fields(cls):
-        if "group" in f.metadata:
-            yield from flags(f.metadata["cls"], prefix=f"{prefix}{f.name}.", title=f.metadata["group"])
-        elif f.metadata.get("cli", True) and "help" in f.metadata:
-            yield Flag(prefix + f.name, f, hints[f.name], title or f.metadata.get("section"))
+        if f.name in omit or (only is not None and f.name not in only):
+            continue
+        m = f.metadata
+        if "group" in m:
+            inner = f.default_factory() if f.default_factory is not _MISSING else None
+            yield from flags(m["cls"], prefix=f"{prefix}{f.name}.", title=m["group"] or title, only=m.get("only"),
+                             preset=inner, aliases=m.get("aliases"))
+        elif m.get("cli", True) and "help" in m:
+            default = getattr(preset, f.name) if preset is not None else defaults.get(f.name, _default_of(f))
+            text = texts.get(f.name, m.get("default_text"))
+            if f.name in defaults and f.name not in texts and not str(text).startswith(str(defaults[f.name])):
+                text = None  # the command's value says it
+            yield Flag(prefix + f.name, f, hints[f.name], title or m.get("section"), default, text,
+                       tuple((aliases or {}).get(f.name, ())), notes.get(f.name),
+                       bool(m.get("required")) or f.name in required or f.name in one_of,
+                       one_of.get(f.name) or m.get("exclusive"))
 
 
 def fields_without_help(cls: type, *, prefix: str = "") -> list[str]:
@@ -116,23 +173,34 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 
 def _help_text(fl: Flag) -> str:
-    default = _default_of(fl.field)
-    shown = fl.field.metadata.get("default_text")
-    empty = default is None or isinstance(default, bool) or (isinstance(default, (str, list, dict)) and not default)
+    default, shown = fl.default, fl.default_text
+    empty = default is None or isinstance(default, bool) or (isinstance(default, (str, list, dict, tuple)) and not default)
     if shown is None and not empty:
-        shown = str(default)
-    text = f"{fl.help} (default: {shown})" if shown else fl.help
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    text = f"{fl.help}: {fl.note}" if fl.note else fl.help
+    text = f"{text} (default: {shown})" if shown else text
     return text.replace("%", "%%")  # argparse formats help with %
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """argparse options for every field of ``cls`` (nested groups as argument groups); flags not given stay unset."""
+    """argparse options for every field of ``cls`` (sections and nested groups as argument groups, ``exclusive``
+    sets as mutually exclusive groups); flags not given stay unset. The one place lorakit calls ``add_argument``."""
     groups: dict[str | None, Any] = {None: parser}
-    for fl in flags(cls):
+    exclusive: dict[str, Any] = {}
+    listed = list(flags(cls))
+    required_sets = {fl.exclusive for fl in listed if fl.required and fl.exclusive}
+    for fl in listed:
         if fl.group not in groups:
             groups[fl.group] = parser.add_argument_group(fl.group)
         target = groups[fl.group]
-        m, default = fl.field.metadata, _default_of(fl.field)
+        m, default = fl.field.metadata, fl.default
+        if fl.exclusive:
+            if fl.exclusive not in exclusive:
+                exclusive[fl.exclusive] = target.add_mutually_exclusive_group(required=fl.exclusive in required_sets)
+            target = exclusive[fl.exclusive]
+        if m.get("action") == "version":
+            target.add_argument(fl.spelling, action="version", version=default, help=fl.help)
+            continue
         kw: dict[str, Any] = {"dest": fl.path, "default": argparse.SUPPRESS, "help": _help_text(fl)}
         if fl.annotation is bool or (default is None and typing.get_args(fl.annotation) == (bool, type(None))):
             kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
@@ -153,8 +221,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 kw["nargs"] = "?"
             target.add_argument(fl.path, **kw)
             continue
+        if fl.required and not fl.exclusive:
+            kw["required"] = True
+            del kw["default"]
         target.add_argument(fl.spelling, **kw)
-        for alias in m.get("aliases") or ():
+        for alias in (*(m.get("aliases") or ()), *fl.aliases):
             target.add_argument(alias, **{**kw, "help": argparse.SUPPRESS})
 
 
@@ -172,16 +243,25 @@ def given(namespace: argparse.Namespace, cls: type, *, prefix: str = "") -> dict
 
 
 def build(cls: type, values: dict[str, Any]) -> Any:
-    """``cls(**values)`` with nested groups built from their dicts (over their defaults)."""
+    """``cls(**values)`` with nested groups built from their dicts (over their defaults: the group's preset)."""
     kw = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
             continue
         value = values[f.name]
         if "group" in f.metadata and isinstance(value, dict):
-            value = build(f.metadata["cls"], value)
+            if f.default_factory is not f.metadata["cls"] and f.default_factory is not _MISSING:
+                base = dataclasses.asdict(f.default_factory())
+                value = build(f.metadata["cls"], {**{k: v for k, v in base.items() if k not in _groups(f.metadata["cls"])},
+                                                  **value})
+            else:
+                value = build(f.metadata["cls"], value)
         kw[f.name] = value
     return cls(**kw)
+
+
+def _groups(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if "group" in f.metadata}
 
 
 def from_flags(cls: type, namespace: argparse.Namespace, **overrides: Any) -> Any:

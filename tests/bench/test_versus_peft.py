@@ -4,6 +4,8 @@ import importlib.util
 import json
 
 import pytest
+
+from lorakit.adapters import LoraConfig
 import torch
 
 from lorakit.bench import versus_peft as vp
@@ -23,7 +25,7 @@ def lm_batches(n, vocab=97, seed=0):
 def test_exact_mode_follows_peft_step_for_step(make_model, kind):
     """Acceptance 1 (trajectory): same init and data, 20 AdamW steps, losses within rtol 1e-4."""
     base = make_model(kind)
-    cfg = vp.BenchConfig(r=4, alpha=8, lr=5e-3)
+    cfg = vp.BenchConfig(lora=LoraConfig(r=4, alpha=8, targets="all-linear"), lr=5e-3)
     batches = lm_batches(2)  # cycled: a loss that visibly falls
     ours, peft_fp32 = vp.contenders(base, cfg, "exact", batches)
     for _ in range(20):
@@ -42,7 +44,7 @@ def test_exact_mode_follows_peft_step_for_step(make_model, kind):
 @pytest.mark.parametrize("caller", ["lorakit", "hf-trainer"])
 def test_every_caller_runs_both_contenders_alike(make_model, caller):
     """--caller: lorakit train's engine and HF Trainer's training_step give both contenders the same steps."""
-    cfg = vp.BenchConfig(r=4, alpha=8, lr=5e-3, caller=caller)
+    cfg = vp.BenchConfig(lora=LoraConfig(r=4, alpha=8, targets="all-linear"), lr=5e-3, caller=caller)
     ours, peft_fp32 = vp.contenders(make_model("llama"), cfg, "exact", lm_batches(2))
     assert type(ours) is vp.RUNNERS[caller] and type(peft_fp32) is vp.RUNNERS[caller]
     for _ in range(6):
@@ -62,7 +64,7 @@ def test_dropout_masks_are_shared_between_contenders(make_model, token_batch):
             m.p = 0.2
     ids, mask = token_batch()
     batches = [{"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])}]
-    ours, peft_fp32 = vp.contenders(base, vp.BenchConfig(r=4, alpha=8, targets="attn-qv", lr=1e-2), "exact", batches)
+    ours, peft_fp32 = vp.contenders(base, vp.BenchConfig(lora=LoraConfig(r=4, alpha=8, targets="attn-qv"), lr=1e-2), "exact", batches)
     for _ in range(5):
         ours.step()
         peft_fp32.step()

@@ -333,9 +333,15 @@ def test_attention_auto_on_gemma3(capsys, tiny_gemma3_dir, corpus_txt, tmp_path)
     code, out, err = cli(capsys, "train", "--model", tiny_gemma3_dir, "--data", corpus_txt, "--steps", "2", "--batch-size",
                          "2", "--max-length", "16", "--attention", "auto", "--out", tmp_path / "o", "--quiet")
     assert code == 0, err
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["config"]["attention"] == "auto" and run["config"]["model"] == str(tiny_gemma3_dir)
+    assert (tmp_path / "o" / "adapter_model.safetensors").exists() and "held-out loss:" in out
     code, out, err = cli(capsys, "norms", "--model", tiny_gemma3_dir, "--data", corpus_txt, "--attention", "auto",
                          "--max-length", "16", "--out", tmp_path / "n")
-    assert code == 0 and (tmp_path / "n" / "norms.json").exists(), err
+    assert code == 0, err
+    assert f"wrote {tmp_path / 'n' / 'norms.json'} and {tmp_path / 'n' / 'norms.png'}" in out
+    doc = json.loads((tmp_path / "n" / "norms.json").read_text())
+    assert doc and (tmp_path / "n" / "norms.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("mode", ["auto", "exact"])
@@ -378,18 +384,18 @@ def test_labels_that_overflow_a_float(tmp_path, minilm_tokenizer):
     (["generate", "--adapter", "A", "--prompt", "hi", "--top-p", "0"], "argument --top-p: 0 is not a number in (0, 1]"),
     (["generate", "--adapter", "A", "--prompt", "hi", "--top-p", "1.5"], "argument --top-p: 1.5 is not a number in (0, 1]"),
     (["generate", "--adapter", "A", "--prompt", "hi", "--top-p", "nan"], "argument --top-p: nan is not"),
-    (["generate", "--adapter", "A", "--prompt", "hi", "--seed", "-1"], "argument --seed: -1 is not a seed"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--seed", "-1"], "seed=-1 must be an integer from 0 to 2**63 - 1"),
     (["norms", "--model", "M", "--rows", "0"], "argument --rows: 0 is not a positive integer"),
     (["norms", "--model", "M", "--max-length", "-1"], "argument --max-length: -1 is not a positive integer"),
-    (["norms", "--model", "M", "--attention-tolerance", "nan"], "argument --attention-tolerance: nan is not a finite number > 0"),
-    (["norms", "--model", "M", "--tolerance", "-1"], "argument --tolerance: -1 is not a finite number > 0"),
+    (["norms", "--model", "M", "--attention-tolerance", "nan"], "attention_tolerance=nan must be a positive number"),
+    (["norms", "--model", "M", "--tolerance", "-1"], "attention_tolerance=-1.0 must be a positive number"),
     (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "nan"], "argument --tol: nan is not a number in [0, 1)"),
     (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "1"], "argument --tol: 1 is not a number in [0, 1)"),
     (["rank-advice", "--model", "M", "--data", "x.csv", "--budget", "0"], "argument --budget: 0 is not a positive integer"),
-    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--steps", "-1"], "argument --steps: -1 is not"),
-    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--lr", "inf"], "argument --lr: inf is not"),
+    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--steps", "-1"], "steps=-1 must be a positive integer"),
+    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--lr", "inf"], "lr=inf must be a positive number"),
     (["reproduce", "celora", "--seeds", "0"], "argument --seeds: 0 is not a positive integer"),
-    (["reproduce", "celora", "--rank", "-1"], "argument --rank: -1 is not a positive integer"),
+    (["reproduce", "celora", "--rank", "-1"], "--rank: r=-1 must be a positive integer"),
     (["reproduce", "celora", "--eval-limit", "0"], "argument --eval-limit: 0 is not"),
     (["reproduce", "celora", "--minilm-steps", "x"], "argument --minilm-steps: 'x' is not a positive integer"),
     (["reproduce", "norm-speed", "--length", "0"], "argument --length: 0 is not a positive integer"),
@@ -418,10 +424,8 @@ def test_train_numbers_that_were_accepted(capsys, tiny_bert_dir, sentiment_csv, 
 
 
 @pytest.mark.parametrize("changes,needle", [
-    ({"alpha": float("nan")}, "--alpha nan must be a finite number > 0"),
     ({"lr": float("inf")}, "--lr inf must be a finite number > 0"),
     ({"lr": 0.0}, "--lr 0.0 must be a finite number > 0"),
-    ({"r": 0}, "--rank 0 must be a positive integer"),
     ({"seed": -1}, "--seed -1 must be an integer from 0 to 2**63 - 1"),
     ({"warmup": -1}, "warmup=-1 must be an integer >= 0"),
     ({"quality_steps": 1.5}, "quality_steps=1.5 must be an integer >= 0"),

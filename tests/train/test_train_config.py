@@ -12,7 +12,7 @@ from lorakit import options as opt
 from lorakit.adapters import CeloraConfig, LoraConfig, NormControl
 from lorakit.errors import ConfigError
 from lorakit.train import TrainConfig
-from lorakit.train.config import resume_differences
+from lorakit.train.config import TrainCommand, resume_differences
 
 # A value other than the default for every LoraConfig field, as typed on the command line and as parsed.
 LORA_EXAMPLES = {
@@ -66,7 +66,7 @@ def argv(*names):
 
 
 def parse_train(args):
-    return opt.from_flags(TrainConfig, cli.parser().parse_args(["train", *args]))
+    return opt.from_flags(TrainCommand, cli.parser().parse_args(["train", *args])).train
 
 
 def test_every_lora_field_has_an_example_here():

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,7 +47,8 @@ from lorakit.adapters.targets import compact_target_list, resolve
 from lorakit.bench.harness import Contender, alternate
 from lorakit.bench.workloads import fixed_batches, labelled_batches, machine
 from lorakit.errors import LorakitError
-from lorakit.options import is_finite, is_int, is_seed, option, parse_names
+from lorakit.options import build, fill_defaults, group, is_finite, is_int, is_seed, option
+from lorakit.train.config import DataOptions, ModelOptions, OutputOptions, StepOptions, TaskOptions
 from lorakit.train.memory import reset_peak, rss_kib
 
 MODES = ("exact", "bf16", "celora", "poly", "dora")
@@ -69,36 +70,52 @@ def parse_modes(value: str) -> tuple[str, ...]:
 
 
 @dataclass
-class BenchConfig:
-    """What ``lorakit bench`` runs; its flags are generated from these fields (lorakit.options)."""
+class BenchConfig(OutputOptions, StepOptions, TaskOptions, DataOptions, ModelOptions):
+    """What ``lorakit bench`` runs; its flags are generated from these fields (lorakit.options), the shared ones
+    declared once in lorakit.train.config (model, data, steps, output) and the adapter's in LoraConfig."""
 
-    model: str = option("builtin:smollm2", "builtin:minilm, builtin:smollm2 or a model directory")
-    task: str | None = option(None, "what the contenders train", choices=("causal-lm", "classify"),
-                              default_text="the model's kind")
-    batch_size: int = option(4, "rows per step")
-    max_length: int = option(256, "tokens per row (every row is full)")
-    steps: int = option(20, "measured steps per contender")
-    warmup: int = option(2, "unmeasured steps per contender first")
+    OMIT: ClassVar[tuple[str, ...]] = ("overwrite", "data", "text_column", "label_column")
+    DEFAULTS: ClassVar[dict[str, Any]] = {"model": "builtin:smollm2", "base_dtype": "fp32", "max_length": 256,
+                                          "batch_size": 4, "steps": 20, "warmup": 2, "lr": 1e-4, "seed": 0,
+                                          "out": "bench"}
+    DEFAULT_TEXTS: ClassVar[dict[str, str]] = {"task": "the model's kind"}
+    NOTES: ClassVar[dict[str, str]] = {
+        "steps": "measured steps per contender", "warmup": "bench: unmeasured steps per contender first",
+        "batch_size": "rows per step of both contenders", "lr": "of both contenders",
+        "max_length": "every row is full", "base_dtype": "for both contenders", "out": "bench.json, bench.md, bench.png",
+        "device": "where both contenders run (autocast and timing follow it: a GPU step is timed after synchronising)"}
+
     modes: tuple[str, ...] = option(("exact", "bf16"), "comma-separated: exact, bf16, celora, poly, dora (DoRA against "
                                     "PEFT DoRA)", parse=parse_modes,
                                     default_text="exact,bf16")
     against: str = option("peft", "the competitor")
-    r: int = option(16, "LoRA rank r (as in lorakit train)", flag="--rank", aliases=("--r",))
-    alpha: float = option(32.0, "LoRA alpha")
-    targets: str | list[str] = option("all-linear", "which layers get an adapter (as in lorakit train)",
-                                      parse=parse_names)
-    lr: float = option(1e-4, "learning rate of both contenders")
+    lora: LoraConfig = group(LoraConfig, "LoRA adapter (as in lorakit train)", only=("r", "alpha", "targets"),
+                             factory=lambda: LoraConfig(r=16, alpha=32.0, targets="all-linear"), aliases={"r": ("--r",)})
     quality_steps: int = option(50, "bf16 mode: held-out loss after this many bf16 and fp32 steps (0 skips it)")
     memory: bool = option(True, "peak memory of each contender, each in a fresh process (--no-memory skips the probes)")
-    seed: int = option(0, "random seed of the model, the adapters and the batches")
     caller: str = option("loop", "who calls the model, for both contenders: loop (own loop), lorakit (lorakit train's "
                          "engine), hf-trainer (HF Trainer's training_step)", choices=CALLERS)
     model_dropout: float | None = option(None, "set every dropout of the base model to this p",
                                          default_text="the model's own")
-    base_dtype: str = option("fp32", "the frozen base's storage, for both contenders (as in lorakit train)",
-                             choices=BASE_DTYPE_CHOICES)
-    device: str | None = option(None, "where both contenders run: cpu, cuda, cuda:1 ... (autocast and timing follow "
-                                "it: a GPU step is timed after synchronising)", default_text="cuda when present")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # from bench.json
+            self.lora = build(LoraConfig, self.lora)
+        if isinstance(self.modes, list):
+            self.modes = tuple(self.modes)
+        fill_defaults(self)
+        if isinstance(self.warmup, float) and self.warmup.is_integer():
+            self.warmup = int(self.warmup)
+
+    def to_dict(self) -> dict[str, Any]:
+        """bench.json's "config": the fields, the adapter's as r, alpha and targets."""
+        doc = {k: v for k, v in asdict(self).items() if k != "lora"}
+        return {**doc, "r": self.r, "alpha": self.alpha, "targets": self.targets}
+
+    # the adapter's options, as the contenders read them
+    r = property(lambda self: self.lora.r)
+    alpha = property(lambda self: self.lora.alpha)
+    targets = property(lambda self: self.lora.targets)
 
     def validate(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -118,9 +135,7 @@ class BenchConfig:
             value = getattr(self, name)
             if not is_int(value, 0):
                 raise BenchError(f"{name}={value!r} must be an integer >= 0")
-        if not is_int(self.r, 1):
-            raise BenchError(f"--rank {self.r!r} must be a positive integer (e.g. 16)")
-        for flag, value in (("--alpha", self.alpha), ("--lr", self.lr)):
+        for flag, value in (("--lr", self.lr),):
             if not (is_finite(value) and value > 0):
                 raise BenchError(f"{flag} {value!r} must be a finite number > 0")
         if not is_seed(self.seed):
@@ -172,8 +187,7 @@ def check_fits(spec: str, task: str, available: int | None = None) -> int:
 
 # ---------------------------------------------------------------------------- contenders
 def lora_config(cfg: BenchConfig, mode: str) -> LoraConfig:
-    return LoraConfig(r=cfg.r, alpha=cfg.alpha, targets=cfg.targets, backward="celora" if mode == "celora" else "exact",
-                      use_dora=mode == "dora")
+    return cfg.lora.replace(backward="celora" if mode == "celora" else "exact", use_dora=mode == "dora")
 
 
 def peft_config(base: nn.Module, cfg: LoraConfig):
@@ -181,11 +195,13 @@ def peft_config(base: nn.Module, cfg: LoraConfig):
     import peft
 
     res = resolve(base, cfg)
-    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora, bias=cfg.bias,
-                           target_modules=compact_target_list(res.targets, base, cfg),
-                           layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
-                           use_dora=cfg.use_dora,
-                           modules_to_save=res.modules_to_save or None)
+    # PEFT's field names are spelled once, in LoraConfig.to_peft; what is not an adapter option is left out.
+    doc = cfg.replace(modules_to_save=list(res.modules_to_save)).to_peft(compact_target_list(res.targets, base, cfg),
+                                                                         fan_in_fan_out=False)
+    return peft.LoraConfig(**{k: v for k, v in doc.items() if k not in _PEFT_FILE_ONLY})
+
+
+_PEFT_FILE_ONLY = ("peft_type", "task_type", "base_model_name_or_path", "inference_mode")  # adapter_config.json's own
 
 
 def ours_name(peft_name: str) -> str:
@@ -435,7 +451,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
     tokens = cfg.batch_size * cfg.max_length
     device = next(base.parameters()).device
     report: dict[str, Any] = {
-        "benchmark": "lorakit-vs-peft", "model": cfg.model, "task": task, "config": asdict(cfg), "machine": machine(),
+        "benchmark": "lorakit-vs-peft", "model": cfg.model, "task": task, "config": cfg.to_dict(), "machine": machine(),
         "device": str(device), "peak_gemm_gflops": {"float32": peak_gemm(torch.float32, device=device),
                                                     "bfloat16": peak_gemm(torch.bfloat16, device=device)},
         "modes": {},
@@ -578,5 +594,5 @@ def write(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
 
 if __name__ == "__main__":  # the memory probe's child process
     spec = json.loads(sys.argv[1])
-    config = BenchConfig(**{k: tuple(v) if k == "modes" else v for k, v in spec["config"].items()})
+    config = build(BenchConfig, spec["config"])
     print(json.dumps(_memory_probe(config, spec["mode"], spec["contender"])))

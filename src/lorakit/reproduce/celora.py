@@ -17,12 +17,16 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from lorakit.adapters import LoraConfig
+from lorakit.errors import LorakitError
 from lorakit.files import write_atomic
-from lorakit.reproduce import write_csv
+from lorakit.options import fill_defaults, group, option, positive_int
+from lorakit.reproduce import BudgetOptions, with_overrides, write_csv
+from lorakit.train.config import EpochOptions, ModelOptions, OutputOptions
 
 
 @dataclass
@@ -38,6 +42,37 @@ class Budget:
     @classmethod
     def full(cls) -> "Budget":
         return cls(seeds=3, minilm_steps=400, smollm2_steps=200, refresh_every=100)
+
+
+@dataclass
+class CeloraRun(BudgetOptions, EpochOptions, OutputOptions, ModelOptions):
+    """The options of ``lorakit reproduce celora`` (None: the Budget's)."""
+
+    OMIT: ClassVar[tuple[str, ...]] = ("quick", "epochs", "overwrite", "model", "device")
+    DEFAULTS: ClassVar[dict[str, Any]] = {"out": "reproduce/celora", "base_dtype": "auto"}
+    NOTES: ClassVar[dict[str, str]] = {"out": "results.json, the CSV tables and celora.png"}
+
+    parts: str = option("minilm,smollm2,errors", "any of minilm, smollm2, errors")
+    seeds: int | None = option(None, "seeds per backward", parse=positive_int, default_text="3")
+    minilm_steps: int | None = option(None, "steps of each MiniLM run", parse=positive_int, default_text="200; 400 with --full")
+    smollm2_steps: int | None = option(None, "steps of each SmolLM2 run", parse=positive_int,
+                                       default_text="60; 200 with --full")
+    lora: LoraConfig = group(LoraConfig, "LoRA adapter", only=("r",))
+
+    def __post_init__(self) -> None:
+        fill_defaults(self)
+        names = tuple(p.strip() for p in self.parts.split(",") if p.strip())
+        unknown = set(names) - {"minilm", "smollm2", "errors"}
+        if unknown:
+            raise LorakitError(f"--parts {sorted(unknown)} unknown; choose from minilm, smollm2, errors")
+
+    def budget(self) -> "Budget":
+        return with_overrides(Budget.full() if self.full else Budget(), seeds=self.seeds, minilm_steps=self.minilm_steps,
+                              smollm2_steps=self.smollm2_steps, eval_limit=self.eval_limit)
+
+    def run(self) -> dict[str, Any]:
+        parts = tuple(p.strip() for p in self.parts.split(",") if p.strip())
+        return run(self.out, budget=self.budget(), parts=parts, rank=self.lora.r, base_dtype=self.base_dtype)
 
 
 def _train(model: str, data: str, out: Path, backward: str, seed: int, steps: int, budget: Budget, rank: int,

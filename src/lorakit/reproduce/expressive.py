@@ -23,11 +23,14 @@ import math
 from statistics import median
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from lorakit.files import write_atomic
+from lorakit.options import fill_defaults, option
+from lorakit.reproduce import BudgetOptions
+from lorakit.train.config import OutputOptions
 from lorakit.reproduce import write_csv
 
 EXPERIMENTS = ("linear", "fnn", "flt", "tfn", "depth", "bias")
@@ -49,6 +52,27 @@ class Budget:
     @classmethod
     def quick(cls) -> "Budget":
         return cls(width=8, seeds=2, epochs=30, lrs=(1e-2,), weight_decays=(0.0,), test=500)
+
+
+@dataclass
+class ExpressiveRun(BudgetOptions, OutputOptions):
+    """The options of ``lorakit reproduce expressive``."""
+
+    OMIT: ClassVar[tuple[str, ...]] = ("overwrite",)
+    DEFAULTS: ClassVar[dict[str, Any]] = {"out": "reproduce/expressive"}
+    NOTES: ClassVar[dict[str, str]] = {"quick": "D = 8, 2 seeds, 30 epochs"}
+
+    experiments: str = option(",".join(EXPERIMENTS), "comma-separated: " + ", ".join(EXPERIMENTS),
+                              flag="--experiment", default_text="all")
+
+    def __post_init__(self) -> None:
+        fill_defaults(self)
+
+    def budget(self) -> "Budget":
+        return Budget.full() if self.full else Budget.quick() if self.quick else Budget()
+
+    def run(self) -> dict[str, list]:
+        return run(self.out, tuple(e.strip() for e in self.experiments.split(",") if e.strip()), self.budget())
 
 
 def _grid(budget: Budget, make, target, seed: int):

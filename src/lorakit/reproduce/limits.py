@@ -24,12 +24,14 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from lorakit.files import write_atomic
-from lorakit.reproduce import write_csv
+from lorakit.options import fill_defaults, option, positive_int
+from lorakit.reproduce import BudgetOptions, with_overrides, write_csv
+from lorakit.train.config import EpochOptions, OutputOptions
 
 # ---------------------------------------------------------------------- phase transition
 
@@ -80,6 +82,20 @@ class PhaseBudget:
     def quick(cls) -> "PhaseBudget":
         return cls(lengths=(64, 256), ratios=(0.2, 1.0, 3.0), degrees=(2,), head_dim=4, timing_lengths=(128, 256, 512),
                    timing_head_dim=8, timing_steps=1)
+
+
+@dataclass
+class PhaseRun(BudgetOptions, OutputOptions):
+    """The options of ``lorakit reproduce phase-transition``."""
+
+    OMIT: ClassVar[tuple[str, ...]] = ("full", "overwrite")
+    DEFAULTS: ClassVar[dict[str, Any]] = {"out": "reproduce/phase-transition"}
+
+    def __post_init__(self) -> None:
+        fill_defaults(self)
+
+    def run(self) -> dict[str, Any]:
+        return phase_transition(self.out, PhaseBudget.quick() if self.quick else PhaseBudget())
 
 
 def phase_transition(out: str | Path, budget: PhaseBudget | None = None, log=print) -> dict[str, Any]:
@@ -202,6 +218,26 @@ class SpeedBudget:
     @classmethod
     def quick(cls) -> "SpeedBudget":
         return cls(sizes=((32, 1), (64, 1)), length=128, sequences=2, head_dim=8)
+
+
+@dataclass
+class SpeedRun(BudgetOptions, EpochOptions, OutputOptions):
+    """The options of ``lorakit reproduce norm-speed`` (None: the SpeedBudget's)."""
+
+    OMIT: ClassVar[tuple[str, ...]] = ("full", "eval_limit", "overwrite")
+    DEFAULTS: ClassVar[dict[str, Any]] = {"out": "reproduce/norm-speed"}
+    DEFAULT_TEXTS: ClassVar[dict[str, str]] = {"epochs": "1"}
+
+    length: int | None = option(None, "tokens per sequence", parse=positive_int, default_text="4096")
+    sequences: int | None = option(None, "sequences per epoch", parse=positive_int, default_text="8")
+
+    def __post_init__(self) -> None:
+        fill_defaults(self)
+
+    def run(self) -> dict[str, Any]:
+        budget = with_overrides(SpeedBudget.quick() if self.quick else SpeedBudget(), length=self.length,
+                                sequences=self.sequences, epochs=self.epochs)
+        return norm_speed(self.out, budget)
 
 
 def _llama(hidden: int, layers: int, head_dim: int, vocab: int, length: int, seed: int):

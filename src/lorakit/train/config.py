@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from lorakit.adapters import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.limits.attention import MODES as ATTENTION_MODES
-from lorakit.options import build, flatten, group, is_finite, is_seed, option, spelling
+from lorakit.options import (build, fill_defaults, flatten, group, is_finite, is_seed, option, positive_int, seed_int,
+                             spelling)
 from lorakit.train.chat import LOSS_ON, read_chat_template
 from lorakit.train.models import TASKS, builtin_default_task
 from lorakit.train.precision import BASE_DTYPE_CHOICES
@@ -28,88 +29,190 @@ DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
 DEFAULT_MAX_LENGTH = {"classify": 128, "causal-lm": 256}
 DEFAULT_DATA = {"classify": "builtin:rotten-tomatoes", "causal-lm": "builtin:hamlet"}
 
+_MODEL = "model"
+_DATA = "data"
+_TRAINING = "training"
+_PRECISION = "precision and memory"
+_OUTPUT = "output"
 _LIMITS = "computational limits (attention norms)"
 _PROCESSES = "several processes (torch.distributed)"
 
 
+def task_defaults(task: str) -> dict[str, Any]:
+    """What None means for a task's options, in one place: {"lr", "max_length", "data"} of "classify" or
+    "causal-lm" (a learning rate for an adapter, tokens per row, the built-in data)."""
+    if task not in DEFAULT_LR:
+        raise ConfigError(f"task={task!r} must be one of {', '.join(DEFAULT_LR)}")
+    return {"lr": DEFAULT_LR[task], "max_length": DEFAULT_MAX_LENGTH[task], "data": DEFAULT_DATA[task]}
+
+
 def default_data(model: str, task: str | None) -> str:
     """The built-in data of the task (given, or the built-in model's): Hamlet for a causal LM, else sentiment."""
-    return DEFAULT_DATA[task or builtin_default_task(model) or "classify"]
+    return task_defaults(task or builtin_default_task(model) or "classify")["data"]
+
+
+# ---------------------------------------------------------------------- the shared option groups
+# Each option of every lorakit command is declared once, here or in a command's own configuration; a command's
+# configuration inherits the groups it takes (``class TrainConfig(..., DataOptions, ModelOptions)``: the last
+# group's fields come first), leaves out with OMIT the options of a group it does not take, says in DEFAULTS what a
+# None default means for it (``lorakit.options.fill_defaults``) and in NOTES what the option is for it.
+@dataclass
+class ModelOptions:
+    """The base model: which, its storage precision, where it runs."""
+
+    model: str | None = option(None, "builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file",
+                               default_text="the base model recorded in the adapter", section=_MODEL)
+    base_dtype: str | None = option(
+        None, "the frozen base's storage: its weights are read straight into it; adapters and AdamW state stay fp32 "
+        "(products in fp32 where this CPU's bf16 ones are slower, each weight widened for its product only)",
+        choices=BASE_DTYPE_CHOICES, default_text="auto: fp32 when the run fits in memory with it, else bf16",
+        section=_MODEL)
+    device: str | None = option(None, "cpu, cuda, cuda:1 ...", default_text="cuda when present", section=_MODEL)
 
 
 @dataclass
-class TrainConfig:
-    """Everything ``lorakit train`` accepts. None means "the default for the task"."""
+class AdapterSource:
+    """The adapter a command reads (eval, merge, generate, norms)."""
 
-    model: str = option("builtin:minilm", "builtin:minilm | builtin:smollm2 | a local model directory | a .gguf file")
+    adapter: str | None = option(None, "an adapter directory: a training run's output or a PEFT LoRA adapter",
+                                 default_text="none: the --model alone", metavar="DIR", section=_MODEL)
+
+
+@dataclass
+class DataOptions:
+    """The rows: which file or built-in set, its columns, their length in tokens."""
+
     data: str | None = option(
         None, "builtin:rotten-tomatoes | builtin:hamlet | FILE.csv | FILE.jsonl | FILE.parquet | FILE.txt",
-        default_text="rotten-tomatoes for an encoder, hamlet for builtin:smollm2 or --task causal-lm")
-    task: str | None = option(None, "what to train", choices=TASKS, default_text="inferred from the data")
-    eval_data: str | None = option(None, "a held-out file", default_text="a fixed 10% of --data")
-    text_column: str = option("text", "the column holding the text (csv, jsonl, parquet)")
-    label_column: str = option("label", "the column holding the label (classification)")
-    skip_bad_rows: bool = option(False, "skip malformed data rows (counted in the report) instead of stopping")
-    loss_on: str = option(
-        "assistant", "conversations (\"messages\" rows): the loss on assistant turns or on every token; prompt/response "
-        "rows: on the response or on every token", choices=LOSS_ON)
+        default_text="rotten-tomatoes for an encoder, hamlet for builtin:smollm2 or --task causal-lm; for an adapter, "
+        "the held-out rows of its training run (run.json), else the built-in set of its task", section=_DATA)
+    text_column: str | None = option(None, "the column holding the text (csv, jsonl, parquet)",
+                                     default_text="the training run's, else text", section=_DATA)
+    label_column: str | None = option(None, "the column holding the label (classification)",
+                                      default_text="the training run's, else label", section=_DATA)
+    max_length: int | None = option(None, "tokens per row", parse=positive_int,
+                                    default_text="128 classify, 256 causal-lm (for an adapter: its training run's)",
+                                    section=_DATA)
+
+
+@dataclass
+class TaskOptions:
+    task: str | None = option(None, "what to train", choices=TASKS, default_text="inferred from the data",
+                              section=_DATA)
+
+
+@dataclass
+class ChatTemplateOptions:
     chat_template: str | None = option(
         None, "a Jinja chat template for conversational data, replacing the tokenizer's (needed when it has none, e.g. "
-        "examples/chat_templates/gemma3.jinja for the Gemma 3 GGUF)", metavar="FILE")
-    packing: bool | None = option(
-        None, "causal LM: pack several rows into each sequence of --max-length tokens, no attention across rows",
-        default_text="on where a check shows the model keeps packed rows apart exactly")
-    lora: LoraConfig = group(LoraConfig, "LoRA adapter")
+        "examples/chat_templates/gemma3.jinja for the Gemma 3 GGUF)", metavar="FILE",
+        default_text="an adapter's chat_template.jinja, else the tokenizer's", section=_DATA)
+
+
+@dataclass
+class AttentionOptions:
     attention: str | None = option(
         None, "lorakit attention: auto = polynomial where the certified logit bound allows it", choices=ATTENTION_MODES,
         default_text="the model's own", section=_LIMITS)
     attention_tolerance: float = option(1e-3, "allowed attention-output error relative to max|v| for poly/auto",
-                                        section=_LIMITS)
-    norm_every: int | None = option(None, "measure the attention norms every N steps (metrics.jsonl, norms.png)",
-                                    section=_LIMITS)
-    epochs: int | None = option(None, "passes over the training rows (instead of --steps)")
-    steps: int | None = option(None, "optimizer steps", default_text=f"{DEFAULT_STEPS} when --epochs is not given")
-    batch_size: int = option(32, "rows per optimizer step (over all processes); with packing, sequences")
-    eval_batch_size: int = option(64, "rows per evaluation batch")
-    eval_limit: int | None = option(None, "evaluate on the first N held-out rows only")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float | None = option(None, "peak learning rate (AdamW)", default_text="2e-3 for classify, 2e-4 for causal-lm")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup: float = option(0.06, "linear warm-up: a fraction of the steps (< 1) or a step count")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this")
-    max_length: int | None = option(None, "tokens per row", default_text="128 classify, 256 causal-lm")
+                                        aliases=("--tolerance",), section=_LIMITS)
+
+
+@dataclass
+class StepOptions:
+    """How long and how fast a run trains."""
+
+    steps: int | None = option(None, "optimizer steps", default_text=f"{DEFAULT_STEPS} when --epochs is not given",
+                               section=_TRAINING)
+    batch_size: int | None = option(None, "rows per optimizer step (over all processes); with packing, sequences",
+                                    parse=positive_int, section=_TRAINING)
+    lr: float | None = option(None, "peak learning rate (AdamW)", default_text="2e-3 for classify, 2e-4 for causal-lm",
+                              section=_TRAINING)
+    warmup: float | None = option(None, "linear warm-up: a fraction of the steps (< 1) or a step count",
+                                  section=_TRAINING)
+    seed: int | None = option(None, "random seed (data order, initialisation, dropout, sampling)", section=_TRAINING)
+
+
+@dataclass
+class EpochOptions:
+    epochs: int | None = option(None, "passes over the training rows (instead of --steps)", parse=positive_int,
+                                section=_TRAINING)
+    eval_limit: int | None = option(None, "evaluate on the first N held-out rows only", parse=positive_int,
+                                    section=_TRAINING)
+
+
+@dataclass
+class PrecisionOptions:
     bf16: bool = option(False, "bf16 training: frozen weights stored in bf16, adapters and optimizer in fp32 (CPU, where "
-                        "this CPU's bf16 products are faster); bf16 autocast on GPU")
-    base_dtype: str = option(
-        "auto", "the frozen base's storage: its weights are read straight into it; adapters and AdamW state stay fp32 "
-        "(products in fp32 where this CPU's bf16 ones are slower, each weight widened for its product only)",
-        choices=BASE_DTYPE_CHOICES, default_text="auto: fp32 when the run fits in memory with it, else bf16")
+                        "this CPU's bf16 products are faster); bf16 autocast on GPU", section=_PRECISION)
     gradient_checkpointing: bool = option(
         False, "activation checkpointing: keep each layer's input only and recompute the layer in the backward "
-        "(~1/3 more compute, activations of one layer instead of all)")
+        "(~1/3 more compute, activations of one layer instead of all)", section=_PRECISION)
     max_memory: str | None = option(None, "the memory this run may use, e.g. 20GB (the plan refuses a run above it)",
-                                    default_text="the memory available now (MemAvailable, the cgroup limit)")
-    dry_run: bool = option(False, "print the memory plan and the precision, then exit before any weight is read")
+                                    default_text="the memory available now (MemAvailable, the cgroup limit)",
+                                    section=_PRECISION)
+
+
+@dataclass
+class OutputOptions:
+    out: str | None = option(None, "where the command writes", section=_OUTPUT)
+    overwrite: bool = option(False, "replace what an earlier run wrote in --out (train: its adapter, metrics.jsonl, "
+                             "plots, run.json and checkpoints; other files there stay). Without it a non-empty --out "
+                             "is refused", section=_OUTPUT)
+
+
+@dataclass
+class DistributedOptions:
     shard: bool = option(False, "FSDP2: split the frozen base across the processes (for a model too big for one process)",
                          section=_PROCESSES)
-    seed: int = option(0, "random seed (data order, initialisation, dropout)")
-    eval_every: int | None = option(None, "evaluate every N steps", default_text="four times per run")
-    save_every: int | None = option(100, "checkpoint every N steps")
-    keep_checkpoints: int = option(2, "complete checkpoints kept in OUT/checkpoints (older ones are removed)")
+
+
+@dataclass
+class TrainConfig(DistributedOptions, OutputOptions, PrecisionOptions, EpochOptions, StepOptions, AttentionOptions,
+                  ChatTemplateOptions, TaskOptions, DataOptions, ModelOptions):  # the last group's fields come first
+    """Everything ``lorakit train`` accepts. None means "the default for the task"."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {"model": "builtin:minilm", "base_dtype": "auto", "text_column": "text",
+                                          "label_column": "label", "batch_size": 32, "warmup": 0.06, "seed": 0,
+                                          "out": "out"}
+    DEFAULT_TEXTS: ClassVar[dict[str, str]] = {
+        "data": "rotten-tomatoes for an encoder, hamlet for builtin:smollm2 or --task causal-lm",
+        "max_length": "128 classify, 256 causal-lm", "chat_template": "the tokenizer's"}
+    NOTES: ClassVar[dict[str, str]] = {"out": "the run's directory: adapter, metrics.jsonl, plots, run.json, checkpoints"}
+
+    eval_data: str | None = option(None, "a held-out file", default_text="a fixed 10% of --data", section=_DATA)
+    skip_bad_rows: bool = option(False, "skip malformed data rows (counted in the report) instead of stopping",
+                                 section=_DATA)
+    loss_on: str = option(
+        "assistant", "conversations (\"messages\" rows): the loss on assistant turns or on every token; prompt/response "
+        "rows: on the response or on every token", choices=LOSS_ON, section=_DATA)
+    packing: bool | None = option(
+        None, "causal LM: pack several rows into each sequence of --max-length tokens, no attention across rows",
+        default_text="on where a check shows the model keeps packed rows apart exactly", section=_DATA)
+    lora: LoraConfig = group(LoraConfig, "LoRA adapter")
+    norm_every: int | None = option(None, "measure the attention norms every N steps (metrics.jsonl, norms.png)",
+                                    section=_LIMITS)
+    eval_batch_size: int = option(64, "rows per evaluation batch", section=_TRAINING)
+    grad_accum: int = option(1, "micro-batches per optimizer step", section=_TRAINING)
+    weight_decay: float = option(0.0, "AdamW weight decay", section=_TRAINING)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this", section=_TRAINING)
+    dry_run: bool = option(False, "print the memory plan and the precision, then exit before any weight is read",
+                           section=_PRECISION)
+    eval_every: int | None = option(None, "evaluate every N steps", default_text="four times per run", section=_TRAINING)
+    save_every: int | None = option(100, "checkpoint every N steps", section=_OUTPUT)
+    keep_checkpoints: int = option(2, "complete checkpoints kept in OUT/checkpoints (older ones are removed)",
+                                   section=_OUTPUT)
     max_bad_steps: int = option(5, "stop after this many steps in a row with a non-finite loss or gradient (each is "
-                                "skipped)")
-    log_every: int = option(10, "log the training loss every N steps (metrics.jsonl)")
-    out: str = option("out", "the run's directory: adapter, metrics.jsonl, plots, run.json, checkpoints")
+                                "skipped)", section=_TRAINING)
+    log_every: int = option(10, "log the training loss every N steps (metrics.jsonl)", section=_OUTPUT)
     resume: bool = option(False, "continue from the newest complete checkpoint in OUT/checkpoints (refused if it was "
-                          "written with other options, another model or other data)")
-    overwrite: bool = option(False, "replace a previous run in OUT (its adapter, metrics.jsonl, plots, run.json and "
-                             "checkpoints; other files there stay). Without it a non-empty OUT is refused")
-    quiet: bool = option(False, "no progress bar or messages")
-    device: str | None = option(None, "cpu, cuda, cuda:1 ...", default_text="cuda when present")
+                          "written with other options, another model or other data)", section=_OUTPUT)
+    quiet: bool = option(False, "no progress bar or messages", section=_OUTPUT)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # from run.json or a checkpoint
             self.lora = build(LoraConfig, self.lora)
+        fill_defaults(self)
         if self.data is None and isinstance(self.model, str):
             self.data = default_data(self.model, self.task)
         self.validate()
@@ -200,6 +303,16 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown TrainConfig fields {unknown}; this configuration was written by another lorakit")
         return build(cls, doc)
+
+
+@dataclass
+class TrainCommand:
+    """``lorakit train``'s options: a TrainConfig (what run.json records) and how many processes run it."""
+
+    train: TrainConfig = group(TrainConfig)
+    nproc: int | None = option(
+        None, "train on N processes of this machine (torchrun; gloo on CPU, nccl on CUDA); --batch-size is the global "
+        "batch. On several machines run torchrun ... -m lorakit train instead", parse=positive_int, section=_PROCESSES)
 
 
 def check_device(device: str | None) -> None:
