@@ -76,7 +76,7 @@ def loads(monkeypatch):
         seen.append(kwargs.get("dtype"))
         return real(*args, **kwargs)
 
-    for module in ("lorakit.train.models", "lorakit.train.apply", "lorakit.train.trainer"):
+    for module in ("lorakit.train.models", "lorakit.train.apply", "lorakit.train.job"):
         monkeypatch.setattr(f"{module}.load_model", spy, raising=False)
     return seen
 
@@ -130,7 +130,7 @@ def test_a_run_that_does_not_fit_is_refused_before_anything_is_read(capsys, monk
         raise AssertionError("a weight was read")
 
     monkeypatch.setattr(models, "load_model", no_load)
-    monkeypatch.setattr("lorakit.train.trainer.load_model", no_load, raising=False)
+    monkeypatch.setattr("lorakit.train.job.load_model", no_load, raising=False)
     err = refused(capsys, "train", "--model", tiny_llama_dir, "--data", corpus_txt, "--out", tmp_path / "o",
                   "--max-memory", "300MB", "--max-length", "64", needle="GB available (--max-memory)")
     assert "needs ~" in err and "--dry-run" in err

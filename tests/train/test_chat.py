@@ -189,7 +189,8 @@ def test_chat_fine_tune_lowers_the_assistant_loss_and_keeps_the_template(tmp_pat
 
 
 def test_a_chat_template_for_text_data_is_reported_unused(tiny_llama_dir, corpus_txt):
-    from lorakit.train.trainer import TrainConfig, prepare
+    from lorakit.train import TrainConfig
+    from lorakit.train.job import prepare
 
     _, data = prepare(TrainConfig(model=tiny_llama_dir, data=corpus_txt, chat_template=str(GEMMA3_TEMPLATE)))
     assert any("--chat-template" in n and "is not used" in n for n in data.notes) and not data.conversations

@@ -21,7 +21,7 @@ from conftest import train_config
 from lorakit.train import run
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.distributed import Dist, epoch_indices, real_rows
-from lorakit.train.trainer import resume_command
+from lorakit.train.run_dir import resume_command
 
 SETTINGS = dict(steps=20, batch_size=8, grad_accum=2, max_length=32, targets="all-linear", rank=4, alpha=8.0, lr=5e-3,
                 save_every=10, eval_every=10, log_every=1, quiet=True)

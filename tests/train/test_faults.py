@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from lorakit.train import run
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.distributed import LossOf  # where the trainer takes its loss from
-from lorakit.train.trainer import TrainingError, resume_command
+from lorakit.errors import TrainingError
+from lorakit.train.run_dir import resume_command
 from test_trainer import cfg_for  # the same small runs as the trainer's tests
 
 

@@ -16,6 +16,7 @@ import torch
 
 from conftest import write_gguf
 from lorakit.train import gguf_convert as G
+from lorakit.train import gguf_cache
 from lorakit.train import models as M
 
 def stored(folder):
@@ -227,13 +228,13 @@ def write_old_fp32_cache(path, target):
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(target)
-    record = {"path": str(path.resolve()), "size": path.stat().st_size, "fingerprint": M.gguf_fingerprint(path),
-              "sha256": M.file_sha256(path), "checked": []}
+    record = {"path": str(path.resolve()), "size": path.stat().st_size, "fingerprint": gguf_cache.gguf_fingerprint(path),
+              "sha256": gguf_cache.file_sha256(path), "checked": []}
     (target / M.SOURCE_FILE).write_text(json.dumps(record, indent=2))
 
 
 def test_an_old_fp32_cache_is_reused_whole_then_replaced_whole(tmp_path, cache, capsys, monkeypatch):
-    monkeypatch.setattr(M, "gguf_fingerprint", lambda path: "0" * 64)  # both files under one key: the record decides
+    monkeypatch.setattr(gguf_cache, "gguf_fingerprint", lambda path: "0" * 64)  # both files under one key: the record decides
     path, other = tmp_path / "model.gguf", tmp_path / "other.gguf"
     write_gguf(path, seed=0)
     write_gguf(other, seed=1)

@@ -14,6 +14,7 @@ import pytest
 import lorakit
 from conftest import add_gguf_tokenizer, close_gguf
 from lorakit.errors import AdapterFileError, ModelError
+from lorakit.train import gguf_cache
 from lorakit.train import models as M
 from lorakit.train.apply import load_with_adapter
 
@@ -148,8 +149,8 @@ def test_a_replaced_gguf_of_the_same_size_and_mtime_is_converted_again(tmp_path,
 def test_a_conversion_is_checked_against_its_record_beyond_the_digest(tmp_path, cache, capsys, monkeypatch, how):
     """Files whose sampled blocks agree share a cache key; the record's sha256 still tells them apart, and a check
     remembered for the file (inode, change time) is not trusted once the file is replaced."""
-    monkeypatch.setattr(M, "gguf_fingerprint", lambda path: "0" * 64)
-    monkeypatch.setattr(M, "_RACY_NS", -10**18)  # remember checks at once (files here are seconds old)
+    monkeypatch.setattr(gguf_cache, "gguf_fingerprint", lambda path: "0" * 64)
+    monkeypatch.setattr(gguf_cache, "_RACY_NS", -10**18)  # remember checks at once (files here are seconds old)
     path, other = tmp_path / "model.gguf", tmp_path / "other.gguf"
     first = write_tiny_gguf(path, seed=0)
     second = write_tiny_gguf(other, seed=1)
@@ -158,7 +159,7 @@ def test_a_conversion_is_checked_against_its_record_beyond_the_digest(tmp_path, 
     record = json.loads((target / M.SOURCE_FILE).read_text())
     assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and len(record["checked"]) == 1
     hashed = []
-    monkeypatch.setattr(M, "file_sha256", lambda p: hashed.append(p) or hashlib.sha256(p.read_bytes()).hexdigest())
+    monkeypatch.setattr(gguf_cache, "file_sha256", lambda p: hashed.append(p) or hashlib.sha256(p.read_bytes()).hexdigest())
     assert M.model_dir(str(path)) == target and hashed == []  # the remembered check: no hashing
     capsys.readouterr()
     import time
@@ -326,7 +327,7 @@ def test_a_conversion_renamed_into_place_by_another_process_first_is_used(tmp_pa
     copy, which fails with "Directory not empty"; the finished copy is used and this one's temporary is removed."""
     path = tmp_path / "model.gguf"
     embed = write_tiny_gguf(path)
-    real = M.write_directory
+    real = gguf_cache.write_directory
 
     def racing(target, fill, **kw):
         def fill_then_lose_the_race(tmp):
@@ -335,7 +336,7 @@ def test_a_conversion_renamed_into_place_by_another_process_first_is_used(tmp_pa
             shutil.copytree(tmp_path / "other", target) if how == "copy" else os.rename(tmp_path / "other", target)
         return real(target, fill_then_lose_the_race, **kw)
 
-    monkeypatch.setattr(M, "write_directory", racing)
+    monkeypatch.setattr(gguf_cache, "write_directory", racing)
     target = M.model_dir(str(path))
     assert target == cache / M._gguf_key(path)
     np.testing.assert_allclose(embedding(str(path)), embed)

@@ -10,7 +10,7 @@ from lorakit.errors import ConfigError
 from conftest import train_config
 from lorakit.train import TrainConfig, run
 from lorakit.train import checkpoint as ckpt
-from lorakit.train.trainer import linear_schedule
+from lorakit.train.state import linear_schedule
 
 
 def cfg_for(model_dir, data, out, **kw):
@@ -198,7 +198,7 @@ def test_causal_lm_evaluation_takes_the_fused_head_and_equals_the_models_own_los
     """Held-out loss through the fused head (no N x V logits) equals transformers' own loss."""
     from conftest import tiny_model
     from lorakit.speed.forward import own_forward
-    from lorakit.train import trainer as T
+    from lorakit.train import evaluation as T
 
     model = tiny_model("llama")
     lorakit.attach(model, lorakit.LoraConfig(r=4, targets="all-linear"))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lorakit.adapters import load_adapter, read_config, unload
-from lorakit.adapters.io import CONFIG_NAME, WEIGHTS_NAME, are_label_names, read_tensors
+from lorakit.adapters.io import CONFIG_NAME, are_label_names, read_tensors
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
 from lorakit.files import OutputError, check_output_dir, entries, write_directory
 from lorakit.options import is_int
@@ -18,7 +18,9 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train.data import BUILTIN_DATA, load_data
 from lorakit.train.generate import adapter_chat_template, use_template
 from lorakit.train.models import check_model_exists, gguf_identity, load_model, load_tokenizer, max_positions, model_dir
-from lorakit.train.trainer import DEFAULT_MAX_LENGTH, evaluate
+from lorakit.train.config import task_defaults
+from lorakit.train.evaluation import evaluate
+from lorakit.train.describe import describe  # noqa: F401 (its old home)
 
 _TASK_OF_PEFT = {"SEQ_CLS": "classify", "CAUSAL_LM": "causal-lm"}
 
@@ -175,6 +177,7 @@ def _check_positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
+# many parameters: `lorakit eval`'s options, each a keyword (the CLI passes them by name)
 def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None = None, max_length: int | None = None,
                      batch_size: int = 64, text_column: str | None = None, label_column: str | None = None,
                      labels: list[str] | None = None, base_dtype: str | torch.dtype = "auto",
@@ -195,7 +198,7 @@ def evaluate_adapter(adapter: str, data: str | None = None, *, model: str | None
         raise ConfigError(f"--label-column {label_column}: {adapter} is a {task_now} adapter, whose data has no labels; "
                           "drop --label-column")
     loaded, task, labels = load_with_adapter(adapter, model, labels=labels, base_dtype=base_dtype, device=device)
-    trained = dict(max_length=run.get("max_length") or DEFAULT_MAX_LENGTH[task], text_column=run.get("text_column")
+    trained = dict(max_length=run.get("max_length") or task_defaults(task)["max_length"], text_column=run.get("text_column")
                    or "text", label_column=run.get("label_column") or "label")  # how the run read its rows
     given = dict(max_length=max_length, text_column=text_column, label_column=label_column)
     now = {k: given[k] or trained[k] for k in trained}
@@ -271,6 +274,7 @@ def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite
     import sys
 
     from lorakit.train import merge_stream
+    from lorakit.train.stored_checkpoint import stored_dtype
 
     # Streamed (merge_stream: the base read tensor by tensor, never whole in memory) where it maps exactly; else
     # in memory, the base loaded at its stored dtype. A missing base or label names: load_with_adapter says so.
@@ -286,7 +290,7 @@ def merge_adapter(adapter: str, out: str, *, model: str | None = None, overwrite
             reason = str(exc)
     if plan is not None:
         return write_directory(out_path, lambda tmp: merge_stream.write_merged(plan, tmp, tokenizer), replace=True)
-    dtype = merge_stream.stored_dtype(model_dir(spec)) if reason else None
+    dtype = stored_dtype(model_dir(spec)) if reason else None
     loaded, _, _ = load_with_adapter(adapter, model, device=device, **({"base_dtype": dtype} if dtype is not None else {}))
     if reason:  # after the load, which refuses a damaged base in one error line of its own
         stored = f" in {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
@@ -306,62 +310,7 @@ def _recorded_base(adapter: str | os.PathLike) -> str | None:
     return base if isinstance(base, str) and base else None
 
 
-def describe(adapter: str | os.PathLike) -> str:
-    """A human-readable account of an adapter directory."""
-    folder = Path(adapter)
-    cfg = read_config(folder)
-    tensors, meta = read_tensors(folder)
-    lora = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
-    flat = next((k for k, v in lora.items() if v.dim() != 2), None)
-    if flat is not None:
-        raise AdapterFileError(f"{folder}: {flat} has shape {list(lora[flat].shape)}; a LoRA factor is a matrix. The file "
-                               "is damaged or is not a LoRA adapter")
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
-    ranks = sorted({v.shape[0] for k, v in lora.items() if ".lora_A." in k})
-    other = sorted(k for k in tensors if k not in lora)
-    n_params = sum(v.numel() for v in tensors.values())
-    lines = [
-        f"adapter: {folder}",
-        f"  format: PEFT LoRA ({CONFIG_NAME} + {WEIGHTS_NAME}, {(folder / WEIGHTS_NAME).stat().st_size:,} bytes)"
-        if (folder / WEIGHTS_NAME).exists() else "  format: PEFT LoRA (adapter_model.bin)",
-        f"  base model: {cfg.base_model or '(not recorded)'}; task: {meta.get('lorakit_task') or cfg.task_type or '(not recorded)'}",
-        f"  rank r={cfg.r} (ranks present: {ranks}), alpha={cfg.alpha:g}, rslora={cfg.rslora}, dropout={cfg.dropout:g}, bias={cfg.bias}",
-        f"  target_modules: {cfg.targets}; {len(modules)} adapted modules",
-        f"  tensors: {len(tensors)} ({n_params:,} parameters)",
-    ]
-    if cfg.rank_pattern:
-        lines.append(f"  rank_pattern: {cfg.rank_pattern}")
-    if other:
-        lines.append(f"  also trained: {', '.join(other[:8])}{' ...' if len(other) > 8 else ''}")
-    if "lorakit_labels" in meta:
-        try:
-            labels: Any = json.loads(meta["lorakit_labels"])
-        except (ValueError, RecursionError):
-            labels = f"{meta['lorakit_labels'][:80]!r} (not JSON: damaged)"
-        lines.append(f"  labels: {labels}")
-    if "lorakit_version" in meta:
-        lines.append(f"  written by lorakit {meta['lorakit_version']}")
-    run = folder / "run.json"
-    if run.is_file():
-        try:
-            rep = json.loads(run.read_text())
-            after = rep.get("result", {}).get("after") or {}
-            before = rep.get("result", {}).get("before") or {}
-            lines.append(f"  training: {rep.get('result', {}).get('steps')} steps; held-out before {before}, after {after}")
-        except (ValueError, AttributeError):
-            lines.append("  run.json present but unreadable")
-    named = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
-    if named:  # PEFT's layout for a several-adapter save: each other adapter in a subfolder of its name
-        lines.append(f"  other named adapters here: {', '.join(named)} (load one with "
-                     f"lorakit.load_adapter(model, {str(folder / named[0])!r}, adapter={named[0]!r}))")
-    ckpts = folder / "checkpoints"
-    if ckpts.is_dir():
-        names = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
-        if names:
-            lines.append(f"  checkpoints: {', '.join(names)}")
-    return "\n".join(lines)
-
-
+# many parameters: `lorakit norms`'s options, each a keyword (the CLI passes them by name)
 def model_norms(model: str | None = None, adapter: str | None = None, data: str | None = None, *, rows: int = 8,
                 max_length: int | None = None, attention: str | None = None, tolerance: float = 1e-3,
                 text_column: str = "text", label_column: str = "label", base_dtype: str | torch.dtype = "auto"):
@@ -392,7 +341,7 @@ def model_norms(model: str | None = None, adapter: str | None = None, data: str 
         label_column = run.get("label_column") or label_column
     if data is None:
         data = next(f"builtin:{k}" for k, t in BUILTIN_DATA.items() if t == task)
-    ds = load_data(data, task, tokenizer, max_length or DEFAULT_MAX_LENGTH[task], text_column=text_column,
+    ds = load_data(data, task, tokenizer, max_length or task_defaults(task)["max_length"], text_column=text_column,
                    label_column=label_column, label_names=labels, split=data.startswith("builtin:"))
     if loaded is None:
         loaded = load_model(model, task, label_names=ds.label_names, tokenizer=tokenizer, dtype=base_dtype)

@@ -36,11 +36,11 @@ import bisect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lorakit.errors import DataError
 from lorakit.kernels.linear_cross_entropy import IGNORE_INDEX
+from lorakit.train.chat_template import read_chat_template, template_syntax_error, use_chat_template  # noqa: F401
 
 LOSS_ON = ("assistant", "all")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # written next to an adapter trained on conversations
@@ -83,76 +83,6 @@ def is_chat_row(row: dict[str, Any]) -> bool:
         return True
     return "prompt" in row and "completion" in row and (isinstance(row["prompt"], list) or
                                                          isinstance(row["completion"], list))
-
-
-# ---------------------------------------------------------------------- templates
-def read_chat_template(path: str | Path) -> str:
-    """The Jinja text of a ``--chat-template FILE`` (a .jinja file, or a tokenizer_config.json holding one), a leading
-    byte-order mark dropped; a missing, unreadable, empty or non-compiling file is a DataError naming it."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise DataError(f"--chat-template {path} is a directory; give the template file (a .jinja file, or the "
-                        "tokenizer_config.json holding one)")
-    if not path.is_file():
-        raise DataError(f"--chat-template {path}: no such file; give a Jinja template file (e.g. "
-                        "examples/chat_templates/gemma3.jinja)")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"--chat-template {path} could not be read ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"--chat-template {path} is not UTF-8 text (byte {exc.start} is {raw[exc.start:exc.start + 1]!r}); "
-                        "save it as UTF-8") from None
-    if not text.strip():
-        raise DataError(f"--chat-template {path} is empty; give a Jinja chat template (e.g. "
-                        "examples/chat_templates/gemma3.jinja)")
-    if path.suffix == ".json":
-        import json
-
-        try:
-            text = json.loads(text).get("chat_template")
-        except (ValueError, AttributeError, RecursionError):
-            text = None
-        if isinstance(text, list):  # named templates, as some tokenizer_config.json files hold: the default one
-            text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
-        if not isinstance(text, str):
-            raise DataError(f"--chat-template {path}: a JSON file must hold a \"chat_template\" string (as "
-                            "tokenizer_config.json does)")
-        text = text.lstrip("\ufeff")
-    if "{{" not in text and "{%" not in text:
-        raise DataError(f"--chat-template {path} holds no Jinja ({{{{ ... }}}} or {{% ... %}}); it is not a chat template")
-    problem = template_syntax_error(text)
-    if problem:
-        raise DataError(f"--chat-template {path}: {problem}; fix the template")
-    return text
-
-
-def template_syntax_error(template: str) -> str:
-    """Why the Jinja ``template`` does not compile as transformers compiles chat templates ("" when it does)."""
-    try:
-        import jinja2
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:  # another transformers: the first render reports it
-        return ""
-    try:
-        _compile_jinja_template(template)
-    except jinja2.TemplateSyntaxError as exc:
-        return f"Jinja syntax error on line {exc.lineno}: {exc.message}"
-    except Exception as exc:  # jinja2's other errors, a recursion in the parser
-        return f"the template does not compile ({type(exc).__name__}: {str(exc).strip()[:200]})"
-    return ""
-
-
-def use_chat_template(tokenizer, template: str | None, source: str = "") -> None:
-    """Set ``template`` on ``tokenizer``; without one the tokenizer must bring its own."""
-    if template is not None:
-        tokenizer.chat_template = template.lstrip("\ufeff")
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{source or 'this data'} holds conversations but the tokenizer has no chat template to format "
-                        "them; pass --chat-template FILE (a Jinja template, e.g. examples/chat_templates/gemma3.jinja "
-                        "for Gemma 3)")
 
 
 # ---------------------------------------------------------------------- rows
@@ -278,6 +208,7 @@ def check_rendered(text: str, messages: list[dict[str, str]], names: list[str], 
             raise _content_not_rendered(where, template, name, content, "into the conversation")
 
 
+# many parameters: one conversation as rendered (messages, trained turns, text, names) and where it came from
 def turn_spans(tokenizer, messages: list[dict[str, str]], trained: set[int], text: str, names: list[str], where: str,
                template: str = "the chat template") -> Iterator[tuple[int, int]]:
     """Character spans in ``text`` (the whole conversation rendered) of the trained turns, in order, rendered one
@@ -354,6 +285,7 @@ def _inside(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> lis
     return inside
 
 
+# many parameters: the rows and their length, then keyword options data.py passes from its DataSpec
 def chat_rows(tokenizer, rows: list[dict[str, Any]], max_length: int, *, loss_on: str = "assistant",
               source: str = "", template: str = "the chat template", skip_bad_rows: bool = False,
               numbers: list[int] | None = None) -> ChatRows:

@@ -31,9 +31,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.train.launch import RESUME_ARGV_ENV, launch, without_nproc  # noqa: F401 (their old home)
 
 
 @dataclass(frozen=True)
@@ -349,63 +347,3 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -
 def per_rank_seed(seed: int, rank: int, step: int) -> int:
     """A different random stream per rank (dropout masks) that a resume at ``step`` recreates."""
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63)
-
-
-# ---------------------------------------------------------------------- launching
-RESUME_ARGV_ENV = "LORAKIT_LAUNCH_ARGV"
-
-
-def launch(nproc: int, train_argv: list[str]) -> int:
-    """Run ``lorakit train train_argv`` (its --nproc left out) on ``nproc`` processes of this machine through torchrun.
-
-    SIGINT and SIGTERM are passed on as SIGTERM to every worker (listed through /proc; to torchrun
-    where they cannot be listed, which passes it on but then exits non-zero): the workers finish the
-    step, checkpoint and exit 0, and so does torchrun. Returns torchrun's exit status.
-    """
-    train_argv = without_nproc(train_argv)  # the workers must not launch again
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "lorakit", "train", *train_argv]
-    env = dict(os.environ)
-    env[RESUME_ARGV_ENV] = "\x1f".join(["train", f"--nproc={nproc}", *train_argv])
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def forward(signum, frame):
-        workers = _children(proc.pid)
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        if not workers:
-            proc.send_signal(signal.SIGTERM)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return proc.wait()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def without_nproc(argv: list[str]) -> list[str]:
-    """The train arguments minus --nproc."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
-
-
-def _children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (Linux /proc; [] elsewhere)."""
-    from pathlib import Path
-
-    out: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            out += [int(c) for c in (task / "children").read_text().split()]
-    except OSError:
-        return []
-    return out

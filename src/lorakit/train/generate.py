@@ -113,6 +113,7 @@ class _Streamer:
         self.shown = len(text)
 
 
+# many parameters: `lorakit generate`'s sampling options, each a keyword (the CLI passes them by name)
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
              system: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,

@@ -6,7 +6,7 @@ For each weight W of an adapted module (s, r, alpha per module: rank_pattern / a
 (float64 for a float64 base) and stored back at the dtype the base stores W in (bf16 in, bf16 out):
 
     LoRA:  W' = W + s B A,                                 s = alpha / r, or alpha / sqrt(r) with rsLoRA
-    DoRA:  W' = m * (W + s B A) / ||W + s B A||_row        one norm per output feature (LoraLinear.weight_norm, PEFT's)
+    DoRA:  W' = m * (W + s B A) / ||W + s B A||_row        one norm per output feature (the Dora variant's weight_norm, PEFT's)
 
 Both are row by row, so W is merged in blocks of rows and never held whole in float32. A module trained whole
 (modules_to_save, a classifier head) and a trained bias take the adapter's tensor; every other tensor is copied byte
@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,36 +36,12 @@ from torch import Tensor
 from lorakit.adapters import load_adapter, lora_layers
 from lorakit.adapters.io import read_config, read_tensors
 from lorakit.errors import LorakitError
+from lorakit.train.stored_checkpoint import (DTYPES, FLOATS, INDEX_NAME, SINGLE_NAME, NotStreamable, Stored,
+                                             read_checkpoint, storage_dtype)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 MAX_SHARD_BYTES = 2 * 10**9  # an output shard holds at most this many bytes of tensors (2 GB), or one bigger tensor
 BLOCK_ELEMENTS = 2**22  # rows merged at once: about this many elements (16 MiB in float32)
 _COPY_BUFFER = 2**23  # bytes per read when a tensor is copied as stored
-# safetensors dtype codes: (torch dtype, bytes per element)
-_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-}
-_FLOATS = ("F64", "F32", "F16", "BF16")
-_CODE = {dtype: code for code, (dtype, _) in _DTYPES.items()}
-
-
-class NotStreamable(LorakitError):
-    """The base or the adapter is something the streamed merge cannot reproduce exactly; the message says why."""
-
-
-@dataclass(frozen=True)
-class _Stored:
-    """One tensor of the base checkpoint: its file, name there, dtype code, shape and absolute byte range."""
-
-    file: Path
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
 
 
 @dataclass
@@ -88,7 +63,7 @@ class _Out:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    source: _Stored | None = None
+    source: Stored | None = None
     lora: _Lora | None = None
     value: Tensor | None = None
 
@@ -96,7 +71,7 @@ class _Out:
     def nbytes(self) -> int:
         if self.source is not None and self.value is None:
             return self.source.end - self.source.start  # as stored (merged: the same dtype and shape)
-        return math.prod(self.shape) * _DTYPES[self.dtype][1]
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
 @dataclass
@@ -106,87 +81,6 @@ class MergePlan:
     shards: list[list[_Out]]
     config_text: str
     copied: list[Path] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------- reading the base checkpoint
-def _read_header(path: Path) -> dict[str, _Stored]:
-    """The tensors of a safetensors file from its header (8 bytes little-endian length, then JSON), checked to lie
-    inside the file."""
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            length = int.from_bytes(fh.read(8), "little")
-            if size < 8 or length > min(size - 8, 2**27):
-                raise ValueError(f"a header of {length:,} bytes in a {size:,}-byte file")
-            header = json.loads(fh.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = (8 + length + int(o) for o in info["data_offsets"])
-            if not 8 + length <= begin <= end <= size or not isinstance(info["dtype"], str):
-                raise ValueError(f"tensor {name!r} lies outside the file")
-            out[name] = _Stored(path, name, info["dtype"], tuple(int(d) for d in info["shape"]), begin, end)
-        return out
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise NotStreamable(f"{path} is not a readable safetensors file ({exc})") from None
-
-
-def checkpoint_files(base_dir: Path) -> list[Path]:
-    """The base's safetensors files in order: the shards its index names, or model.safetensors."""
-    index = base_dir / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = list(dict.fromkeys(str(f) for f in weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise NotStreamable(f"{index} cannot be read ({type(exc).__name__}: {exc})") from None
-        if any(Path(f).name != f for f in files):
-            raise NotStreamable(f"{index} names shard files outside {base_dir}")
-        return sorted(base_dir / f for f in files)
-    if (base_dir / SINGLE_NAME).is_file():
-        return [base_dir / SINGLE_NAME]
-    found = sorted(p.name for p in base_dir.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
-    raise NotStreamable(f"{base_dir} holds no {SINGLE_NAME} or {INDEX_NAME}"
-                        + (f" (its weights: {', '.join(found[:3])})" if found else ""))
-
-
-def _checkpoint(base_dir: Path) -> dict[str, _Stored]:
-    tensors: dict[str, _Stored] = {}
-    for path in checkpoint_files(base_dir):
-        if not path.is_file():
-            raise NotStreamable(f"{path}, named in {INDEX_NAME}, does not exist")
-        tensors.update(_read_header(path))
-    return tensors
-
-
-def storage_dtype(tensors: dict[str, _Stored]) -> str | None:
-    """The dtype code most of the checkpoint's floating-point bytes are stored in."""
-    counts = Counter({})
-    for t in tensors.values():
-        if t.dtype in _FLOATS:
-            counts[t.dtype] += t.end - t.start
-    return counts.most_common(1)[0][0] if counts else None
-
-
-def stored_dtype(base_dir: Path) -> torch.dtype | None:
-    """The torch dtype the base stores its weights in, from its safetensors headers, else config.json's
-    ``dtype`` / ``torch_dtype``; None when neither says (the in-memory merge then loads float32)."""
-    try:
-        code = storage_dtype(_checkpoint(base_dir))
-        if code is not None:
-            return _DTYPES[code][0]
-    except NotStreamable:
-        pass
-    try:
-        doc = json.loads((base_dir / "config.json").read_text())
-        name = doc.get("dtype") or doc.get("torch_dtype")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 # ---------------------------------------------------------------------- planning
@@ -220,7 +114,7 @@ def _empty_model(base_dir: Path, task: str, labels: list[str] | None):
         hf_logging.set_verbosity(verbosity)
 
 
-def _checkpoint_name(name: str, tensors: dict[str, _Stored], prefix: str, bare: bool) -> str | None:
+def _checkpoint_name(name: str, tensors: dict[str, Stored], prefix: str, bare: bool) -> str | None:
     """The checkpoint's name for the model's tensor ``name``: the same, or without the base model's prefix for a
     base saved bare (BertModel under BertForSequenceClassification), as transformers maps them."""
     if bare and name.startswith(prefix + "."):
@@ -256,8 +150,8 @@ def plan_merge(adapter: str | os.PathLike, base_dir: Path, task: str, labels: li
     the reason) where that is not exact. The adapter is checked against the model as ``load_adapter`` checks it
     (its errors are raised as they are)."""
     base_dir = Path(base_dir)
-    stored = _checkpoint(base_dir)
-    if read_config(adapter).init == "pissa":
+    stored = read_checkpoint(base_dir)
+    if read_config(adapter).variant.rewrites_base:
         raise NotStreamable(f"{adapter} is a PiSSA adapter saved for the residual base (W - s B0 A0), not for {base_dir}")
     model = _empty_model(base_dir, task, labels)
     # The tensors save_pretrained writes: the state dict, a tied tensor once (under its first name).
@@ -271,14 +165,7 @@ def plan_merge(adapter: str | os.PathLike, base_dir: Path, task: str, labels: li
         and any(k.startswith(prefix + ".") for k in names)
 
     merges, replaced = adapter_changes(model, adapter)
-    for name in list(merges) + list(replaced):
-        owner = next((group for group in names.values() if name in group), None)
-        if owner is None:
-            raise NotStreamable(f"the adapter's tensor {name} is no tensor of the merged model")
-        if len(owner) > 1:
-            others = ", ".join(n for n in owner if n != name)
-            raise NotStreamable(f"the adapter changes {name}, which the model ties to {others} (tied embeddings): "
-                                "merged, both would change")
+    _check_untied([*merges, *replaced], names)
 
     default_code = storage_dtype(stored) or "F32"
     by_file: dict[Path, list[_Out]] = {}
@@ -293,13 +180,13 @@ def plan_merge(adapter: str | os.PathLike, base_dir: Path, task: str, labels: li
                                 f"{list(shapes[name])}")
         if name in replaced:
             value = replaced[name]
-            out = _Out(name, src.dtype if src is not None and src.dtype in _FLOATS else default_code, shapes[name],
+            out = _Out(name, src.dtype if src is not None and src.dtype in FLOATS else default_code, shapes[name],
                        source=src, value=value)  # (the source gives its place in the shards)
         elif src is None:
             raise NotStreamable(f"the checkpoint has no tensor for the model's {name} (renamed or fused in this "
                                 "architecture's checkpoints, or a new head the adapter does not hold)")
         elif name in merges:
-            if src.dtype not in _FLOATS:
+            if src.dtype not in FLOATS:
                 raise NotStreamable(f"{src.name} is stored as {src.dtype}; an adapter merges into floating-point weights")
             out = _Out(name, src.dtype, src.shape, source=src, lora=merges[name])
         else:
@@ -313,6 +200,18 @@ def plan_merge(adapter: str | os.PathLike, base_dir: Path, task: str, labels: li
         layout = layout + [new] if not layout else layout[:-1] + [layout[-1] + new]
     return MergePlan(_cut(layout), _config_text(base_dir, model, task, tokenizer),
                      [base_dir / "generation_config.json"] if (base_dir / "generation_config.json").is_file() else [])
+
+
+def _check_untied(changed: list[str], names: dict[str, list[str]]) -> None:
+    """Each tensor the adapter changes is one tensor of the model (``names``: first name -> all names tied to it)."""
+    for name in changed:
+        owner = next((group for group in names.values() if name in group), None)
+        if owner is None:
+            raise NotStreamable(f"the adapter's tensor {name} is no tensor of the merged model")
+        if len(owner) > 1:
+            others = ", ".join(n for n in owner if n != name)
+            raise NotStreamable(f"the adapter changes {name}, which the model ties to {others} (tied embeddings): "
+                                "merged, both would change")
 
 
 def _cut(layout: list[list[_Out]]) -> list[list[_Out]]:
@@ -364,7 +263,7 @@ def _write_tensor(fh, tensor: Tensor) -> int:
     return data.nbytes
 
 
-def _copy(fh, src: _Stored, buffer: memoryview) -> int:
+def _copy(fh, src: Stored, buffer: memoryview) -> int:
     """Copy a tensor's bytes as stored, through ``buffer`` (the page cache, never this process's memory)."""
     left = src.end - src.start
     with open(src.file, "rb") as source:
@@ -404,7 +303,7 @@ def _merge(fh, out: _Out) -> int:
     """Write W' of ``out`` in blocks of rows, at the base's dtype; W is mapped only while it is read."""
     from safetensors import safe_open
 
-    dtype = _DTYPES[out.dtype][0]
+    dtype = DTYPES[out.dtype][0]
     written = 0
     with safe_open(str(out.source.file), framework="pt") as f:
         w = f.get_tensor(out.source.name)
@@ -427,7 +326,7 @@ def write_merged(plan: MergePlan, folder: Path, tokenizer) -> None:
             fh.write(_header(shard))
             for out in shard:
                 if out.value is not None:
-                    done = _write_tensor(fh, out.value.to(_DTYPES[out.dtype][0]))
+                    done = _write_tensor(fh, out.value.to(DTYPES[out.dtype][0]))
                 elif out.lora is not None:
                     done = _merge(fh, out)
                 else:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.train.config import DEFAULT_MAX_LENGTH, TrainConfig, resolve_device
+from lorakit.train.config import TrainConfig, resolve_device, task_defaults
 from lorakit.train.memory_plan import RUNTIME_BYTES, MemoryPlan, available_memory, check_fits, plan_memory
 from lorakit.train.precision import PrecisionPlan, dtype_name, plan_precision
 
@@ -72,11 +72,11 @@ def plan_run(cfg: TrainConfig, dist=None) -> RunPlan:
         device = str(resolve_device(cfg.device))
     task = cfg.task or infer_task(cfg.data, label_column=cfg.label_column)
     config = model_config(cfg.model)
-    check_max_length(cfg.model, cfg.max_length or DEFAULT_MAX_LENGTH[task])
+    check_max_length(cfg.model, cfg.max_length or task_defaults(task)["max_length"])
     on_cpu = torch.device(device).type == "cpu"
     bf16_pays = on_cpu and cfg.base_dtype in ("auto", "bf16") and bf16_decision(device)[0]
     settings: dict[str, Any] = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
-                                "seq_len": cfg.max_length or DEFAULT_MAX_LENGTH[task],
+                                "seq_len": cfg.max_length or task_defaults(task)["max_length"],
                                 "gradient_checkpointing": cfg.gradient_checkpointing}
 
     def plan_for(s: dict[str, Any]) -> MemoryPlan:

@@ -18,6 +18,9 @@ The COMPUTE dtype follows from the storage and the device (``plan_precision``):
     fp32 storage                                                            ->  fp32 (bf16 autocast on a GPU
                                                                                 with --bf16)
 
+The AUTOCAST is the plan's too (``autocast_dtype``): bf16 on a GPU under --bf16, whatever the storage; none on
+a CPU, where bf16 means bf16 weights (use_bf16), which is faster than autocast. The trainer's autocast is the plan's.
+
 Adapters, fully trained heads and AdamW's state are float32 in every case. fp16 products on a GPU
 would need loss scaling, which lorakit does not do: training with an fp16 base on a GPU is refused
 (its storage on CPU is fine: the products are fp32); bf16 on a GPU without bf16 support is refused.
@@ -54,6 +57,11 @@ def base_dtype(value: str | torch.dtype) -> torch.dtype | None:
     return BASE_DTYPES[value]
 
 
+def autocast_dtype(bf16: bool, device: torch.device | str) -> torch.dtype | None:
+    """The autocast of a run on ``device``: bf16 on a GPU under --bf16, else none (see the module docstring)."""
+    return torch.bfloat16 if bf16 and torch.device(device).type != "cpu" else None
+
+
 @dataclass(frozen=True)
 class PrecisionPlan:
     storage: torch.dtype  # the frozen base as loaded
@@ -87,13 +95,13 @@ def plan_precision(requested: str | torch.dtype, device: torch.device | str, *, 
         why = f"--base-dtype {dtype_name(storage)}"
     if not on_cpu and training:
         _check_gpu_dtype(storage, device)
+    autocast = autocast_dtype(bf16, device)
     if storage == torch.float32:
-        autocast = torch.bfloat16 if (bf16 and not on_cpu) else None
         if bf16 and on_cpu and not bf16_pays:
             why += f"; --bf16: {measured}"
         return PrecisionPlan(storage, torch.float32, autocast, why + (", bf16 autocast" if autocast else ""))
     if not on_cpu:
-        return PrecisionPlan(storage, storage, None, why + f"; {dtype_name(storage)} products on {device.type}")
+        return PrecisionPlan(storage, storage, autocast, why + f"; {dtype_name(storage)} products on {device.type}")
     if storage == torch.bfloat16 and bf16_pays:
         return PrecisionPlan(storage, torch.bfloat16, None, why + f"; bf16 products ({measured})")
     reason = measured if storage == torch.bfloat16 else "fp16 products are slow on CPUs"

@@ -8,21 +8,31 @@ its partial files go and the previous run's come back, so a run that never start
 one. A run killed outright (SIGKILL, power) leaves the folder; the next ``lorakit train`` on that
 ``--out`` settles it by the same rule before anything else. Files the run reads (``--data``,
 ``--chat-template`` ...) are never moved or deleted, and no other file in ``--out`` is touched.
+
+What the run writes there as it goes: ``metrics.jsonl`` (``MetricsLog``), ``training.png`` (``plot_metrics``);
+what makes a checkpoint this run's (``check_same_run``: the options, the base model's and the rows' fingerprints,
+the step count) and the command that continues it (``resume_command``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from lorakit.errors import ConfigError
 from lorakit.options import flatten, spelling
-from lorakit.files import OutputError, OutputLock, check_output_dir, entries, fsync_dir
+from lorakit.files import OutputError, OutputLock, check_output_dir, entries, fsync_dir, write_atomic
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed
 from lorakit.train.chat import CHAT_TEMPLATE_FILE
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TrainConfig, resume_differences
 
 # What a run writes into --out, besides checkpoints/step-*: --overwrite replaces exactly these (the README's
 # "What lorakit writes, deletes and refuses" lists them from here; a test holds the two lists together).
@@ -183,3 +193,118 @@ def claim_output(cfg: TrainConfig) -> Iterator[Path]:
             raise
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- what the run writes as it goes
+class MetricsLog:
+    """metrics.jsonl, one JSON object per event, appended and flushed (survives a crash).
+    ``writes=False`` (ranks other than 0) reads but never writes."""
+
+    def __init__(self, path: Path, *, fresh: bool, writes: bool = True) -> None:
+        self.path, self.writes = path, writes
+        if not writes:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and path.exists():  # a fresh run's own (run_dir moved a previous run's aside)
+            path.unlink()
+        elif path.exists():
+            self._drop_torn_last_line()
+
+    def _drop_torn_last_line(self) -> None:
+        """A run killed mid-write leaves a last line without its newline: cut it, so appending stays valid JSONL."""
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(raw.rfind(b"\n") + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.writes:
+            return
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; the last checkpoint is intact, free "
+                              "space and continue with --resume") from None
+
+    def read(self) -> list[dict[str, Any]]:
+        """The records; a line that is not JSON (a torn write) is left out."""
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training loss and held-out metrics against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("event") == "train" and "loss" in r]
+    evals = [r for r in records if r.get("event") == "eval"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+    ax[0].set_xlabel("optimizer step")
+    ax[0].set_ylabel("loss")
+    ax[0].legend()
+    key = "eval_accuracy" if any("eval_accuracy" in r for r in evals) else "eval_perplexity"
+    ax[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color="tab:green")
+    ax[1].set_xlabel("optimizer step")
+    ax[1].set_ylabel(key.removeprefix("eval_").replace("_", " "))
+    ax[1].set_title("held-out " + key.removeprefix("eval_"))
+    fig.suptitle(title)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- resume identity
+def check_same_run(path: Path, state: dict[str, Any], cfg: TrainConfig, fingerprint: dict[str, str],
+                   total_steps: int) -> None:
+    """Refuse to continue a checkpoint of a different run: other options, model or data (README: "What lorakit writes, deletes and refuses")."""
+    fix = ("Resume with the options of that run, or start afresh with --overwrite (this replaces that run's files) "
+           "or another --out")
+    try:
+        saved = json.loads(state.get("config") or "{}")
+    except (TypeError, ValueError):
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    problems = resume_differences(saved, cfg.to_dict())
+    recorded = state.get("fingerprint") or {}
+    for what, meaning in (("model", "the base model's weights"), ("data", "the tokenised training rows")):
+        if what in recorded and what in fingerprint and recorded[what] != fingerprint[what]:
+            problems.append(f"{meaning} differ from the checkpoint's ({what} fingerprint {fingerprint[what][:12]} "
+                            f"here, {recorded[what][:12]} there)")
+    if state["total_steps"] != total_steps and not problems:
+        problems.append(f"the run has {total_steps} steps here and {state['total_steps']} in the checkpoint "
+                        "(--steps/--epochs, --batch-size, --grad-accum)")
+    if problems:
+        raise ConfigError(f"--resume: {path} was written by a different run: {'; '.join(problems)}. {fix}")
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line of this run with --resume added (what to type to continue it).
+
+    Under ``lorakit train --nproc N`` it is that command (the launcher passes it down); under a
+    torchrun the user started, the same torchrun line with --resume, on any number of processes.
+    """
+    launched = os.environ.get(distributed.RESUME_ARGV_ENV)
+    if argv is None and launched:
+        argv = launched.split("\x1f")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" not in argv:
+        argv.append("--resume")
+    if not launched and distributed.launched_by_torchrun():
+        return "your torchrun command with: " + shlex.join(argv) + " (on any number of processes)"
+    return "lorakit " + shlex.join(argv)
