@@ -7,6 +7,7 @@
     lorakit.load_adapter(model, "out/")        # ours or PEFT's
     lorakit.merge(model); lorakit.unmerge(model); base = lorakit.unload(model, merge=True)
     lorakit.use_bf16(model)                    # frozen weights in bf16, adapters and optimizer in fp32
+    lorakit.quantize(model, bits=4)            # frozen weights in NF4 (QLoRA); bits=8: int8; format="int4"
     lorakit.attach(model, other, name="b"); lorakit.set_adapter(model, "b")   # several named adapters
     print(lorakit.summary(model))
     print(lorakit.generate(model, tokenizer, "What is 7 times 8?"))   # a causal LM's reply, chat template applied
@@ -27,6 +28,7 @@ from lorakit.adapters import (  # noqa: E402
     load_adapter,
     lora_layers,
     merge,
+    quantize,
     read_config,
     save_adapter,
     set_adapter,
@@ -42,7 +44,7 @@ __version__ = lorakit_version()  # pyproject.toml's, as installed
 
 __all__ = [
     "CeloraConfig", "LoraConfig", "NormControl", "LoraLinear", "LorakitError", "active_adapters", "adapter_names", "add_weighted_adapter", "attach",
-    "delete_adapter", "disabled", "is_attached", "load_adapter", "lora_layers", "merge", "read_config", "save_adapter",
+    "delete_adapter", "disabled", "is_attached", "load_adapter", "lora_layers", "merge", "quantize", "read_config", "save_adapter",
     "set_adapter", "summary", "unload", "unmerge", "use_bf16", "__version__",
 ]
 

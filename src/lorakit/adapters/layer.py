@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lorakit.adapters.storage import DenseWeight
+from lorakit.adapters.storage import storage_for
 from lorakit.adapters.variants.base import AdapterSettings, Variant
 from lorakit.adapters.variants.lora import Lora
 from lorakit.errors import ConfigError, LorakitError
@@ -37,7 +37,7 @@ class LoraLinear(nn.Module):
         super().__init__()
         if not is_adaptable(base_layer):
             raise ConfigError(f"{name or 'module'} is a {type(base_layer).__name__}; lorakit adapts nn.Linear and Conv1D layers")
-        self.base_layer, self.storage, self.name = base_layer, DenseWeight(base_layer), name
+        self.base_layer, self.storage, self.name = base_layer, storage_for(base_layer), name
         self.fan_in_fan_out = self.storage.transposed
         self.in_features, self.out_features = linear_shape(base_layer)
         self.lora_A, self.lora_B, self.lora_magnitude_vector = nn.ModuleDict(), nn.ModuleDict(), nn.ParameterDict()

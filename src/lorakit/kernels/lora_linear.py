@@ -63,7 +63,7 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(
             x_drop if needs_a else None,
             x2 if (needs_w and mask is not None) else (x_drop if needs_w else None),
-            weight,
+            weight if (needs_x and frozen_input_grad is None) else None,  # G W0 is frozen_input_grad's otherwise
             lora_A,
             lora_B,
             t if needs_bb else None,
@@ -76,6 +76,7 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.weight_dtype = weight.dtype
         return y.view(*lead_shape, out_features)
 
     @staticmethod
@@ -113,7 +114,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 if dx.dtype != ctx.x_dtype:
                     dx = dx.to(ctx.x_dtype)
             if needs_w:
-                dw = torch.mm(g.t(), x_full).to(weight.dtype)
+                dw = torch.mm(g.t(), x_full).to(ctx.weight_dtype)
             if needs_b:
                 db = g.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, da, dbb, None, None, None, None
