@@ -12,7 +12,10 @@ from lorakit.cli import main
 @pytest.fixture
 def cli(capsys):
     def call(*args):
-        code = main([str(a) for a in args])
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's refusals: one `lorakit: error:` line, status 2
+            code = exc.code
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -75,14 +78,14 @@ def test_causal_lm_train_and_merge(cli, tiny_llama_dir, corpus_txt, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--rank", "0"], "--rank: r=0 must be a positive integer"),
+    (["--rank", "0"], "argument --rank: 0 is not a positive integer; give 1 or more"),
     (["--alpha", "0"], "alpha=0.0 must be a positive number"),
     (["--rank", "64"], "exceeds min(in, out) = 32"),
     (["--targets", "qurey,value"], "'qurey' matches no module"),
     (["--label-column", "stars"], "no column 'stars'"),
     (["--data", "MISSING.csv"], "MISSING.csv does not exist"),
     (["--model", "/no/such/model"], "lorakit does not download from a hub"),
-    (["--steps", "0"], "steps=0 must be a positive integer"),
+    (["--steps", "0"], "argument --steps: 0 is not a positive integer; give 1 or more"),
 ])
 def test_bad_train_input_is_a_clear_error_and_writes_nothing(cli, tiny_bert_dir, sentiment_csv, tmp_path, args, needle):
     out = tmp_path / "out"

@@ -32,3 +32,46 @@ def test_an_upward_import_fails_the_check(tmp_path, module, upward):
     path.write_text(path.read_text() + f"\nimport {upward}  # noqa\n")
     done = lint(copy)
     assert done.returncode != 0 and "BROKEN" in done.stdout and upward in done.stdout, done.stdout
+
+
+
+def cycles(edges: dict[str, list[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each an import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_between_modules():
+    """No cycle among lorakit's modules (a lazy import inside a function counts; a package and its own submodules
+    are one unit): e.g. train.state must not import train.loop, which imports it."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("lorakit")
+
+    def family(a: str, b: str) -> bool:
+        return a.startswith(b + ".") or b.startswith(a + ".")
+
+    edges = {m: [n for n in graph.find_modules_directly_imported_by(m) if not family(m, n)] for m in graph.modules}
+    assert cycles(edges) == []
+    assert cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]  # the check sees one

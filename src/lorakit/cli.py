@@ -16,7 +16,6 @@ groups of lorakit.train.config: model, data, adapter, output, precision, distrib
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -43,7 +42,7 @@ class EvalConfig(StepOptions, DataOptions, AdapterSource, ModelOptions):
     OMIT: ClassVar[tuple[str, ...]] = ("steps", "lr", "warmup", "seed")
     REQUIRED: ClassVar[tuple[str, ...]] = ("adapter",)
     DEFAULTS: ClassVar[dict[str, Any]] = {"batch_size": 64, "base_dtype": "auto"}
-    NOTES: ClassVar[dict[str, str]] = {"data": "a file given here is evaluated whole", "batch_size": "eval: rows per batch"}
+    NOTES: ClassVar[dict[str, str]] = {"data": "a file given here is evaluated whole", "batch_size": "rows per evaluation batch"}
 
     labels: list[str] | None = option(
         None, "label names in the order of the classifier's outputs, for an adapter that does not record them (PEFT's, "
@@ -66,7 +65,7 @@ class MergeConfig(OutputOptions, AdapterSource, ModelOptions):
 class GenerateConfig(StepOptions, ChatTemplateOptions, AdapterSource, ModelOptions):
     OMIT: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "lr", "warmup")
     DEFAULTS: ClassVar[dict[str, Any]] = {"base_dtype": "auto"}
-    NOTES: ClassVar[dict[str, str]] = {"seed": "generate: for sampling (with --temperature > 0)"}
+    NOTES: ClassVar[dict[str, str]] = {"seed": "for sampling (with --temperature > 0)"}
 
     prompt: str | None = option(None, "one user turn; the reply is printed", exclusive="prompt or chat", required=True)
     chat: bool = option(False, "an interactive conversation (empty line or /exit ends it, /reset forgets it)",
@@ -124,9 +123,9 @@ class RankAdviceConfig(OutputOptions, StepOptions, DataOptions, ModelOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("model",)
     ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (("tuned", "data"), ("tol", "budget"))
     DEFAULTS: ClassVar[dict[str, Any]] = {"steps": 100, "lr": 1e-4, "out": "rank-advice", "base_dtype": "auto"}
-    NOTES: ClassVar[dict[str, str]] = {"steps": "rank-advice: full fine-tuning steps with --data",
-                                       "lr": "rank-advice: full fine-tuning learning rate with --data",
-                                       "data": "rank-advice: data for a short full fine-tuning run",
+    NOTES: ClassVar[dict[str, str]] = {"steps": "full fine-tuning steps with --data",
+                                       "lr": "full fine-tuning learning rate with --data",
+                                       "data": "data for a short full fine-tuning run",
                                        "out": "the directory for advice.json"}
 
     tuned: str | None = option(None, "a fully fine-tuned model directory of the same architecture", metavar="DIR")
@@ -161,7 +160,8 @@ def resolve_device(device: str | None):
 # ---------------------------------------------------------------------- what each command does
 def cmd_train(cfg: TrainCommand, argv: list[str]) -> int:
     from lorakit.train import run
-    from lorakit.train.trainer import held_out_change, launch_processes
+    from lorakit.train.evaluation import held_out_change
+    from lorakit.train.job import launch_processes
 
     if cfg.nproc is not None:
         status = launch_processes(cfg.train, cfg.nproc, argv)
@@ -216,7 +216,7 @@ def cmd_generate(a: GenerateConfig, argv: list[str]) -> int:
 
 
 def cmd_info(a: InfoConfig, argv: list[str]) -> int:
-    from lorakit.train.apply import describe
+    from lorakit.train.describe import describe
 
     print(describe(a.dir))
     return 0

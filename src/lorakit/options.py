@@ -139,8 +139,8 @@ def flags(cls: type, *, prefix: str = "", title: str | None = None, only: tuple[
         elif m.get("cli", True) and "help" in m:
             default = getattr(preset, f.name) if preset is not None else defaults.get(f.name, _default_of(f))
             text = texts.get(f.name, m.get("default_text"))
-            if f.name in defaults and f.name not in texts and not str(text).startswith(str(defaults[f.name])):
-                text = None  # the command's value says it
+            if f.name in defaults and f.name not in texts and str(text).split(" ")[0] != str(defaults[f.name]):
+                text = None  # the shared text describes another default: the command's value says it
             yield Flag(prefix + f.name, f, hints[f.name], title or m.get("section"), default, text,
                        tuple((aliases or {}).get(f.name, ())), notes.get(f.name),
                        bool(m.get("required")) or f.name in required or f.name in one_of,
@@ -178,7 +178,7 @@ def _help_text(fl: Flag) -> str:
     if shown is None and not empty:
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
     text = f"{fl.help}: {fl.note}" if fl.note else fl.help
-    text = f"{text} (default: {shown})" if shown else text
+    text = f"{text} (default: {shown})" if shown and not fl.required else text  # a required option has none
     return text.replace("%", "%%")  # argparse formats help with %
 
 

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import shutil
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.cli import main
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.train.data import infer_task, load_data
 from conftest import cli, refused
 
@@ -127,12 +128,12 @@ def test_saved_classifier_with_another_number_of_labels(capsys, tmp_path, tiny_b
 @pytest.mark.parametrize("args,needle", [
     (["--warmup", "inf"], "warmup=inf must be a finite number"),
     (["--weight-decay", "nan"], "weight_decay=nan must be a finite number"),
-    (["--seed", str(2**64)], "must be an integer from 0 to 2**63 - 1"),
-    (["--seed", "-1"], "must be an integer from 0 to 2**63 - 1"),
+    (["--seed", str(2**64)], f"argument --seed: {2**64} is not a seed; give an integer from 0 to 2**63 - 1"),
+    (["--seed", "-1"], "argument --seed: -1 is not a seed; give an integer from 0 to 2**63 - 1"),
     (["--device", "foo"], "device='foo' is not a device"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "device='cuda"),
     (["--max-length", "100000"], "--max-length 100000 is longer than"),
-    (["--rank", "x"], "invalid int value: 'x'"),
+    (["--rank", "x"], "argument --rank: 'x' is not a positive integer; give 1 or more"),
     (["--rank-pattern", "query=x"], "use name=r,name=r or a JSON file"),
 ])
 def test_bad_option_values(capsys, tiny_bert_dir, sentiment_csv, tmp_path, args, needle):
@@ -384,18 +385,18 @@ def test_labels_that_overflow_a_float(tmp_path, minilm_tokenizer):
     (["generate", "--adapter", "A", "--prompt", "hi", "--top-p", "0"], "argument --top-p: 0 is not a number in (0, 1]"),
     (["generate", "--adapter", "A", "--prompt", "hi", "--top-p", "1.5"], "argument --top-p: 1.5 is not a number in (0, 1]"),
     (["generate", "--adapter", "A", "--prompt", "hi", "--top-p", "nan"], "argument --top-p: nan is not"),
-    (["generate", "--adapter", "A", "--prompt", "hi", "--seed", "-1"], "seed=-1 must be an integer from 0 to 2**63 - 1"),
+    (["generate", "--adapter", "A", "--prompt", "hi", "--seed", "-1"], "argument --seed: -1 is not a seed"),
     (["norms", "--model", "M", "--rows", "0"], "argument --rows: 0 is not a positive integer"),
     (["norms", "--model", "M", "--max-length", "-1"], "argument --max-length: -1 is not a positive integer"),
-    (["norms", "--model", "M", "--attention-tolerance", "nan"], "attention_tolerance=nan must be a positive number"),
-    (["norms", "--model", "M", "--tolerance", "-1"], "attention_tolerance=-1.0 must be a positive number"),
+    (["norms", "--model", "M", "--attention-tolerance", "nan"], "argument --attention-tolerance: nan is not a finite number > 0"),
+    (["norms", "--model", "M", "--tolerance", "-1"], "argument --tolerance: -1 is not a finite number > 0"),
     (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "nan"], "argument --tol: nan is not a number in [0, 1)"),
     (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "1"], "argument --tol: 1 is not a number in [0, 1)"),
     (["rank-advice", "--model", "M", "--data", "x.csv", "--budget", "0"], "argument --budget: 0 is not a positive integer"),
-    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--steps", "-1"], "steps=-1 must be a positive integer"),
-    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--lr", "inf"], "lr=inf must be a positive number"),
+    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--steps", "-1"], "argument --steps: -1 is not"),
+    (["rank-advice", "--model", "M", "--data", "x.csv", "--tol", "0.5", "--lr", "inf"], "argument --lr: inf is not"),
     (["reproduce", "celora", "--seeds", "0"], "argument --seeds: 0 is not a positive integer"),
-    (["reproduce", "celora", "--rank", "-1"], "--rank: r=-1 must be a positive integer"),
+    (["reproduce", "celora", "--rank", "-1"], "argument --rank: -1 is not a positive integer"),
     (["reproduce", "celora", "--eval-limit", "0"], "argument --eval-limit: 0 is not"),
     (["reproduce", "celora", "--minilm-steps", "x"], "argument --minilm-steps: 'x' is not a positive integer"),
     (["reproduce", "norm-speed", "--length", "0"], "argument --length: 0 is not a positive integer"),
@@ -413,8 +414,8 @@ def test_numeric_options_are_checked_at_the_boundary(capsys, tmp_path, args, nee
 @pytest.mark.parametrize("args,needle", [
     (["--max-grad-norm", "inf"], "max_grad_norm=inf must be a finite number > 0"),
     (["--max-grad-norm", "0"], "max_grad_norm=0.0 must be a finite number > 0"),
-    (["--attention-tolerance", "nan"], "attention_tolerance=nan must be a positive number"),
-    (["--attention-tolerance", "-1"], "attention_tolerance=-1.0 must be a positive number"),
+    (["--attention-tolerance", "nan"], "argument --attention-tolerance: nan is not a finite number > 0"),
+    (["--attention-tolerance", "-1"], "argument --attention-tolerance: -1 is not a finite number > 0"),
     (["--warmup", "1.5"], "warmup=1.5 is a step count (>= 1) that is not whole"),
 ])
 def test_train_numbers_that_were_accepted(capsys, tiny_bert_dir, sentiment_csv, tmp_path, args, needle):
@@ -437,6 +438,16 @@ def test_bench_numbers_are_validated(changes, needle):
     with pytest.raises(BenchError) as info:
         BenchConfig(**changes).validate()
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("lora,needle", [({"alpha": float("nan")}, "alpha=nan must be a positive number"),
+                                         ({"r": 0}, "r=0 must be a positive integer")])
+def test_bench_adapter_numbers_are_validated_by_the_lora_config(lora, needle):
+    """bench's adapter is a LoraConfig (its declarations and checks): a bad rank or alpha is refused there."""
+    from lorakit.adapters import LoraConfig
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        LoraConfig(**lora)
 
 
 # ---------------------------------------------------------------------- lorakit eval (issue 33, items 5 and 9)

@@ -153,8 +153,11 @@ def test_a_checkpoint_of_the_flat_configuration_is_compared_by_flag():
 
 
 def test_bad_values_name_the_flag(capsys):
-    assert cli.main(["train", "--rank", "0"]) == 2
-    assert capsys.readouterr().err.startswith("lorakit: error: --rank: r=0 must be a positive integer")
+    with pytest.raises(SystemExit):  # the option's parser: one line naming the flag
+        cli.main(["train", "--rank", "0"])
+    assert capsys.readouterr().err.startswith("lorakit: error: argument --rank: 0 is not a positive integer")
+    with pytest.raises(ConfigError, match="r=0 must be a positive integer"):  # the library's own check
+        LoraConfig(r=0)
     assert cli.main(["train", "--norm-cap", "-1"]) == 2
     assert "norm_cap=-1.0 must be a positive number" in capsys.readouterr().err
     with pytest.raises(SystemExit):

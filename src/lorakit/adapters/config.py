@@ -29,6 +29,7 @@ from lorakit.options import (
     parse_rank_pattern,
     parse_regexes,
     parse_svd_rank,
+    positive_int,
 )
 
 PRESETS = ("attn-qv", "attn-qkv", "all-linear")
@@ -138,7 +139,7 @@ class LoraConfig:
     ``celora`` and ``norm_control`` group the options of CE-LoRA and of norm control (training only).
     """
 
-    r: int = option(8, "adapter rank r (at most min(in, out) of every target)", flag="--rank")
+    r: int = option(8, "adapter rank r (at most min(in, out) of every target)", flag="--rank", parse=positive_int)
     alpha: float = option(16, "scale numerator: the adapter is multiplied by alpha / r (alpha / sqrt(r) with --rslora)")
     targets: str | list[str] = option(
         "attn-qv", "which layers get an adapter: attn-qv | attn-qkv | all-linear | a regex matched in full against "

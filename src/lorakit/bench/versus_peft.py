@@ -42,7 +42,6 @@ from lorakit.adapters import LoraConfig, attach
 from lorakit.speed.gemm import peak_gemm
 from lorakit.adapters.precision import use_bf16
 from lorakit.train.config import resolve_device
-from lorakit.train.precision import BASE_DTYPE_CHOICES
 from lorakit.adapters.targets import compact_target_list, resolve
 from lorakit.bench.harness import Contender, alternate
 from lorakit.bench.workloads import fixed_batches, labelled_batches, machine
@@ -80,7 +79,7 @@ class BenchConfig(OutputOptions, StepOptions, TaskOptions, DataOptions, ModelOpt
                                           "out": "bench"}
     DEFAULT_TEXTS: ClassVar[dict[str, str]] = {"task": "the model's kind"}
     NOTES: ClassVar[dict[str, str]] = {
-        "steps": "measured steps per contender", "warmup": "bench: unmeasured steps per contender first",
+        "steps": "measured steps per contender", "warmup": "unmeasured steps per contender first (a count)",
         "batch_size": "rows per step of both contenders", "lr": "of both contenders",
         "max_length": "every row is full", "base_dtype": "for both contenders", "out": "bench.json, bench.md, bench.png",
         "device": "where both contenders run (autocast and timing follow it: a GPU step is timed after synchronising)"}

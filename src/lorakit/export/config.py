@@ -18,7 +18,7 @@ class ExportConfig(OutputOptions, ModelOptions):
     OMIT: ClassVar[tuple[str, ...]] = ("base_dtype", "device")
     NOTES: ClassVar[dict[str, str]] = {
         "out": "the .gguf file to write (with --ollama, its Modelfile is written beside it as NAME.Modelfile)",
-        "overwrite": "export: replace --out (and the Modelfile) when they exist",
+        "overwrite": "replace --out (and the Modelfile) when they exist",
         "model": "the base model (.gguf, model directory or builtin:NAME)"}
 
     adapter: str = option(help="a training run's output directory (an adapter directory) or a PEFT LoRA adapter "

@@ -196,7 +196,9 @@ def full_finetune_deltas(model_spec: str, data_spec: str, targets: str | list[st
     Returns (the base model restored to its original weights, dW per target module, held-out metrics after)."""
     from lorakit.adapters.targets import resolve
     from lorakit.train import TrainConfig
-    from lorakit.train.trainer import Trainer, prepare
+    from lorakit.train import loop
+    from lorakit.train.job import prepare
+    from lorakit.train.state import Trainer
 
     torch.manual_seed(seed)
     cfg = TrainConfig(model=model_spec, data=data_spec, steps=steps, lr=lr, batch_size=batch_size, seed=seed, out=str(out),
@@ -216,7 +218,7 @@ def full_finetune_deltas(model_spec: str, data_spec: str, targets: str | list[st
         for p in model.get_submodule(n).parameters():
             p.requires_grad_(True)
     trainer = Trainer(model, data, cfg, pad_id=loaded.tokenizer.pad_token_id)
-    result = trainer.fit()
+    result = loop.fit(trainer)
     tuned = {n: model.get_submodule(n).weight.detach().clone() for n in res.targets}
     with torch.no_grad():
         for n, w in before.items():

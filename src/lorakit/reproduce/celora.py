@@ -134,8 +134,8 @@ def _plot(runs: dict[str, list[dict[str, Any]]], errors: list[dict[str, Any]], p
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for ax, (name, group) in zip(axes[:2], runs.items()):
-        for run in group:
+    for ax, (name, runs_of) in zip(axes[:2], runs.items()):
+        for run in runs_of:
             steps, losses = zip(*run["curve"]) if run["curve"] else ((), ())
             style = "-" if run["backward"] == "exact" else "--"
             ax.plot(steps, losses, style, alpha=0.8, label=f"{run['backward']} seed {run['seed']}")
@@ -169,33 +169,33 @@ def run(out: str | Path = "reproduce/celora", *, budget: Budget | None = None, p
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"budget": budget.__dict__, "rank": rank, "runs": {}, "flops": {}, "summary": {}}
     if "minilm" in parts:
-        group = []
+        trained = []
         for seed in range(budget.seeds):
             for backward in ("exact", "celora"):
                 say(f"MiniLM sentiment, seed {seed}, {backward} ...")
-                group.append(_train("builtin:minilm", "builtin:rotten-tomatoes", out / f"minilm-{backward}-{seed}", backward,
+                trained.append(_train("builtin:minilm", "builtin:rotten-tomatoes", out / f"minilm-{backward}-{seed}", backward,
                                     seed, budget.minilm_steps, budget, rank, base_dtype=base_dtype))
-        result["runs"]["minilm"] = group
-        acc = {b: statistics.mean(r["after"]["eval_accuracy"] for r in group if r["backward"] == b) for b in ("exact", "celora")}
-        step = {b: statistics.mean(r["mean_step_s"] for r in group if r["backward"] == b) for b in ("exact", "celora")}
+        result["runs"]["minilm"] = trained
+        acc = {b: statistics.mean(r["after"]["eval_accuracy"] for r in trained if r["backward"] == b) for b in ("exact", "celora")}
+        step = {b: statistics.mean(r["mean_step_s"] for r in trained if r["backward"] == b) for b in ("exact", "celora")}
         result["flops"]["minilm"] = _flops("builtin:minilm", "classify", 32, 64, rank, base_dtype)
         result["summary"]["minilm"] = {"accuracy_exact": acc["exact"], "accuracy_celora": acc["celora"],
                                        "accuracy_gap_points": 100 * (acc["exact"] - acc["celora"]),
                                        "mean_step_s_exact": step["exact"], "mean_step_s_celora": step["celora"]}
     if "smollm2" in parts:
-        group = []
+        trained = []
         for backward in ("exact", "celora"):
             say(f"SmolLM2 on Hamlet, {backward} ...")
-            group.append(_train("builtin:smollm2", "builtin:hamlet", out / f"smollm2-{backward}", backward, 0,
+            trained.append(_train("builtin:smollm2", "builtin:hamlet", out / f"smollm2-{backward}", backward, 0,
                                 budget.smollm2_steps, budget, rank, batch_size=budget.smollm2_batch,
                                 max_length=budget.smollm2_length, base_dtype=base_dtype))
-        result["runs"]["smollm2"] = group
-        loss = {r["backward"]: r["after"]["eval_loss"] for r in group}
+        result["runs"]["smollm2"] = trained
+        loss = {r["backward"]: r["after"]["eval_loss"] for r in trained}
         result["flops"]["smollm2"] = _flops("builtin:smollm2", "causal-lm", budget.smollm2_batch, budget.smollm2_length, rank,
                                            base_dtype)
         result["summary"]["smollm2"] = {"eval_loss_exact": loss["exact"], "eval_loss_celora": loss["celora"],
                                         "relative_gap": loss["celora"] / loss["exact"] - 1,
-                                        "mean_step_s_exact": group[0]["mean_step_s"], "mean_step_s_celora": group[1]["mean_step_s"]}
+                                        "mean_step_s_exact": trained[0]["mean_step_s"], "mean_step_s_celora": trained[1]["mean_step_s"]}
     errors: list[dict[str, Any]] = []
     if "errors" in parts:
         say("per-layer dX errors on real gradients ...")

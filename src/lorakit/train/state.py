@@ -148,12 +148,6 @@ class Trainer:
         if self.dist.active:
             torch.manual_seed(distributed.per_rank_seed(cfg.seed, self.dist.rank, 0))  # own dropout masks per rank
 
-    def fit(self) -> dict[str, Any]:
-        """Train to ``total_steps`` (or a stop signal): ``loop.fit``."""
-        from lorakit.train.loop import fit
-
-        return fit(self)
-
     # ------------------------------------------------------------------ data order
     def epoch_order(self, epoch: int) -> list[int]:
         """This process's rows of ``epoch`` (all of them on one process), in order."""

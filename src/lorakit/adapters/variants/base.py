@@ -29,6 +29,7 @@ class Variant:
     one_per_model: str | None = None  # why a model holding this adapter can hold no other (None: it can)
     active_alone: str | None = None  # the adapter's description when it must act alone (no second active, no mixed batch)
     combine_refusal: str | None = None  # why add_weighted_adapter cannot combine it (None: it can)
+    needs_whole_weights: str | None = None  # its option, when it needs every process to hold whole frozen weights
     file_kind = "a plain LoRA adapter"  # an adapter file's tensors and this adapter's must be of one kind to load
     init_name = "kaiming"  # LoraConfig.init
     peft_init: Any = True  # PEFT's init_lora_weights for it
@@ -149,6 +150,7 @@ class Wrapper(Variant):
     one_per_model = property(lambda self: self.inner.one_per_model)
     active_alone = property(lambda self: self.inner.active_alone)
     combine_refusal = property(lambda self: self.inner.combine_refusal)
+    needs_whole_weights = property(lambda self: self.inner.needs_whole_weights)
     file_kind = property(lambda self: self.inner.file_kind)
     init_name = property(lambda self: self.inner.init_name)
     peft_init = property(lambda self: self.inner.peft_init)

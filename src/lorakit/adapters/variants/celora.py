@@ -41,6 +41,8 @@ class Celora(Wrapper):
     def one_per_model(self) -> str | None:
         return self.inner.one_per_model or "backward='celora' (its approximation is installed per layer)"
 
+    needs_whole_weights = "--backward celora"  # each layer's feature cache and Double-LoRA SVD read the whole W0
+
     def plan(self, model: nn.Module, cfg: Any, targets: list[str]) -> Any:
         """CE-LoRA's per-layer plan, validated before anything is modified."""
         cfg = self.inner.plan(model, cfg, targets)
