@@ -105,3 +105,17 @@ def quantize(model: nn.Module, bits: int = 4, format: str | None = None, group_s
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of the packed weights of ``model`` (codes and scales of every QuantizedLinear)."""
     return sum(m.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def packed_bytes(fmt: QuantFormat, out_features: int, in_features: int) -> int:
+    """Bytes a [out, in] weight takes packed in ``fmt`` (codes and scales, as ``QuantizedLinear.nbytes`` counts them),
+    from the shape alone: what the memory plan counts for a frozen linear weight."""
+    numel = out_features * in_features
+    if isinstance(fmt, Int8Format):
+        return numel + out_features * torch.empty(0, dtype=fmt.scale_dtype).element_size()
+    blocks = numel // fmt.group_size if isinstance(fmt, Int4Format) else numel // fmt.block_size
+    if isinstance(fmt, Int4Format):
+        return numel // 2 + 2 * 4 * blocks  # nibbles, float32 scale and zero per group
+    if fmt.double_quant:  # int8 block constants, a float32 factor per 256 of them and their mean
+        return numel // 2 + blocks + 4 * -(-blocks // 256) + 4
+    return numel // 2 + 4 * blocks  # nibbles, a float32 absmax per block

@@ -69,9 +69,32 @@ def load_with_adapter(adapter: str | os.PathLike, model: str | None = None, *, l
     if model is None:
         check_model_exists(spec, recorded_in=str(Path(adapter) / CONFIG_NAME))
         check_base_file(adapter, spec)
-    loaded = load_model(spec, task, label_names=labels, tokenizer=load_tokenizer(spec), dtype=base_dtype, device=device)
+    loaded = load_model(spec, task, label_names=labels, tokenizer=load_tokenizer(spec), dtype=base_dtype, device=device,
+                        quant=recorded_quant(adapter, base_dtype))
     load_adapter(loaded.model, adapter)
     return loaded, task, labels
+
+
+def recorded_quant(adapter: str | os.PathLike, base_dtype: str | torch.dtype):
+    """The packed format (``precision.QuantSpec``) the run that wrote ``adapter`` trained on, for --base-dtype int8 /
+    int4 when that run used the same one (eval and generate then run on the base it trained on: its --quant-format,
+    --group-size, --double-quant, --quantize-head); None otherwise (``load_model``'s default: int8, nf4 g64)."""
+    from types import SimpleNamespace
+
+    from lorakit.train.precision import QUANTIZED, quant_spec
+
+    if not isinstance(base_dtype, str) or base_dtype not in QUANTIZED:
+        return None
+    try:
+        run = recorded_run(adapter)
+        if run.get("base_dtype") != base_dtype:
+            return None
+        return quant_spec(SimpleNamespace(base_dtype=base_dtype, quant_format=run.get("quant_format"),
+                                          group_size=run.get("group_size") or 64,
+                                          double_quant=bool(run.get("double_quant")),
+                                          quantize_head=bool(run.get("quantize_head"))))
+    except LorakitError:  # a damaged run.json or a format this lorakit does not know: the default format
+        return None
 
 
 def check_base_file(adapter: str | os.PathLike, spec: str) -> None:

@@ -18,11 +18,11 @@ import torch
 from lorakit.adapters import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.limits.attention import MODES as ATTENTION_MODES
-from lorakit.options import (build, fill_defaults, flatten, group, is_finite, is_seed, option, positive_int, seed_int,
-                             spelling)
+from lorakit.options import (build, fill_defaults, flatten, group, is_finite, is_seed, option, positive_float,
+                             positive_int, seed_int, spelling)
 from lorakit.train.chat import LOSS_ON, read_chat_template
 from lorakit.train.models import TASKS, builtin_default_task
-from lorakit.train.precision import BASE_DTYPE_CHOICES
+from lorakit.train.precision import BASE_DTYPE_CHOICES, GROUP_SIZES, QUANT_FORMATS, QUANTIZED, quant_spec
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = {"classify": 2e-3, "causal-lm": 2e-4}
@@ -65,7 +65,8 @@ class ModelOptions:
     base_dtype: str | None = option(
         None, "the frozen base's storage: its weights are read straight into it; adapters and AdamW state stay fp32 "
         "(products in fp32 where this CPU's bf16 ones are slower, each weight widened for its product only)",
-        choices=BASE_DTYPE_CHOICES, default_text="auto: fp32 when the run fits in memory with it, else bf16",
+        choices=BASE_DTYPE_CHOICES, default_text="auto: fp32 when the run fits in memory with it, else bf16; int8 / int4: "
+        "the frozen linear weights packed (QLoRA), the rest in bf16",
         section=_MODEL)
     device: str | None = option(None, "cpu, cuda, cuda:1 ...", default_text="cuda when present", section=_MODEL)
 
@@ -115,7 +116,7 @@ class AttentionOptions:
         None, "lorakit attention: auto = polynomial where the certified logit bound allows it", choices=ATTENTION_MODES,
         default_text="the model's own", section=_LIMITS)
     attention_tolerance: float = option(1e-3, "allowed attention-output error relative to max|v| for poly/auto",
-                                        aliases=("--tolerance",), section=_LIMITS)
+                                        aliases=("--tolerance",), parse=positive_float, section=_LIMITS)
 
 
 @dataclass
@@ -123,14 +124,15 @@ class StepOptions:
     """How long and how fast a run trains."""
 
     steps: int | None = option(None, "optimizer steps", default_text=f"{DEFAULT_STEPS} when --epochs is not given",
-                               section=_TRAINING)
+                               parse=positive_int, section=_TRAINING)
     batch_size: int | None = option(None, "rows per optimizer step (over all processes); with packing, sequences",
                                     parse=positive_int, section=_TRAINING)
     lr: float | None = option(None, "peak learning rate (AdamW)", default_text="2e-3 for classify, 2e-4 for causal-lm",
-                              section=_TRAINING)
+                              parse=positive_float, section=_TRAINING)
     warmup: float | None = option(None, "linear warm-up: a fraction of the steps (< 1) or a step count",
                                   section=_TRAINING)
-    seed: int | None = option(None, "random seed (data order, initialisation, dropout, sampling)", section=_TRAINING)
+    seed: int | None = option(None, "random seed (data order, initialisation, dropout, sampling)", parse=seed_int,
+                              section=_TRAINING)
 
 
 @dataclass
@@ -148,6 +150,15 @@ class PrecisionOptions:
     gradient_checkpointing: bool = option(
         False, "activation checkpointing: keep each layer's input only and recompute the layer in the backward "
         "(~1/3 more compute, activations of one layer instead of all)", section=_PRECISION)
+    quant_format: str | None = option(
+        None, "--base-dtype int4's format: nf4 (QLoRA's code book, absmax per block) or int4 (asymmetric, per group)",
+        choices=QUANT_FORMATS, default_text="nf4: as fast as int4 here (benchmarks/results/quant_products.json) and "
+        "QLoRA's", section=_PRECISION)
+    group_size: int = option(64, "weights per nf4 block / int4 group (int8 has none: a scale per output channel)",
+                             parse=positive_int, choices=GROUP_SIZES, section=_PRECISION)
+    double_quant: bool = option(False, "nf4: quantise the block constants again (QLoRA's double quantisation)",
+                                section=_PRECISION)
+    quantize_head: bool = option(False, "with --base-dtype int8/int4, pack the LM head too", section=_PRECISION)
     max_memory: str | None = option(None, "the memory this run may use, e.g. 20GB (the plan refuses a run above it)",
                                     default_text="the memory available now (MemAvailable, the cgroup limit)",
                                     section=_PRECISION)
@@ -256,6 +267,7 @@ class TrainConfig(DistributedOptions, OutputOptions, PrecisionOptions, EpochOpti
         check_device(self.device)
         if self.base_dtype not in BASE_DTYPE_CHOICES:
             raise ConfigError(f"base_dtype={self.base_dtype!r} must be one of {', '.join(BASE_DTYPE_CHOICES)}")
+        quant_spec(self)  # the packed formats' options
         if self.max_memory is not None:
             from lorakit.train.memory_plan import parse_memory
 
@@ -273,9 +285,14 @@ class TrainConfig(DistributedOptions, OutputOptions, PrecisionOptions, EpochOpti
 
     def _check_shard(self) -> None:
         needs_whole = {"--norm-cap": self.lora.norm_control.cap is not None, "--attention": self.attention is not None,
-                       "--norm-every": self.norm_every is not None, "--backward celora": self.lora.backward == "celora"}
+                       "--norm-every": self.norm_every is not None}
         bad = [name for name, used in needs_whole.items() if used]
+        if flag := self.lora.variant.needs_whole_weights:  # e.g. CE-LoRA's approximation of G W0
+            bad.append(flag)
         on_cpu = resolve_device(self.device).type == "cpu"
+        if self.base_dtype in QUANTIZED:
+            raise ConfigError(f"--base-dtype {self.base_dtype} cannot be used with --shard: FSDP2 does not shard packed "
+                              "weights; use --base-dtype bf16 with --shard, or drop --shard")
         if (self.bf16 or self.base_dtype in ("bf16", "fp16")) and on_cpu:
             raise ConfigError("--bf16 on CPU keeps frozen weights in bf16 and adapters in fp32, and FSDP2 (--shard) "
                               "needs one dtype per sharded block; on CPU use --shard without --bf16, or --bf16 without "

@@ -26,7 +26,7 @@ from lorakit.files import OutputError, write_atomic
 from lorakit.speed.checkpointing import use_gradient_checkpointing
 from lorakit.speed.forward import fast_path
 from lorakit.train import checkpoint as ckpt
-from lorakit.train import distributed, memory
+from lorakit.train import distributed, loop, memory
 from lorakit.train.chat import CHAT_TEMPLATE_FILE, read_chat_template
 from lorakit.train.config import TrainConfig, task_defaults
 from lorakit.train.data import Dataset, DataSpec, infer_task, read_dataset
@@ -78,9 +78,12 @@ def launch_processes(cfg: TrainConfig, nproc: int, argv: list[str]) -> int | Non
 
 
 # ---------------------------------------------------------------------- building the parts
-def prepare(cfg: TrainConfig, dtype: torch.dtype | str | None = None):
+def prepare(cfg: TrainConfig, dtype: torch.dtype | str | None = None, quant=None):
     """Load model and data as ``cfg`` says (the data decides the task), the base stored in ``dtype`` (default:
-    ``cfg.base_dtype``); returns (LoadedModel, Dataset)."""
+    ``cfg.base_dtype``), its frozen linear weights packed as ``quant`` says (a ``precision.QuantSpec``; default:
+    cfg's --base-dtype int8/int4 options); returns (LoadedModel, Dataset)."""
+    from lorakit.train.precision import quant_spec
+
     from lorakit.train.models import check_max_length, load_model, load_tokenizer
 
     cfg.task = cfg.task or infer_task(cfg.data, label_column=cfg.label_column)
@@ -93,7 +96,7 @@ def prepare(cfg: TrainConfig, dtype: torch.dtype | str | None = None):
         data.notes.append(f"--chat-template {cfg.chat_template} is not used: {cfg.data} holds no conversations "
                           "(\"messages\" or ShareGPT \"conversations\" rows)")
     loaded = load_model(cfg.model, cfg.task, label_names=data.label_names, tokenizer=tokenizer,
-                        dtype=cfg.base_dtype if dtype is None else dtype)
+                        dtype=cfg.base_dtype if dtype is None else dtype, quant=quant or quant_spec(cfg))
     return loaded, data
 
 
@@ -171,7 +174,7 @@ def build(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None, plan: RunPlan
     """Model, data, adapter, speed paths, hooks and the Trainer, in the order the data flow names."""
     torch.manual_seed(cfg.seed)
     memory.reset_peak()
-    loaded, data = prepare(cfg, plan.precision.storage)
+    loaded, data = prepare(cfg, plan.precision.storage, plan.precision.quant)
     model = loaded.model
     fingerprint = {"model": ckpt.fingerprint_model(model), "data": ckpt.fingerprint_rows(data.train)}
     if not d.shard:  # under --shard, FSDP2 moves only this process's slice of the weights to its device
@@ -215,7 +218,7 @@ def _run(cfg: TrainConfig, d: Dist, hooks: list[StepHook] | None, plan: RunPlan)
     s = announce(job)
     with StopOnSignal() as stop:
         job.trainer.stop_requested = stop.requested
-        result = job.trainer.fit()
+        result = loop.fit(job.trainer)
     if "stopped_at" in result:
         result["stopped_by"] = stop.signal_name or "a signal to another process"
     report = run_report(job, s, result)

@@ -109,7 +109,8 @@ def _check_positive(**values) -> None:
 def plan_memory(config, *, task: str = "causal-lm", base_dtype: torch.dtype | str = torch.float32, batch_size: int = 1,
                 seq_len: int = 256, rank: int | None = None, targets: str | list[str] | LoraConfig = "all-linear",
                 gradient_checkpointing: bool = False, compute_dtype: torch.dtype | str | None = None, processes: int = 1,
-                grad_accum: int = 1, attention_mask: bool = False, runtime: int = RUNTIME_BYTES) -> MemoryPlan:
+                grad_accum: int = 1, attention_mask: bool = False, runtime: int = RUNTIME_BYTES,
+                quant=None) -> MemoryPlan:
     """The peak resident memory of one training process (see the module docstring for each row's formula).
 
     batch_size is ``--batch-size``, the rows of one micro-batch over all processes (each takes batch_size /
@@ -117,6 +118,8 @@ def plan_memory(config, *, task: str = "causal-lm", base_dtype: torch.dtype | st
     LoraConfig (its targets, rank, rank_pattern, layers, exclude). compute_dtype: the activations' dtype, by
     default the base dtype (a bf16 base computes in bf16; pass torch.float32 where it computes in fp32).
     attention_mask: batches carry a padding mask (grouped-query keys and values are then repeated to every head).
+    quant: a ``train.precision.QuantSpec``: the frozen linear weights counted packed (``frozen_rows``), the rest at
+    ``base_dtype``.
     """
     _check_positive(batch_size=batch_size, seq_len=seq_len, processes=processes, grad_accum=grad_accum)
     if isinstance(targets, LoraConfig):
@@ -147,7 +150,7 @@ def plan_memory(config, *, task: str = "causal-lm", base_dtype: torch.dtype | st
         saved = n * per_layer
         act_label = f"activations (batch {b} x {L} tokens x {n} layers)"
     activations = saved + transient + N * H * a + N * H * 4  # + the embedding output and the final norm's fp32 input
-    rows: list[tuple[str, int]] = [(f"frozen weights ({dtype_name(base_dtype)})", frozen * w)]
+    rows: list[tuple[str, int]] = frozen_rows(arch, frozen, base_dtype, quant)
     if head_params:
         rows.append(("classifier head + AdamW state (fp32)", 16 * head_params))
     rows.append((f"adapters + AdamW state (fp32, {len(chosen)} layers)", 16 * adapter_params))
@@ -164,12 +167,39 @@ def plan_memory(config, *, task: str = "causal-lm", base_dtype: torch.dtype | st
     rows.append(("allocator slack", int(SLACK * dynamic)))
     settings = {"task": task, "model_type": arch.model_type, "layout": what if arch.exact else f"{what} (meta)",
                 "base_dtype": dtype_name(base_dtype), "compute_dtype": dtype_name(cdt),
+                "base_format": quant.describe() if quant is not None else dtype_name(base_dtype),
                 "gradient_checkpointing": bool(gradient_checkpointing), "batch_size": batch_size, "micro_batch": b,
                 "seq_len": seq_len, "processes": processes, "grad_accum": grad_accum, "rank": lora.r,
                 "targets": lora.targets, "adapted_layers": len(chosen), "parameters": arch.parameters,
                 "trainable_parameters": adapter_params + head_params, "attention_mask": attention_mask}
     rows = [(what, int(nbytes)) for what, nbytes in rows]
     return MemoryPlan(rows, sum(nbytes for _, nbytes in rows), settings)
+
+
+def frozen_rows(arch: Architecture, frozen: int, base_dtype: torch.dtype | str, quant) -> list[tuple[str, int]]:
+    """The frozen weights' row(s): ``frozen`` parameters at ``base_dtype``; with ``quant`` the frozen linear weights
+    (not the output heads unless quant.quantize_head, never a trained task head) at their packed bytes
+    (``adapters.quantize.packed_bytes``), each width checked against the block or group size first."""
+    w = dtype_bytes(base_dtype)
+    if quant is None:
+        return [(f"frozen weights ({dtype_name(base_dtype)})", frozen * w)]
+    from lorakit.adapters.quantize import packed_bytes
+
+    fmt = quant.make()
+    skip = set(arch.trained_heads) | (set() if quant.quantize_head else set(arch.heads_paths) | {"lm_head"})
+    packed = [lin for lin in arch.linears if lin.path not in skip and leaf(lin.path) not in skip]
+    for lin in packed:
+        try:
+            fmt.check(lin.fan_in, lin.path)
+        except ConfigError as exc:
+            fits = [g for g in (32, 64, 128) if all(other.fan_in % g == 0 for other in packed)]
+            fix = f"use --group-size {' or '.join(map(str, fits))}" if fits else "no group size divides every width"
+            raise ConfigError(f"--group-size {quant.group_size}: {str(exc).split('; ')[0]}; {fix}, or "
+                              "--base-dtype int8 (per output channel)") from None
+    numel = sum(lin.fan_in * lin.fan_out for lin in packed)
+    return [(f"frozen linear weights ({quant.describe()}, {len(packed)} layers)",
+             sum(packed_bytes(fmt, lin.fan_out, lin.fan_in) for lin in packed)),
+            (f"other frozen weights ({dtype_name(base_dtype)})", (frozen - numel) * w)]
 
 
 def _layer_bytes(arch: Architecture, b: int, L: int, a: int, attention_mask: bool, rank_tokens: int) -> tuple[int, int, str]:

@@ -168,13 +168,19 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str | None = None,
     device: torch.device | str | None = None,
+    quant=None,
 ) -> LoadedModel:
     """Load a model (and its tokenizer, unless given) for ``task``; "classify" needs ``label_names``.
 
     ``dtype``: the frozen base's storage, a torch dtype or a --base-dtype value ("fp32", "bf16", "fp16", or
     "auto": fp32 when its weights fit in the memory available, else bf16; ``train.precision``). The weights are
     read straight into it, one safetensors shard at a time (transformers' loader), never through an fp32 copy.
+    "int8" / "int4" (or ``quant``, a ``train.precision.QuantSpec``): the frozen linear weights packed
+    (``pack_frozen_linears``), the rest in bf16.
     ``device``: moved there once loaded (None: left on the CPU, where training moves it itself)."""
+    from lorakit.train.precision import default_quant
+
+    quant = quant or default_quant(dtype)
     if task not in TASKS:
         raise ModelError(f"task {task!r} is not one of {TASKS}")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -205,15 +211,41 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    if device is not None:
-        model.to(device)
-    from lorakit.speed.widen import widen_where_bf16_is_slow
-
-    widen_where_bf16_is_slow(model, adapted=False)  # a 16-bit base on a CPU whose bf16 products are slow: fp32 products
+    _settle(model, quant, device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=str(folder))
+
+
+def _settle(model: nn.Module, quant, device: torch.device | str | None) -> None:
+    """After loading: pack the frozen linears (``quant``), move to ``device``, fp32 products where bf16 ones are slow."""
+    from lorakit.speed.widen import widen_where_bf16_is_slow
+
+    if quant is not None:
+        pack_frozen_linears(model, quant)
+    if device is not None:
+        model.to(device)
+    widen_where_bf16_is_slow(model, adapted=False)  # a 16-bit base on a CPU whose bf16 products are slow: fp32 products
+
+
+def pack_frozen_linears(model: nn.Module, quant) -> None:
+    """Pack the frozen linear weights of a model loaded in bf16 (``lorakit.quantize`` with ``quant``'s options),
+    one decoder block at a time: every layer is checked first (a block or group size a width does not divide is one
+    ConfigError naming the layer), then each block's bf16 weights are freed as its packed copy is made, so the peak
+    is the bf16 model plus one block's quantisation temporaries. (The bf16 model itself is whole in memory first:
+    transformers' loader reads it shard by shard, but lorakit does not yet pack shard by shard while reading.)"""
+    from lorakit.adapters.quantize import _frozen_linears, quantize
+    from lorakit.module_kinds import linear_shape
+
+    fmt = quant.make()
+    for name, module in _frozen_linears(model, quant.quantize_head):
+        fmt.check(linear_shape(module)[0], name)
+    options = dict(bits=quant.bits, format=quant.format, group_size=quant.group_size, double_quant=quant.double_quant)
+    blocks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    for layer in (blocks[0] if blocks else []):
+        quantize(layer, **options)  # a decoder block holds no output head
+    quantize(model, **options, quantize_head=quant.quantize_head)  # what is outside the blocks
 
 
 __all__ = [  # what other modules import from here (the sources and the GGUF cache live in their own modules)

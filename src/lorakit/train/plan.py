@@ -20,7 +20,7 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.train.config import TrainConfig, resolve_device, task_defaults
 from lorakit.train.memory_plan import RUNTIME_BYTES, MemoryPlan, available_memory, check_fits, plan_memory
-from lorakit.train.precision import PrecisionPlan, dtype_name, plan_precision
+from lorakit.train.precision import PrecisionPlan, plan_precision, quant_spec
 
 
 # What a `lorakit train` process holds beyond a library loop's (plan_memory's runtime row): the tokenizer's and the
@@ -74,21 +74,22 @@ def plan_run(cfg: TrainConfig, dist=None) -> RunPlan:
     config = model_config(cfg.model)
     check_max_length(cfg.model, cfg.max_length or task_defaults(task)["max_length"])
     on_cpu = torch.device(device).type == "cpu"
-    bf16_pays = on_cpu and cfg.base_dtype in ("auto", "bf16") and bf16_decision(device)[0]
+    bf16_pays = on_cpu and cfg.base_dtype in ("auto", "bf16", "int8", "int4") and bf16_decision(device)[0]
     settings: dict[str, Any] = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
                                 "seq_len": cfg.max_length or task_defaults(task)["max_length"],
                                 "gradient_checkpointing": cfg.gradient_checkpointing}
+    quant = quant_spec(cfg)  # int8 / int4: the frozen linear weights counted packed
 
     def plan_for(s: dict[str, Any]) -> MemoryPlan:
         storage = s["base_dtype"]
         return plan_memory(config, task=task, targets=cfg.lora, compute_dtype=compute_dtype(storage, device, bf16_pays),
-                           attention_mask=True, runtime=RUNTIME_BYTES + TRAIN_PROCESS_BYTES, **s)
+                           attention_mask=True, runtime=RUNTIME_BYTES + TRAIN_PROCESS_BYTES, quant=quant, **s)
 
     available = available_memory(cfg.max_memory)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
     if local > 1:  # the processes on this machine share its memory
         available = (available[0] // local, f"{available[1]} / {local} processes on this machine")
-    precision = plan_precision(cfg.base_dtype, device, bf16=cfg.bf16,
+    precision = plan_precision(cfg.base_dtype, device, bf16=cfg.bf16, quant=quant,
                                fits=lambda dt: plan_for({**settings, "base_dtype": dt}).total <= available[0])
     settings["base_dtype"] = precision.storage
     refusal = None
@@ -99,6 +100,6 @@ def plan_run(cfg: TrainConfig, dist=None) -> RunPlan:
             refusal = str(exc)
     plan = RunPlan(device, precision, plan_for(settings), available, refusal)
     if refusal and not cfg.dry_run:
-        raise ConfigError(f"{cfg.model} with its base stored in {dtype_name(precision.storage)}: {refusal} "
+        raise ConfigError(f"{cfg.model} with its base stored in {precision.base_format}: {refusal} "
                           "(lorakit train --dry-run shows the plan)")
     return plan

@@ -5,6 +5,9 @@ reproduce and bench) is the STORAGE of the frozen base: the weights are read str
 shard, ``models.load_model``), never through an fp32 copy.
 
     fp32 | bf16 | fp16   as given
+    int8 | int4          the frozen linear weights packed (QuantSpec: int8 per channel; int4 as --quant-format nf4,
+                         QLoRA's, or int4 group-wise), everything else (embeddings, norms, the head) stored in bf16:
+                         the storage below is bf16 and ``PrecisionPlan.quant`` says the packed format
     auto                 fp32 when the run fits in memory with an fp32 base, else bf16; with --bf16, bf16
                          wherever this machine's bf16 products are at least as fast as its fp32 ones
 
@@ -37,7 +40,63 @@ from torch import nn
 from lorakit.errors import ConfigError
 
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BASE_DTYPE_CHOICES = ("auto", *BASE_DTYPES)
+QUANTIZED = ("int8", "int4")  # --base-dtype values that pack the frozen linear weights (adapters.quantize)
+BASE_DTYPE_CHOICES = ("auto", *BASE_DTYPES, *QUANTIZED)
+QUANT_FORMATS = ("nf4", "int4")  # the 4-bit formats; nf4 the default (equal to int4 g128 in speed on this CPU:
+# benchmarks/results/quant_products.json, dequantise + fp32 GEMM 597 ms vs 595 ms; nf4 is QLoRA's)
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A packed frozen base: ``bits`` 8 (int8 per output channel) or 4 (``format`` nf4 or int4, blocks/groups of
+    ``group_size``, ``double_quant`` for nf4), the LM head too with ``quantize_head``."""
+
+    bits: int
+    format: str = "nf4"
+    group_size: int = 64
+    double_quant: bool = False
+    quantize_head: bool = False
+
+    def make(self):
+        """The kernels' QuantFormat (a ConfigError for a combination it does not allow)."""
+        from lorakit.adapters.quantize import make_format
+
+        return make_format(self.bits, self.format, self.group_size, self.double_quant)
+
+    def describe(self) -> str:
+        """What run.json records as the base format: "int8", "nf4 g64", "nf4 g64 double-quant", "int4 g128"."""
+        if self.bits == 8:
+            text = "int8"
+        else:
+            text = f"{self.format} g{self.group_size}" + (" double-quant" if self.double_quant else "")
+        return text + (" +head" if self.quantize_head else "")
+
+
+def quant_spec(options) -> QuantSpec | None:
+    """The QuantSpec of a configuration's --base-dtype and quantisation options (None: a float base); options given
+    for a float base, or a combination the formats do not allow, are refused in one line naming the fix."""
+    given = [flag for flag, on in (("--quant-format", options.quant_format is not None),
+                                   ("--double-quant", options.double_quant),
+                                   ("--quantize-head", options.quantize_head)) if on]
+    if options.base_dtype not in QUANTIZED:
+        if given:
+            raise ConfigError(f"{', '.join(given)} applies to a packed base only; add --base-dtype int4 (or int8), or "
+                              f"drop {', '.join(given)}")
+        return None
+    if options.base_dtype == "int8" and (options.quant_format is not None or options.double_quant):
+        raise ConfigError("--quant-format and --double-quant choose a 4-bit format; use --base-dtype int4 with them, or "
+                          "drop them for int8")
+    bits = 8 if options.base_dtype == "int8" else 4
+    spec = QuantSpec(bits, "int8" if bits == 8 else options.quant_format or QUANT_FORMATS[0], options.group_size,
+                     options.double_quant, options.quantize_head)
+    spec.make()
+    return spec
+
+
+def default_quant(value: str | torch.dtype | None) -> QuantSpec | None:
+    """The QuantSpec a bare --base-dtype int8/int4 means (int8; nf4 blocks of 64), None for a float dtype."""
+    return {"int8": QuantSpec(8, "int8"), "int4": QuantSpec(4)}.get(value) if isinstance(value, str) else None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -52,6 +111,8 @@ def base_dtype(value: str | torch.dtype) -> torch.dtype | None:
         raise ConfigError(f"base dtype {value} is not one of {', '.join(map(str, BASE_DTYPES.values()))}")
     if value == "auto":
         return None
+    if value in QUANTIZED:  # the float parts of a packed base
+        return torch.bfloat16
     if value not in BASE_DTYPES:
         raise ConfigError(f"--base-dtype {value!r} is not one of {', '.join(BASE_DTYPE_CHOICES)}")
     return BASE_DTYPES[value]
@@ -68,19 +129,37 @@ class PrecisionPlan:
     compute: torch.dtype  # its products
     autocast: torch.dtype | None  # a GPU's autocast dtype (None: none)
     why: str
+    quant: QuantSpec | None = None  # the frozen linear weights packed (storage: the rest of the base)
+
+    @property
+    def base_format(self) -> str:
+        return self.quant.describe() if self.quant is not None else dtype_name(self.storage)
 
     def to_dict(self) -> dict[str, str | None]:
-        return {"base_dtype": dtype_name(self.storage), "compute_dtype": dtype_name(self.compute),
+        return {"base_dtype": dtype_name(self.storage), "base_format": self.base_format,
+                "compute_dtype": dtype_name(self.compute),
                 "autocast": None if self.autocast is None else dtype_name(self.autocast), "why": self.why}
 
 
 def plan_precision(requested: str | torch.dtype, device: torch.device | str, *, bf16: bool = False,
-                   fits: Callable[[torch.dtype], bool] = lambda dtype: True, training: bool = True) -> PrecisionPlan:
+                   fits: Callable[[torch.dtype], bool] = lambda dtype: True, training: bool = True,
+                   quant: QuantSpec | None = None) -> PrecisionPlan:
     """Storage and compute dtypes for ``requested`` (--base-dtype) on ``device`` (see the module docstring).
-    ``fits(dtype)``: whether the run fits in memory with the base stored in ``dtype`` (the memory plan)."""
+    ``fits(dtype)``: whether the run fits in memory with the base stored in ``dtype`` (the memory plan).
+    ``quant``: the packed format of an int8/int4 base (default: ``default_quant(requested)``)."""
+    quant = quant or default_quant(requested)
+    plan = _plan_precision(requested, torch.device(device), bf16, fits, training)
+    if quant is None:
+        return plan
+    why = f"--base-dtype {'int8' if quant.bits == 8 else 'int4'}: frozen linear weights packed ({quant.describe()}), " \
+          "the rest in bf16" + plan.why.removeprefix("--base-dtype bf16")
+    return PrecisionPlan(plan.storage, plan.compute, plan.autocast, why, quant)
+
+
+def _plan_precision(requested: str | torch.dtype, device: torch.device, bf16: bool,
+                    fits: Callable[[torch.dtype], bool], training: bool) -> PrecisionPlan:
     from lorakit.speed.gemm import bf16_decision
 
-    device = torch.device(device)
     storage = base_dtype(requested)
     on_cpu = device.type == "cpu"
     bf16_pays, measured = bf16_decision(device) if (bf16 or storage == torch.bfloat16 or storage is None) else (False, "")
