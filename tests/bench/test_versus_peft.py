@@ -105,11 +105,16 @@ def test_bench_cli_writes_json_markdown_and_png(tiny_llama_dir, tmp_path, capsys
 @pytest.mark.parametrize("args,message", [
     (["--modes", "exact,turbo"], "unknown mode 'turbo'"),
     (["--against", "unsloth"], "benchmarks against peft"),
-    (["--steps", "0"], "steps=0 must be a positive integer"),
+    (["--steps", "0"], "argument --steps: 0 is not a positive integer; give 1 or more"),  # the option's parser
 ])
 def test_bad_arguments_are_refused(tiny_llama_dir, args, message, capsys):
-    assert main(["bench", "--model", tiny_llama_dir, "--no-memory", *args]) == 2
-    assert message in capsys.readouterr().err
+    try:
+        code = main(["bench", "--model", tiny_llama_dir, "--no-memory", *args])
+    except SystemExit as exc:  # argparse's refusal: the same one line, status 2
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lorakit: error:") and len(err.strip().splitlines()) == 1
+    assert message in err
 
 
 def test_missing_peft_is_named(tiny_llama_dir, monkeypatch, capsys):
