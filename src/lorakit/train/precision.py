@@ -38,13 +38,14 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.kernels.quantize import INT4_GROUPS
 
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED = ("int8", "int4")  # --base-dtype values that pack the frozen linear weights (adapters.quantize)
 BASE_DTYPE_CHOICES = ("auto", *BASE_DTYPES, *QUANTIZED)
 QUANT_FORMATS = ("nf4", "int4")  # the 4-bit formats; nf4 the default (equal to int4 g128 in speed on this CPU:
 # benchmarks/results/quant_products.json, dequantise + fp32 GEMM 597 ms vs 595 ms; nf4 is QLoRA's)
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = INT4_GROUPS  # the block / group sizes the packed formats take (kernels.quantize)
 
 
 @dataclass(frozen=True)
