@@ -141,7 +141,7 @@ def test_dequantized_linear_equals_f_linear_forward_and_backward(monkeypatch):
     fmt = kq.Int4Format(32)
     w, b = weight(out_f=20, in_f=64), torch.randn(20, requires_grad=True)
     t = fmt.quantize(w)
-    deq = lambda dtype, rows: fmt.dequantize(t, dtype, rows)  # noqa: E731
+    deq = lambda dtype, rows, out: fmt.dequantize(t, dtype, rows, out)  # noqa: E731
     x = torch.randn(3, 5, 64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     b_ref = b.detach().clone().requires_grad_(True)

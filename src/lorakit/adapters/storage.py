@@ -7,7 +7,8 @@ module's bytes itself. ``DenseWeight`` is the float case (fp32, bf16, fp16: the 
 Conv1D as it is, ``base_layer.weight`` in its own layout). ``QuantizedWeight`` is W0 held packed by a
 ``QuantizedLinear`` (int8, NF4, int4: a ``kernels.quantize.QuantFormat`` and its tensors, as torchao's NF4Tensor and
 bitsandbytes' Params4bit keep their blocks and scales to themselves): each product dequantises the whole layer's W0
-once into the compute dtype (float32 on a CPU without fast bf16) and runs the float GEMM, which measured faster on
+once into the compute dtype (float32 on a CPU without fast bf16), into ``kernels.workspace``'s reused buffer, and
+runs the float GEMM, which measured faster on
 this CPU than PyTorch's packed kernels for training-sized batches (benchmarks/quant_products.py); the backward's
 G W0 dequantises again, so no float copy of W0 outlives its product. A quantised W0 cannot change: merging into it
 is refused (``ConfigError``), never re-quantised. ``storage_for`` picks the class for a base layer.
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from lorakit.errors import ConfigError
 from lorakit.kernels.lora_linear import FrozenInputGrad, _autocast_dtype, lora_linear
 from lorakit.kernels.quantize import QuantFormat, dequantized_linear
+from lorakit.kernels.workspace import scratch
 from lorakit.module_kinds import linear_shape
 
 
@@ -118,9 +120,13 @@ class QuantizedLinear(nn.Linear):
     def tensors(self) -> dict[str, Tensor]:
         return {n: getattr(self, n) for n in self.tensor_names}
 
-    def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
-        """W0 (or its rows ``rows``) [out, in] in ``dtype`` (default ``weight_dtype``)."""
-        return self.format.dequantize(self.tensors(), dtype or self.weight_dtype, rows)
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None, out: Tensor | None = None) -> Tensor:
+        """W0 (or its rows ``rows``) [out, in] in ``dtype`` (default ``weight_dtype``), written into ``out`` if given."""
+        return self.format.dequantize(self.tensors(), dtype or self.weight_dtype, rows, out)
+
+    def dequantize_for_product(self, dtype: torch.dtype) -> Tensor:
+        """W0 [out, in] in ``dtype`` in the workspace's scratch buffer: valid for one product, then overwritten."""
+        return self.dequantize(dtype, None, scratch((self.out_features, self.in_features), dtype, self.qweight.device))
 
     @property
     def weight(self) -> Tensor:  # type: ignore[override]
@@ -185,7 +191,7 @@ class QuantizedWeight:
         """DenseWeight.lora_forward on W0 dequantised once into the compute dtype; the kernel's G W0 is
         ``frozen_input_grad`` (default: G times W0 dequantised again), so the kernel does not keep the float W0
         for the backward: one layer's float weight lives only during its own forward."""
-        w = self.module.dequantize(_autocast_dtype(x.device.type) or x.dtype)
+        w = self.module.dequantize_for_product(_autocast_dtype(x.device.type) or x.dtype)
         grad = frozen_input_grad or self._input_grad
         bias = self.bias if out_scale is None else None
         y = lora_linear(x, w, bias, a, b, scale, dropout_p, training, grad)
@@ -195,7 +201,7 @@ class QuantizedWeight:
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _input_grad(self, g: Tensor) -> Tensor:
-        return torch.mm(g, self.module.dequantize(g.dtype))
+        return torch.mm(g, self.module.dequantize_for_product(g.dtype))
 
 
 def storage_for(module: nn.Module) -> DenseWeight | QuantizedWeight:

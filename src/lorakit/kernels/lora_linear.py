@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lorakit.kernels.workspace import widened
+
 FrozenInputGrad = Callable[[Tensor], Tensor]
 
 
@@ -44,7 +46,7 @@ class LoraLinearFunction(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             if x2.dtype != compute_dtype:
                 x2 = x2.to(compute_dtype)
-            w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
+            w = widened(weight, compute_dtype)  # a bf16 W0 under fp32 compute: into the reused scratch buffer
             a = lora_A if lora_A.dtype == compute_dtype else lora_A.to(compute_dtype)
             b_ = lora_B if lora_B.dtype == compute_dtype else lora_B.to(compute_dtype)
             mask = None
@@ -102,8 +104,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 if ctx.frozen_input_grad is not None:
                     dx = ctx.frozen_input_grad(g)
                 else:
-                    w = weight if weight.dtype == cd else weight.to(cd)
-                    dx = torch.mm(g, w)
+                    dx = torch.mm(g, widened(weight, cd))
                 if mask is None:
                     dx.addmm_(u, a, alpha=s)
                 else:

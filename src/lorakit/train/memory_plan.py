@@ -157,12 +157,14 @@ def plan_memory(config, *, task: str = "causal-lm", base_dtype: torch.dtype | st
     rows.append((act_label, activations))
     if task == "causal-lm":
         rows.append(_head_row(arch, N, a))
-    if a > w:  # a 16-bit base computing in fp32 widens one frozen weight at a time
+    if a > w:  # a 16-bit base computing in fp32 widens one frozen weight at a time (a packed one: dequantises)
         rows.append(("widened fp32 copy of the largest frozen weight", _largest_widened(arch, task) * 4))
+    elif quant is not None:  # a packed base computing in bf16 dequantises one frozen weight at a time
+        rows.append((f"dequantised {dtype_name(cdt)} copy of the largest frozen weight", _largest_widened(arch, task) * a))
     if processes > 1:
         rows.append(("DDP buckets", 4 * (adapter_params + head_params)))
     rows.append(("runtime (interpreter, torch, transformers)", runtime))
-    # (a widened weight is one allocation, which glibc returns to the system when it is freed: no slack)
+    # (the widened weight is kernels.workspace's one reused buffer, counted once above: no slack)
     dynamic = sum(nbytes for what, nbytes in rows if what.startswith(("activations", "LM head")))
     rows.append(("allocator slack", int(SLACK * dynamic)))
     settings = {"task": task, "model_type": arch.model_type, "layout": what if arch.exact else f"{what} (meta)",
