@@ -89,6 +89,9 @@ CONFIGS = {
     "8b": {"name": "Llama-3-8B", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192},
+    "13b": {"name": "Llama-2-13B", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+            "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000, "tie_word_embeddings": False,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096},
     # for testing the script itself
     "tiny": {"name": "tiny-llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30528, "tie_word_embeddings": False,
@@ -348,10 +351,17 @@ def summarise(step_s: list[float], seq: int, params: int, ckpt: bool, peaks: dic
 
 
 # ---------------------------------------------------------------------------------------------- lorakit
-def lorakit_command(model_dir: Path, data: Path, seq: int, steps: int, ckpt: bool, out: Path) -> list[str]:
+# lorakit contenders: the --base-dtype each runs with (issue 29: a packed int8 / 4-bit base, nf4 g64 by default)
+LORAKIT_BASES = {"lorakit": "bf16", "lorakit-int8": "int8", "lorakit-int4": "int4"}
+LABELS = {"lorakit": "lorakit bf16", "lorakit-int8": "lorakit int8", "lorakit-int4": "lorakit int4",
+          "peft-bf16": "peft bf16", "peft-fp32": "peft fp32"}
+
+
+def lorakit_command(model_dir: Path, data: Path, seq: int, steps: int, ckpt: bool, out: Path,
+                    base: str = "bf16") -> list[str]:
     cmd = [LORAKIT, "train", "--model", str(model_dir), "--data", str(data), "--task", "causal-lm",
            "--max-length", str(seq), "--batch-size", "1", "--steps", str(steps), "--rank", str(RANK),
-           "--alpha", str(ALPHA), "--targets", "all-linear", "--base-dtype", "bf16", "--eval-limit", "1",
+           "--alpha", str(ALPHA), "--targets", "all-linear", "--base-dtype", base, "--eval-limit", "1",
            "--eval-batch-size", "1", "--eval-every", "1000000", "--save-every", "1000000", "--log-every", "1",
            "--warmup", "0", "--device", "cpu", "--out", str(out), "--quiet"]
     if ckpt:
@@ -360,9 +370,9 @@ def lorakit_command(model_dir: Path, data: Path, seq: int, steps: int, ckpt: boo
 
 
 def run_lorakit(model_dir: Path, data: Path, seq: int, steps: int, ckpt: bool, params: int, peaks: dict,
-                cap_s: float, work: Path) -> dict:
+                cap_s: float, work: Path, base: str = "bf16") -> dict:
     out = work / "lorakit_out"
-    cmd = lorakit_command(model_dir, data, seq, steps, ckpt, out)
+    cmd = lorakit_command(model_dir, data, seq, steps, ckpt, out, base)
     progress = out / "metrics.jsonl"
     # lorakit's metrics.jsonl is the progress file: the "before" eval record marks the start of step 1
     watcher = work / "lorakit_progress.jsonl"
@@ -578,11 +588,12 @@ def measure_row(row: dict, contenders: list[str], model_dir: Path, data: Path, p
     for name in contenders:
         with tempfile.TemporaryDirectory(prefix="big_models_", dir=args.work) as work:
             work = Path(work)
-            label = {"lorakit": "lorakit bf16", "peft-bf16": "peft bf16", "peft-fp32": "peft fp32"}[name]
+            label = LABELS[name]
             print(f"[{time.strftime('%H:%M:%S')}] {key} seq {seq} ckpt {'on' if ckpt else 'off'}: {label} ...",
                   file=sys.stderr, flush=True)
-            if name == "lorakit":
-                entry = run_lorakit(model_dir, data, seq, steps, ckpt, params, peaks, args.lorakit_cap_s, work)
+            if name in LORAKIT_BASES:
+                entry = run_lorakit(model_dir, data, seq, steps, ckpt, params, peaks, args.lorakit_cap_s, work,
+                                    LORAKIT_BASES[name])
             elif name == "peft-fp32":
                 fits, need, avail = fp32_fits(params)
                 if not fits:
@@ -623,6 +634,9 @@ def add_ratios(row: dict) -> None:
     for other in ("peft bf16", "peft fp32"):
         if other in cs and "skipped" not in cs[other]:
             row["ratios_lorakit_over"][other] = ratios(lk, cs[other])
+    # a packed base against lorakit's own bf16 base (issue 29's goals: int8 <= 1.15x, int4 <= 1.3x the bf16 step)
+    row["ratios_packed_over_lorakit_bf16"] = {
+        label: ratios(cs[label], lk) for label in ("lorakit int8", "lorakit int4") if label in cs and "skipped" not in cs[label]}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -703,6 +717,9 @@ def main() -> int:
     for m in models:
         if m not in CONFIGS:
             p.error(f"unknown model {m}; choose from {', '.join(CONFIGS)}")
+    for c in contenders:
+        if c not in LABELS:
+            p.error(f"unknown contender {c}; choose from {', '.join(LABELS)}")
 
     # Everything that imports torch runs in a child: os.wait4's ru_maxrss of a child counts the memory of the
     # process it was forked from, so this parent stays small (its own peak is recorded with each row).
