@@ -21,19 +21,19 @@ loss does with ``logits.float()``).
 On CPU the chunk buffers (96 MB of float32 logits, plus a 16-bit one for bf16 inputs) are kept
 between calls, one set per thread: fresh pages cost ~0.25 ms a MB on this kind of machine (the
 kernel zeroes each one at first touch), ~25 ms a chunk, about what its exponentials cost.
-``release_workspace()`` frees them.
+A 16-bit head computing in fp32 is widened a block at a time into the workspace's weight buffer.
+``release_workspace()`` frees them all.
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
+from lorakit.kernels import workspace
+
 IGNORE_INDEX = -100  # the label of a position without loss (PyTorch's and transformers' convention)
 CHUNK_BYTES = 96 * 2**20  # logits per chunk (rows = this / (4 V), at least 32): 512 rows for a 49k vocabulary
-_workspace = threading.local()
 
 
 def chunk_rows(vocab: int, rows: int) -> int:
@@ -41,20 +41,12 @@ def chunk_rows(vocab: int, rows: int) -> int:
 
 
 def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: str = "logits") -> Tensor:
-    """A flat buffer of ``numel`` elements for use within one call: on CPU the same memory every call (per thread,
-    slot and dtype, grown when a call needs more), elsewhere a new tensor (the CUDA allocator already caches)."""
-    if device.type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
-    buffers = _workspace.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((slot, dtype))
-    if buffer is None or buffer.numel() < numel:
-        buffers[(slot, dtype)] = buffer = torch.empty(numel, dtype=dtype)
-    return buffer[:numel]
+    """A flat buffer of ``numel`` elements for use within one call (``kernels.workspace``: on CPU the same memory
+    every call, per thread, slot and dtype, grown when a call needs more; elsewhere a new tensor)."""
+    return workspace.scratch((numel,), dtype, device, slot)
 
 
-def release_workspace() -> None:
-    """Free this thread's kept CPU buffers (the next call allocates them again)."""
-    _workspace.__dict__.pop("buffers", None)
+release_workspace = workspace.release  # frees this thread's kept CPU buffers (the next call allocates them again)
 
 
 WIDEN_ELEMENTS = 2**24  # a 16-bit head computing in fp32 is widened this many weights at a time (64 MB)
@@ -69,7 +61,7 @@ def _vocab_blocks(weight: Tensor, dtype: torch.dtype):
         return
     step = max(256, WIDEN_ELEMENTS // max(1, weight.shape[1]))
     for v0 in range(0, weight.shape[0], step):
-        yield v0, weight[v0 : v0 + step].to(dtype)
+        yield v0, workspace.widened(weight[v0 : v0 + step], dtype)  # valid until the next block
 
 
 def _logits(weight: Tensor, bias: Tensor | None, x: Tensor, out: Tensor) -> None:

@@ -136,7 +136,8 @@ def compute_in_fp32(model: nn.Module) -> Widened:
         low = [p for p in module.parameters(recurse=False) if p.dtype in LOW_PRECISION]
         if not low:
             continue
-        matrix = isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.dtype in LOW_PRECISION
+        weight = module._parameters.get("weight")  # (not getattr: a packed layer's .weight would dequantise it)
+        matrix = isinstance(weight, nn.Parameter) and weight.dtype in LOW_PRECISION
         if type(module) is nn.Linear and matrix:
             module.__class__ = WidenedLinear
             result.linear += 1
