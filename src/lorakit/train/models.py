@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lorakit.architectures import family, is_encoder
-from lorakit.errors import ModelError
+from lorakit.errors import ConfigError, ModelError
 from lorakit.train.gguf_cache import (GGUF_MAGIC, SOURCE_FILE, _gguf_key, cache_dir, check_gguf, file_sha256, gguf_fingerprint,
                                       gguf_identity, is_gguf)
 from lorakit.train.load_errors import LOAD_ERRORS
@@ -175,8 +175,10 @@ def load_model(
     ``dtype``: the frozen base's storage, a torch dtype or a --base-dtype value ("fp32", "bf16", "fp16", or
     "auto": fp32 when its weights fit in the memory available, else bf16; ``train.precision``). The weights are
     read straight into it, one safetensors shard at a time (transformers' loader), never through an fp32 copy.
-    "int8" / "int4" (or ``quant``, a ``train.precision.QuantSpec``): the frozen linear weights packed
-    (``pack_frozen_linears``), the rest in bf16.
+    "int8" / "int4" (or ``quant``, a ``train.precision.QuantSpec``): the frozen linear weights packed, the rest in
+    bf16; a causal LM is packed while its safetensors are read, tensor by tensor (``train.quantized_load``: never a
+    bf16 copy of the model), the cases that path does not cover (classify, keys transformers renames, .bin weights;
+    listed there) are loaded whole and then packed (``pack_frozen_linears``).
     ``device``: moved there once loaded (None: left on the CPU, where training moves it itself)."""
     from lorakit.train.precision import default_quant
 
@@ -203,8 +205,14 @@ def load_model(
         else:
             if is_encoder(config.model_type):
                 raise ModelError(f"{spec} is an encoder ({config.model_type}); causal-lm needs a decoder such as builtin:smollm2")
-            model = AutoModelForCausalLM.from_pretrained(folder, **kw)
-    except ModelError:
+            model = None
+            if quant is not None:  # packed while reading, shard by shard (None: a case it does not cover)
+                from lorakit.train.quantized_load import load_packed
+
+                model = load_packed(folder, config, quant, kw["dtype"], attn_implementation)
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+    except (ModelError, ConfigError):  # (a ConfigError: a group size the widths do not allow, train.quantized_load)
         raise
     except LOAD_ERRORS as exc:
         raise _load_error(spec, folder, label_names if task == "classify" else None, exc) from None
@@ -223,7 +231,7 @@ def _settle(model: nn.Module, quant, device: torch.device | str | None) -> None:
     from lorakit.speed.widen import widen_where_bf16_is_slow
 
     if quant is not None:
-        pack_frozen_linears(model, quant)
+        pack_frozen_linears(model, quant)  # nothing left to pack after train.quantized_load
     if device is not None:
         model.to(device)
     widen_where_bf16_is_slow(model, adapted=False)  # a 16-bit base on a CPU whose bf16 products are slow: fp32 products
@@ -234,7 +242,8 @@ def pack_frozen_linears(model: nn.Module, quant) -> None:
     one decoder block at a time: every layer is checked first (a block or group size a width does not divide is one
     ConfigError naming the layer), then each block's bf16 weights are freed as its packed copy is made, so the peak
     is the bf16 model plus one block's quantisation temporaries. (The bf16 model itself is whole in memory first:
-    transformers' loader reads it shard by shard, but lorakit does not yet pack shard by shard while reading.)"""
+    this is the path of the cases ``train.quantized_load`` does not cover, which packs while reading; after it,
+    nothing is left to pack here.)"""
     from lorakit.adapters.quantize import _frozen_linears, quantize
     from lorakit.module_kinds import linear_shape
 
