@@ -235,3 +235,18 @@ def test_a_merged_layer_is_refused_and_copy_keeps_packed_buffers():
     clone = copy.deepcopy(model)
     assert isinstance(clone.model.layers[0].self_attn.q_proj.storage, QuantizedWeight)
     assert clone.model.layers[0].self_attn.q_proj.storage.module is clone.model.layers[0].self_attn.q_proj.base_layer
+
+
+def test_quantize_head_of_a_tied_model_is_refused_before_any_change():
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ConfigError, match=r"lm_head is tied to the input embedding.*drop --quantize-head"):
+        lorakit.quantize(model, bits=4, quantize_head=True)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    lorakit.quantize(model, bits=4)  # without the head: the tie stays as it was
+    assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -87,6 +87,8 @@ def quantize(model: nn.Module, bits: int = 4, format: str | None = None, group_s
     merged is refused (unmerge first)."""
     fmt = make_format(bits, format, group_size, double_quant, scale_dtype)
     todo = _frozen_linears(model, quantize_head)
+    if quantize_head:
+        _refuse_tied_head(model, [name for name, _ in todo if name in output_heads(model)])
     for name, module in todo:
         fmt.check(module.in_features if isinstance(module, LoraLinear) else linear_shape(module)[0], name)
         if isinstance(module, LoraLinear) and module.merged:
@@ -100,6 +102,23 @@ def quantize(model: nn.Module, bits: int = 4, format: str | None = None, group_s
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, QuantizedLinear.from_module(module, fmt, name))
     return model
+
+
+def _refuse_tied_head(model: nn.Module, heads: list[str]) -> None:
+    """A head that shares its matrix with the input embedding (tie_word_embeddings) cannot be packed: the embedding
+    still needs the float matrix for its lookups, so a packed head would be a second copy, not a smaller one."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    shared = getattr(embedding, "weight", None)
+    for name in heads:
+        if shared is not None and model.get_submodule(name)._parameters.get("weight") is shared:
+            raise tied_head_error(name)
+
+
+def tied_head_error(name: str) -> ConfigError:
+    return ConfigError(f"{name} is tied to the input embedding (tie_word_embeddings): packing it would add a copy "
+                       "beside the float embedding the lookups need, not save memory; drop --quantize-head "
+                       "(quantize_head=False) for this model")
 
 
 def quantized_bytes(model: nn.Module) -> int:
