@@ -352,8 +352,8 @@ def summarise(step_s: list[float], seq: int, params: int, ckpt: bool, peaks: dic
 
 # ---------------------------------------------------------------------------------------------- lorakit
 # lorakit contenders: the --base-dtype each runs with (issue 29: a packed int8 / 4-bit base, nf4 g64 by default)
-LORAKIT_BASES = {"lorakit": "bf16", "lorakit-int8": "int8", "lorakit-int4": "int4"}
-LABELS = {"lorakit": "lorakit bf16", "lorakit-int8": "lorakit int8", "lorakit-int4": "lorakit int4",
+LORAKIT_BASES = {"lorakit": "bf16", "lorakit-fp32": "fp32", "lorakit-int8": "int8", "lorakit-int4": "int4"}
+LABELS = {"lorakit": "lorakit bf16", "lorakit-fp32": "lorakit fp32", "lorakit-int8": "lorakit int8", "lorakit-int4": "lorakit int4",
           "peft-bf16": "peft bf16", "peft-fp32": "peft fp32"}
 
 
@@ -636,7 +636,8 @@ def add_ratios(row: dict) -> None:
             row["ratios_lorakit_over"][other] = ratios(lk, cs[other])
     # a packed base against lorakit's own bf16 base (issue 29's goals: int8 <= 1.15x, int4 <= 1.3x the bf16 step)
     row["ratios_packed_over_lorakit_bf16"] = {
-        label: ratios(cs[label], lk) for label in ("lorakit int8", "lorakit int4") if label in cs and "skipped" not in cs[label]}
+        label: ratios(cs[label], lk) for label in ("lorakit fp32", "lorakit int8", "lorakit int4")
+        if label in cs and "skipped" not in cs[label]}
 
 
 # ---------------------------------------------------------------------------------------------- main

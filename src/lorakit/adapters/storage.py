@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import ConfigError
-from lorakit.kernels.lora_linear import FrozenInputGrad, _autocast_dtype, lora_linear
+from lorakit.kernels.lora_linear import FrozenInputGrad, lora_linear, product_dtype
 from lorakit.kernels.quantize import QuantFormat, dequantized_linear
 from lorakit.kernels.workspace import scratch
 from lorakit.module_kinds import linear_shape
@@ -139,7 +139,7 @@ class QuantizedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x W0^T + b computed in the input's dtype; the backward dequantises W0 again for dX."""
-        dtype = _autocast_dtype(x.device.type) or x.dtype
+        dtype = product_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return dequantized_linear(x.to(dtype), self.bias, self.dequantize, self.out_features, self.in_features)
 
@@ -191,7 +191,7 @@ class QuantizedWeight:
         """DenseWeight.lora_forward on W0 dequantised once into the compute dtype; the kernel's G W0 is
         ``frozen_input_grad`` (default: G times W0 dequantised again), so the kernel does not keep the float W0
         for the backward: one layer's float weight lives only during its own forward."""
-        w = self.module.dequantize_for_product(_autocast_dtype(x.device.type) or x.dtype)
+        w = self.module.dequantize_for_product(product_dtype(x))
         grad = frozen_input_grad or self._input_grad
         bias = self.bias if out_scale is None else None
         y = lora_linear(x, w, bias, a, b, scale, dropout_p, training, grad)

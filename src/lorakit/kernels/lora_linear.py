@@ -29,17 +29,18 @@ from lorakit.kernels.workspace import widened
 FrozenInputGrad = Callable[[Tensor], Tensor]
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+def product_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a product with input ``x`` runs in: autocast's where it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, training, frozen_input_grad):
         device_type = x.device.type
-        compute_dtype = _autocast_dtype(device_type) or x.dtype
+        compute_dtype = product_dtype(x)
         lead_shape = x.shape[:-1]
         out_features = weight.shape[0]
         with torch.autocast(device_type, enabled=False):
