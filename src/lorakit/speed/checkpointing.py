@@ -37,7 +37,10 @@ def use_gradient_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False) or not hasattr(model, "gradient_checkpointing_enable"):
         raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support activation checkpointing "
                           "in transformers; drop --gradient-checkpointing (lower --batch-size or --max-length instead)")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING))
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(CHECKPOINTING))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING))
     if getattr(model, "_require_grads_hook", None) is not None and hasattr(model, "disable_input_require_grads"):
         # transformers makes the embeddings' output require a gradient, which only reentrant checkpointing needs:
         # it would cost the first layer's dX product (thrown away at the frozen embeddings) at every step
@@ -47,4 +50,5 @@ def use_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def is_checkpointing(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_gradient_checkpointing", False))
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
