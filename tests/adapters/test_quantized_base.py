@@ -250,3 +250,43 @@ def test_quantize_head_of_a_tied_model_is_refused_before_any_change():
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     lorakit.quantize(model, bits=4)  # without the head: the tie stays as it was
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_packed_head_in_the_fused_loss_is_read_a_block_of_rows_at_a_time(monkeypatch):
+    """--quantize-head: the fused loss dequantises the head in blocks of rows (never whole), with the same loss and
+    adapter gradients as the unfused head on the same packed weights."""
+    from lorakit.kernels import linear_cross_entropy as lce
+
+    ids = torch.randint(3, 97, (2, 12))
+    grads, losses = [], []
+    for fast in (True, False):
+        model = llama()
+        lorakit.quantize(model, bits=4, format="int4", group_size=32, quantize_head=True)
+        lorakit.attach(model, lorakit.LoraConfig(r=4, targets="all-linear"), fast=fast)
+        with torch.no_grad():
+            for _, layer in lorakit.lora_layers(model):
+                layer.B.normal_(0, 0.1)
+        model.train()
+        head, reads = model.lm_head, []
+        whole = head.dequantize
+        monkeypatch.setattr(head, "dequantize", lambda dtype=None, rows=None, out=None: reads.append(rows) or
+                            whole(dtype, rows, out))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        if fast:  # the fused loss: only blocks of rows (forward: logits; the same pass forms dX)
+            assert reads and all(r is not None for r in reads)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_packed_rows_come_in_blocks_equal_to_the_dequantised_weight(monkeypatch):
+    from lorakit.kernels import linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "WIDEN_ELEMENTS", 256 * 64)
+    layer = QuantizedLinear.from_module(nn.Linear(64, 600, bias=False), make_format(4, "nf4", 64))
+    blocks = [(v0, w.clone()) for v0, w in lce._vocab_blocks(layer.packed_rows(), torch.float32)]
+    assert [(v0, w.shape[0]) for v0, w in blocks] == [(0, 256), (256, 256), (512, 88)]
+    assert torch.equal(torch.cat([w for _, w in blocks]), layer.dequantize(torch.float32))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import ConfigError
+from lorakit.kernels.linear_cross_entropy import PackedRows
 from lorakit.kernels.lora_linear import FrozenInputGrad, lora_linear, product_dtype
 from lorakit.kernels.quantize import QuantFormat, dequantized_linear
 from lorakit.kernels.workspace import scratch
@@ -131,6 +132,12 @@ class QuantizedLinear(nn.Linear):
     @property
     def weight(self) -> Tensor:  # type: ignore[override]
         return self.dequantize()
+
+    def packed_rows(self) -> PackedRows:
+        """W0 for the fused loss (``kernels.linear_cross_entropy``), which dequantises it a block of rows at a time:
+        a packed LM head (``--quantize-head``) never exists whole in float."""
+        return PackedRows(torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.qweight.device,
+                          lambda dtype, rows, out: self.dequantize(dtype, rows, out))
 
     @property
     def nbytes(self) -> int:

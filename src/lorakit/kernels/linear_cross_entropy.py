@@ -27,6 +27,9 @@ A 16-bit head computing in fp32 is widened a block at a time into the workspace'
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -52,16 +55,37 @@ release_workspace = workspace.release  # frees this thread's kept CPU buffers (t
 WIDEN_ELEMENTS = 2**24  # a 16-bit head computing in fp32 is widened this many weights at a time (64 MB)
 
 
-def _vocab_blocks(weight: Tensor, dtype: torch.dtype):
+@dataclass(frozen=True)
+class PackedRows:
+    """A frozen head held packed (an int8 / 4-bit ``--quantize-head``): its [V, H] ``shape``, the ``dtype`` it had,
+    and ``rows(dtype, rows, out)``, which writes W[rows] dequantised into ``out``. The loss reads it a block of
+    ~WIDEN_ELEMENTS weights at a time, so the head never exists whole in float."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    rows: Callable[[torch.dtype, slice, Tensor], Tensor]
+    requires_grad = False
+
+    def dim(self) -> int:
+        return 2
+
+
+def _vocab_blocks(weight: Tensor | PackedRows, dtype: torch.dtype):
     """(first row, rows of ``weight`` in ``dtype``): the whole weight when it is stored in ``dtype``; else blocks of
-    ~WIDEN_ELEMENTS weights widened one at a time, so a bf16 head computing in fp32 never exists whole in fp32 (a
-    Llama-3 head: 2.1 GB)."""
-    if weight.dtype == dtype:
+    ~WIDEN_ELEMENTS weights widened (or dequantised) one at a time into the workspace, so a bf16 or packed head
+    computing in fp32 never exists whole in fp32 (a Llama-3 head: 2.1 GB). Each block is valid until the next."""
+    if isinstance(weight, Tensor) and weight.dtype == dtype:
         yield 0, weight
         return
     step = max(256, WIDEN_ELEMENTS // max(1, weight.shape[1]))
     for v0 in range(0, weight.shape[0], step):
-        yield v0, workspace.widened(weight[v0 : v0 + step], dtype)  # valid until the next block
+        if isinstance(weight, PackedRows):
+            rows = slice(v0, min(v0 + step, weight.shape[0]))
+            out = workspace.scratch((rows.stop - v0, weight.shape[1]), dtype, weight.device)
+            yield v0, weight.rows(dtype, rows, out)
+        else:
+            yield v0, workspace.widened(weight[v0 : v0 + step], dtype)
 
 
 def _logits(weight: Tensor, bias: Tensor | None, x: Tensor, out: Tensor) -> None:
@@ -76,7 +100,7 @@ def _logits(weight: Tensor, bias: Tensor | None, x: Tensor, out: Tensor) -> None
 
 def _input_grad(g: Tensor, weight: Tensor, out: Tensor) -> None:
     """out [rows, H] = g^T W for g [V, rows], in the dtype of g."""
-    if weight.dtype == g.dtype:
+    if isinstance(weight, Tensor) and weight.dtype == g.dtype:
         torch.mm(g.t(), weight, out=out)
         return
     out.zero_()
@@ -149,13 +173,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+def linear_cross_entropy(hidden: Tensor, weight: Tensor | PackedRows, labels: Tensor, bias: Tensor | None = None, *,
                          ignore_index: int = IGNORE_INDEX, chunk: int | None = None, scale: float = 1.0,
                          softcap: float | None = None, divisor: float | Tensor | None = None) -> Tensor:
     """Mean cross-entropy of ``softcap(scale * (hidden @ weight.T + bias))`` against ``labels`` (see the module
     docstring); with ``divisor`` the summed cross-entropy / divisor (transformers' ``num_items_in_batch``).
 
-    hidden: [..., H]; weight: [V, H]; labels: [...] (ints, ``ignore_index`` rows skipped); returns a
+    hidden: [..., H]; weight: [V, H] (or a frozen packed head, ``PackedRows``); labels: [...] (ints, ``ignore_index`` rows skipped); returns a
     float32 scalar, NaN when no row is labelled and no divisor is given (as torch's mean cross-entropy).
     Under autocast the products run in the autocast dtype (bf16 / fp16) whatever the dtype of ``hidden``,
     as the unfused ``F.linear`` head does, and the logits are widened to float32 for the loss.
@@ -169,10 +193,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
     if torch.is_autocast_enabled(device):  # the products in the autocast dtype, as the unfused head's F.linear
         h = h.to(torch.get_autocast_dtype(device))
     # a frozen 16-bit head under fp32 activations (speed.widen) is widened a block at a time inside the function
-    widen_inside = (not weight.requires_grad and h.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
-                    and (bias is None or not bias.requires_grad))
+    widen_inside = isinstance(weight, PackedRows) or (
+        not weight.requires_grad and h.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
+        and (bias is None or not bias.requires_grad))
     w = weight if weight.dtype == h.dtype or widen_inside else weight.to(h.dtype)
     b = bias if bias is None or bias.dtype == h.dtype or widen_inside else bias.to(h.dtype)
+    if isinstance(weight, PackedRows) and b is not None and b.requires_grad:
+        raise ValueError("a packed head's bias cannot train through the fused loss; keep the head in float")
     labels = labels.reshape(-1)
     valid = labels != ignore_index
     count = int(valid.sum())

@@ -49,7 +49,9 @@ def fused_loss_forward(parts: CausalLMParts, arguments: dict[str, Any]):
     out = parts.body(**{k: v for k, v in arguments.items() if k not in _NOT_FOR_BODY}, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     head = parts.head
-    loss = linear_cross_entropy(hidden, head.weight, shifted_labels(labels, ignore_index), head.bias,
+    packed = getattr(head, "packed_rows", None)  # a packed head (--quantize-head): read a block of rows at a time
+    weight = packed() if callable(packed) else head.weight
+    loss = linear_cross_entropy(hidden, weight, shifted_labels(labels, ignore_index), head.bias,
                                 ignore_index=ignore_index, scale=parts.scale, softcap=parts.softcap,
                                 divisor=arguments.get("num_items_in_batch"))
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
