@@ -157,3 +157,38 @@ def test_dequantized_linear_equals_f_linear_forward_and_backward(monkeypatch):
         assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
         assert torch.allclose(b.grad, b_ref.grad, rtol=1e-5, atol=1e-6)
         x.grad = x_ref.grad = b.grad = b_ref.grad = None
+
+
+# ---------------------------------------------------------------------- group-wise int8 (GGUF Q8_0 / Q6_K layouts)
+@pytest.mark.parametrize("group", [16, 32, 128])
+def test_group_wise_int8_error_is_half_a_step_of_its_group(group):
+    from lorakit.kernels.quantize import Int8Format
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 256) * torch.linspace(0.01, 3, 256)  # columns of very different size: groups pay off
+    fmt = Int8Format(group_size=group)
+    t = fmt.quantize(w)
+    assert t["qweight"].dtype == torch.int8 and t["qweight"].shape == (24, 256)
+    assert t["scale"].shape == (24, 256 // group) and t["scale"].dtype == torch.float32
+    back = fmt.dequantize(t, torch.float32)
+    step = t["scale"].repeat_interleave(group, dim=1)
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(back, t["qweight"].float() * step)  # exactly q * s, no other rounding
+    per_channel = Int8Format().dequantize(Int8Format().quantize(w), torch.float32)
+    assert (back - w).abs().mean() < (per_channel - w).abs().mean()
+    rows = fmt.dequantize(t, torch.bfloat16, slice(3, 9))
+    assert torch.equal(rows, (t["qweight"][3:9].to(torch.bfloat16) * step[3:9].to(torch.bfloat16)))
+
+
+def test_group_wise_int8_refuses_a_width_its_group_does_not_divide():
+    from lorakit.adapters.quantize import make_format, packed_bytes
+    from lorakit.errors import ConfigError
+    from lorakit.kernels.quantize import Int8Format
+
+    with pytest.raises(ConfigError, match=r"in_features=80, not a multiple of the int8 group size 32; use group_size=16"):
+        Int8Format(group_size=32).check(80, "q_proj")
+    with pytest.raises(ConfigError, match=r"int8 group size 24 is not one of"):
+        make_format(8, int8_group_size=24)
+    fmt = make_format(8, int8_group_size=32)
+    assert fmt == Int8Format(group_size=32) and fmt.describe() == "int8 (symmetric, groups of 32)"
+    assert packed_bytes(fmt, 64, 256) == sum(t.nbytes for t in fmt.quantize(torch.randn(64, 256)).values())

@@ -22,15 +22,17 @@ from lorakit.adapters.layer import LoraLinear
 from lorakit.adapters.storage import QuantizedLinear, QuantizedWeight
 from lorakit.adapters.targets import default_modules_to_save, model_modules, output_heads
 from lorakit.errors import ConfigError
-from lorakit.kernels.quantize import INT4_GROUPS, Int4Format, Int8Format, NF4Format, QuantFormat
+from lorakit.kernels.quantize import INT4_GROUPS, INT8_GROUPS, Int4Format, Int8Format, NF4Format, QuantFormat
 from lorakit.module_kinds import is_adaptable, linear_shape
 
 FORMATS_BY_BITS = {8: ("int8",), 4: ("nf4", "int4")}
 
 
 def make_format(bits: int, format: str | None = None, group_size: int = 64, double_quant: bool = False,
-                scale_dtype: torch.dtype = torch.float32) -> QuantFormat:
-    """The QuantFormat for these options (``format`` None: int8 for 8 bits, nf4 for 4), or a ConfigError."""
+                scale_dtype: torch.dtype = torch.float32, int8_group_size: int | None = None) -> QuantFormat:
+    """The QuantFormat for these options (``format`` None: int8 for 8 bits, nf4 for 4), or a ConfigError.
+    ``int8_group_size``: int8 with a float32 scale per group of that many inputs (16/32/64/128; GGUF's Q8_0 is
+    int8 g32) instead of per output channel."""
     if bits not in FORMATS_BY_BITS:
         raise ConfigError(f"bits={bits!r} is not supported; use bits=8 (int8) or bits=4 (nf4 or int4)")
     name = format or FORMATS_BY_BITS[bits][0]
@@ -45,7 +47,9 @@ def make_format(bits: int, format: str | None = None, group_size: int = 64, doub
     if name == "int8":
         if scale_dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"scale_dtype={scale_dtype} for int8: use torch.float32 or torch.bfloat16")
-        fmt: QuantFormat = Int8Format(scale_dtype)
+        if int8_group_size is not None and int8_group_size not in INT8_GROUPS:
+            raise ConfigError(f"int8 group size {int8_group_size!r} is not one of {INT8_GROUPS}; pick one of them")
+        fmt: QuantFormat = Int8Format(scale_dtype if int8_group_size is None else torch.float32, int8_group_size)
     elif name == "nf4":
         fmt = NF4Format(group_size, double_quant)
     else:
@@ -77,15 +81,16 @@ def _trains(model: nn.Module, module: nn.Module) -> bool:
 
 def quantize(model: nn.Module, bits: int = 4, format: str | None = None, group_size: int = 64,
              double_quant: bool = False, quantize_head: bool = False,
-             scale_dtype: torch.dtype = torch.float32) -> nn.Module:
+             scale_dtype: torch.dtype = torch.float32, int8_group_size: int | None = None) -> nn.Module:
     """Hold the frozen linear weights of ``model`` packed (see the module docstring); in place, returns ``model``.
 
-    ``bits=8``: int8 per output channel (``scale_dtype`` float32 or bfloat16). ``bits=4``: ``format="nf4"`` (default;
+    ``bits=8``: int8 per output channel (``scale_dtype`` float32 or bfloat16), or per group of ``int8_group_size``
+    inputs (float32 scales). ``bits=4``: ``format="nf4"`` (default;
     blocks of ``group_size`` weights, 64 as QLoRA, ``double_quant`` for 8-bit block constants) or ``"int4"``
     (asymmetric, groups of ``group_size`` in 32/64/128). Every layer is checked before any is changed: an input width
     the block or group size does not divide is a ConfigError naming the layer. An adapted layer whose adapters are
     merged is refused (unmerge first)."""
-    fmt = make_format(bits, format, group_size, double_quant, scale_dtype)
+    fmt = make_format(bits, format, group_size, double_quant, scale_dtype, int8_group_size)
     todo = _frozen_linears(model, quantize_head)
     if quantize_head:
         _refuse_tied_head(model, [name for name, _ in todo if name in output_heads(model)])
@@ -130,6 +135,8 @@ def packed_bytes(fmt: QuantFormat, out_features: int, in_features: int) -> int:
     """Bytes a [out, in] weight takes packed in ``fmt`` (codes and scales, as ``QuantizedLinear.nbytes`` counts them),
     from the shape alone: what the memory plan counts for a frozen linear weight."""
     numel = out_features * in_features
+    if isinstance(fmt, Int8Format) and fmt.group_size is not None:
+        return numel + 4 * (numel // fmt.group_size)  # int8 codes, a float32 scale per group
     if isinstance(fmt, Int8Format):
         return numel + out_features * torch.empty(0, dtype=fmt.scale_dtype).element_size()
     blocks = numel // fmt.group_size if isinstance(fmt, Int4Format) else numel // fmt.block_size

@@ -1,7 +1,9 @@
 """Quantise and dequantise a frozen weight W [out, in]: int8, NF4 (QLoRA) and group-wise int4, as pure tensor code.
 
     int8   per output channel, symmetric:  s_o = max_i |W_oi| / 127,  q = clamp(round(W / s_o), -127, 127)
-           W ~ q s_o, error <= s_o / 2 = max|W_o| / 254 (fp32 scales)
+           W ~ q s_o, error <= s_o / 2 = max|W_o| / 254 (fp32 scales); or group-wise (``Int8Format(group_size=g)``,
+           g in 16/32/64/128 along the input dim, a float32 scale per group [out, in/g]): GGUF's Q8_0 is exactly
+           int8 g32 (s = its fp16 d), Q6_K exactly int8 g16 (s = d * its int8 sub-block scale; train/gguf_packed.py)
     nf4    QLoRA (Dettmers et al. 2023, section 3 "4-bit NormalFloat"): blocks of 64 weights along the input
            dim, c_b = max |W| in the block, q = the index of the NF4 code value nearest to W / c_b,
            W ~ NF4[q] c_b; two 4-bit codes per byte (the even column in the high nibble, as torchao's NF4Tensor).
@@ -41,6 +43,7 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
 NF4_BLOCK = 64  # weights per absmax block (QLoRA)
 DOUBLE_QUANT_BLOCK = 256  # block constants per second-level scale (QLoRA)
 INT4_GROUPS = (32, 64, 128)
+INT8_GROUPS = (16, 32, 64, 128)  # group sizes of group-wise int8 (16: GGUF's Q6_K sub-blocks, 32: its Q8_0 blocks)
 _TINY = 1e-30  # divides an all-zero block or group by something; its codes then decode to zero anyway
 
 
@@ -102,9 +105,25 @@ def quantize_int8(weight: Tensor, scale_dtype: torch.dtype = torch.float32) -> t
 
 
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
-    """q s per row, in ``dtype`` (written into ``out`` if given: a cast copy, then the scaling in place)."""
+    """q s per row (``scale`` [out]) or per group (``scale`` [out, in/g]), in ``dtype`` (written into ``out`` if
+    given: a cast copy, then the scaling in place)."""
     out = q.to(dtype) if out is None else out.copy_(q)
-    return out.mul_(scale.to(dtype)[:, None])
+    if scale.dim() == 1:
+        return out.mul_(scale.to(dtype)[:, None])
+    out_f, in_f = out.shape
+    groups = scale.shape[1]
+    out.view(out_f, groups, in_f // groups).mul_(scale.to(dtype)[..., None])
+    return out
+
+
+def quantize_int8_groups(weight: Tensor, group_size: int = 32) -> tuple[Tensor, Tensor]:
+    """(q int8 [out, in], s float32 [out, in/group_size]): symmetric per group, s = absmax / 127 (GGUF's Q8_0 with
+    group_size 32, its scale kept in float32 rather than fp16)."""
+    out_f, in_f = weight.shape
+    w = weight.detach().float().view(out_f, in_f // group_size, group_size)
+    scale = w.abs().amax(dim=-1) / 127.0
+    q = torch.round(w / scale.clamp_min(_TINY)[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(out_f, in_f), scale
 
 
 # ---------------------------------------------------------------------- NF4
@@ -203,27 +222,44 @@ def _rows(t: Tensor, rows: slice | None) -> Tensor:
 
 @dataclass(frozen=True)
 class Int8Format(QuantFormat):
+    """int8, symmetric: a scale per output channel (``group_size`` None) or per group of ``group_size`` inputs."""
+
     scale_dtype: torch.dtype = torch.float32
+    group_size: int | None = None
     name = "int8"
     bits = 8
 
+    def check(self, in_features: int, where: str = "") -> None:
+        if self.group_size is None:
+            return
+        if self.group_size not in INT8_GROUPS:
+            raise ConfigError(f"group_size={self.group_size} is not one of {INT8_GROUPS} for group-wise int8; pick one "
+                              "of them")
+        _check_divides("int8", self.group_size, "group size", in_features, where, INT8_GROUPS)
+
     def quantize(self, weight: Tensor) -> dict[str, Tensor]:
-        q, scale = quantize_int8(weight, self.scale_dtype)
+        if self.group_size is None:
+            q, scale = quantize_int8(weight, self.scale_dtype)
+        else:
+            q, scale = quantize_int8_groups(weight, self.group_size)
         return {"qweight": q, "scale": scale}
 
     def dequantize(self, tensors, dtype, rows=None, out=None):
         return dequantize_int8(_rows(tensors["qweight"], rows), _rows(tensors["scale"], rows), dtype, out)
 
     def describe(self) -> str:
+        if self.group_size is not None:
+            return f"int8 (symmetric, groups of {self.group_size})"
         return f"int8 (per-channel, {str(self.scale_dtype).removeprefix('torch.')} scales)"
 
 
-def _check_divides(fmt: str, size: int, what: str, in_features: int, where: str) -> None:
+def _check_divides(fmt: str, size: int, what: str, in_features: int, where: str,
+                   sizes: tuple[int, ...] = INT4_GROUPS) -> None:
     if in_features % size == 0:
         return
-    fits = [g for g in INT4_GROUPS if in_features % g == 0]
+    fits = [g for g in sizes if in_features % g == 0]
     fix = (f"use group_size={fits[-1]} (it divides {in_features})" if fits else
-           f"no {what} of {INT4_GROUPS} divides it: use bits=8 (int8 has no blocks)")
+           f"no {what} of {sizes} divides it: use bits=8 (per-channel int8 has no blocks)")
     raise ConfigError(f"{where or 'a layer'} has in_features={in_features}, not a multiple of the {fmt} {what} {size}; "
                       f"{fix}")
 

@@ -183,6 +183,8 @@ def load_model(
     from lorakit.train.precision import default_quant
 
     quant = quant or default_quant(dtype)
+    if quant is not None:  # no format asked for: a GGUF's own layout where it has one (train.gguf_packed)
+        quant = quant.resolve(spec)
     if task not in TASKS:
         raise ModelError(f"task {task!r} is not one of {TASKS}")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -206,7 +208,12 @@ def load_model(
             if is_encoder(config.model_type):
                 raise ModelError(f"{spec} is an encoder ({config.model_type}); causal-lm needs a decoder such as builtin:smollm2")
             model = None
-            if quant is not None:  # packed while reading, shard by shard (None: a case it does not cover)
+            source = gguf_file(spec) if quant is not None else None
+            if source is not None:  # a GGUF whose blocks are the format: re-packed from them, cached packed
+                from lorakit.train.gguf_packed import load_gguf_packed
+
+                model = load_gguf_packed(source, folder, config, quant, kw["dtype"], attn_implementation)
+            if quant is not None and model is None:  # packed while reading, shard by shard (None: not covered)
                 from lorakit.train.quantized_load import load_packed
 
                 model = load_packed(folder, config, quant, kw["dtype"], attn_implementation)
@@ -250,7 +257,8 @@ def pack_frozen_linears(model: nn.Module, quant) -> None:
     fmt = quant.make()
     for name, module in _frozen_linears(model, quant.quantize_head):
         fmt.check(linear_shape(module)[0], name)
-    options = dict(bits=quant.bits, format=quant.format, group_size=quant.group_size, double_quant=quant.double_quant)
+    options = dict(bits=quant.bits, format=quant.format, group_size=quant.group_size, double_quant=quant.double_quant,
+                   int8_group_size=quant.int8_group if quant.bits == 8 else None)
     blocks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     for layer in (blocks[0] if blocks else []):
         quantize(layer, **options)  # a decoder block holds no output head

@@ -50,33 +50,56 @@ GROUP_SIZES = INT4_GROUPS  # the block / group sizes the packed formats take (ke
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """A packed frozen base: ``bits`` 8 (int8 per output channel) or 4 (``format`` nf4 or int4, blocks/groups of
-    ``group_size``, ``double_quant`` for nf4), the LM head too with ``quantize_head``."""
+    """A packed frozen base: ``bits`` 8 (int8 per output channel, or per group of ``int8_group`` inputs) or 4
+    (``format`` nf4 or int4, blocks/groups of ``group_size``, ``double_quant`` for nf4), the LM head too with
+    ``quantize_head``.
+
+    ``gguf_layout``: no format was asked for, so a GGUF model takes its file's own layout where it has one
+    (``resolve(spec)``, ``train.gguf_packed``): int4 g32 when its linear weights are Q4_0 / Q4_1 / Q4_K blocks, int8
+    g32 for Q8_0 ones (re-packed from the file's blocks, not re-rounded); anything else, and a model directory, gets
+    the format fields (int8 per channel; nf4 g64). ``source``: the GGUF block type a resolved spec came from."""
 
     bits: int
     format: str = "nf4"
     group_size: int = 64
     double_quant: bool = False
     quantize_head: bool = False
+    int8_group: int | None = None
+    gguf_layout: bool = False
+    source: str | None = None
 
     def make(self):
         """The kernels' QuantFormat (a ConfigError for a combination it does not allow)."""
         from lorakit.adapters.quantize import make_format
 
-        return make_format(self.bits, self.format, self.group_size, self.double_quant)
+        return make_format(self.bits, self.format, self.group_size, self.double_quant,
+                           int8_group_size=self.int8_group if self.bits == 8 else None)
+
+    def resolve(self, model_spec: str | None) -> QuantSpec:
+        """The concrete spec for ``model_spec`` (``gguf_layout``: the GGUF file's own layout where it has one)."""
+        if not self.gguf_layout:
+            return self
+        from lorakit.train.gguf_packed import resolve_quant
+
+        return resolve_quant(self, model_spec)
 
     def describe(self) -> str:
-        """What run.json records as the base format: "int8", "nf4 g64", "nf4 g64 double-quant", "int4 g128"."""
+        """What run.json records as the base format: "int8", "int8 g32", "nf4 g64", "nf4 g64 double-quant",
+        "int4 g128", "int4 g32 (the GGUF's Q4_K blocks)"."""
         if self.bits == 8:
-            text = "int8"
+            text = "int8" + (f" g{self.int8_group}" if self.int8_group else "")
         else:
             text = f"{self.format} g{self.group_size}" + (" double-quant" if self.double_quant else "")
+        if self.source:
+            text += f" (the GGUF's {self.source})"
         return text + (" +head" if self.quantize_head else "")
 
 
 def quant_spec(options) -> QuantSpec | None:
     """The QuantSpec of a configuration's --base-dtype and quantisation options (None: a float base); options given
-    for a float base, or a combination the formats do not allow, are refused in one line naming the fix."""
+    for a float base, or a combination the formats do not allow, are refused in one line naming the fix. With no
+    --quant-format, --double-quant or --group-size other than 64, a GGUF model (``options.model``) takes its file's
+    own layout where it has one (``QuantSpec.gguf_layout``)."""
     given = [flag for flag, on in (("--quant-format", options.quant_format is not None),
                                    ("--double-quant", options.double_quant),
                                    ("--quantize-head", options.quantize_head)) if on]
@@ -89,15 +112,19 @@ def quant_spec(options) -> QuantSpec | None:
         raise ConfigError("--quant-format and --double-quant choose a 4-bit format; use --base-dtype int4 with them, or "
                           "drop them for int8")
     bits = 8 if options.base_dtype == "int8" else 4
+    native = bits == 8 or (options.quant_format is None and not options.double_quant and options.group_size == 64)
     spec = QuantSpec(bits, "int8" if bits == 8 else options.quant_format or QUANT_FORMATS[0], options.group_size,
-                     options.double_quant, options.quantize_head)
+                     options.double_quant, options.quantize_head, gguf_layout=native)
     spec.make()
-    return spec
+    model = getattr(options, "model", None)
+    return spec.resolve(model) if isinstance(model, str) and model else spec
 
 
 def default_quant(value: str | torch.dtype | None) -> QuantSpec | None:
-    """The QuantSpec a bare --base-dtype int8/int4 means (int8; nf4 blocks of 64), None for a float dtype."""
-    return {"int8": QuantSpec(8, "int8"), "int4": QuantSpec(4)}.get(value) if isinstance(value, str) else None
+    """The QuantSpec a bare --base-dtype int8/int4 means (int8; nf4 blocks of 64; a GGUF's own layout where it has
+    one), None for a float dtype."""
+    specs = {"int8": QuantSpec(8, "int8", gguf_layout=True), "int4": QuantSpec(4, gguf_layout=True)}
+    return specs.get(value) if isinstance(value, str) else None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
