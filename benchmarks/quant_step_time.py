@@ -76,6 +76,7 @@ for name in names:
                        or "zero" in n) or None
 del base
 ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(1))
+load_at_start = list(__import__("os").getloadavg())
 
 
 def step(name: str) -> tuple[float, float]:
@@ -88,15 +89,15 @@ def step(name: str) -> tuple[float, float]:
 
 
 times: dict[str, list[float]] = {n: [] for n in names}
-first_loss = {}
+first_loss, warm_up = {}, {}
 for r in range(args.rounds + 1):
     for name in names:
         seconds, loss = step(name)
         if r == 0:
-            first_loss[name] = round(loss, 5)
+            first_loss[name], warm_up[name] = round(loss, 5), seconds
         else:
             times[name].append(seconds)
-    print(f"round {r}: " + ", ".join(f"{n} {times[n][-1] if r else seconds:.2f} s" for n in names), flush=True)
+    print(f"round {r}: " + ", ".join(f"{n} {times[n][-1] if r else warm_up[n]:.2f} s" for n in names), flush=True)
 
 ref = "bf16" if "bf16" in names else names[0]
 entry = {
@@ -108,6 +109,8 @@ entry = {
     "ratio_over_bf16_median_of_rounds": {n: round(statistics.median(a / b for a, b in zip(times[n], times[ref])), 4)
                                          for n in names if n != ref},
     "loss_at_step_0": first_loss,
+    "warm_up_s": {n: round(t, 3) for n, t in warm_up.items()},
+    "load_average_at_start": load_at_start,
     "packed_bytes": packed,
     "goals": {"int8": 1.15, "nf4": 1.3, "int4": 1.3},
     "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
