@@ -84,7 +84,7 @@ def test_the_llama_qk_fix_is_found_to_be_a_row_permutation():
 
 
 def spec_for(path, base_dtype="int4", **over):
-    options = {**dict(model=str(path), base_dtype=base_dtype, quant_format=None, group_size=64, double_quant=False,
+    options = {**dict(model=str(path), base_dtype=base_dtype, quant_format=None, group_size=None, double_quant=False,
                       quantize_head=False), **over}
     return quant_spec(types.SimpleNamespace(**options))
 
@@ -95,6 +95,7 @@ def test_the_spec_takes_the_files_own_layout_unless_a_format_is_asked(tmp_path):
     assert spec_for(path).describe() == "int4 g32 (the GGUF's Q4_0/Q4_1 blocks)"
     assert spec_for(path, quant_format="nf4").describe() == "nf4 g64"
     assert spec_for(path, group_size=128).describe() == "nf4 g128"
+    assert spec_for(path, group_size=64).describe() == "nf4 g64"  # asked for, even at the default size
     assert spec_for(path, base_dtype="int8").describe() == "int8"  # no Q8_0 weight: per channel
     q8 = tmp_path / "q8.gguf"
     write_gguf(q8, types=[qtype("Q8_0")])

@@ -145,7 +145,10 @@ def test_resume_with_another_format_is_refused(capsys, runs, llama64_dir, corpus
     (["--base-dtype", "int4", "--group-size", "48"], ["--group-size"]),
     (["--quant-format", "int4"], ["--base-dtype int4"]),
     (["--base-dtype", "int4", "--quant-format", "int4", "--double-quant"], ["double_quant"]),
-], ids=["shard", "group-size-does-not-divide", "group-size-names-the-fit", "group-size-not-a-choice", "format-without-packed-base", "dq-int4"])
+    (["--base-dtype", "int8", "--group-size", "32"], ["--group-size", "--base-dtype int4"]),
+    (["--group-size", "32"], ["--group-size", "--base-dtype int4"]),
+], ids=["shard", "group-size-does-not-divide", "group-size-names-the-fit", "group-size-not-a-choice",
+        "format-without-packed-base", "dq-int4", "group-size-with-int8", "group-size-without-packed-base"])
 def test_bad_packed_base_options_are_refused_in_one_line(capsys, tmp_path, tiny_llama_dir, llama64_dir, corpus_txt,
                                                          flags, words):
     flags = [llama64_dir if f == "LLAMA64" else f for f in flags]

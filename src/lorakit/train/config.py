@@ -152,10 +152,12 @@ class PrecisionOptions:
         "(~1/3 more compute, activations of one layer instead of all)", section=_PRECISION)
     quant_format: str | None = option(
         None, "--base-dtype int4's format: nf4 (QLoRA's code book, absmax per block) or int4 (asymmetric, per group)",
-        choices=QUANT_FORMATS, default_text="nf4: as fast as int4 here (benchmarks/results/quant_products.json) and "
-        "QLoRA's", section=_PRECISION)
-    group_size: int = option(64, "weights per nf4 block / int4 group (int8 has none: a scale per output channel)",
-                             parse=positive_int, choices=GROUP_SIZES, section=_PRECISION)
+        choices=QUANT_FORMATS, default_text="nf4 (QLoRA's); a GGUF model whose linear weights are Q4_0/Q4_1/Q4_K "
+        "blocks: int4 groups of 32, its own blocks re-packed (nothing rounded again)", section=_PRECISION)
+    group_size: int | None = option(None, "weights per nf4 block / int4 group (int8 has none: a scale per output "
+                                    "channel)", parse=positive_int, choices=GROUP_SIZES,
+                                    default_text="64 (QLoRA's block size); a GGUF model with no --quant-format: its own "
+                                    "blocks (32)", section=_PRECISION)
     double_quant: bool = option(False, "nf4: quantise the block constants again (QLoRA's double quantisation)",
                                 section=_PRECISION)
     quantize_head: bool = option(False, "with --base-dtype int8/int4, pack the LM head too", section=_PRECISION)

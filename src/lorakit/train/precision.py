@@ -98,22 +98,24 @@ class QuantSpec:
 def quant_spec(options) -> QuantSpec | None:
     """The QuantSpec of a configuration's --base-dtype and quantisation options (None: a float base); options given
     for a float base, or a combination the formats do not allow, are refused in one line naming the fix. With no
-    --quant-format, --double-quant or --group-size other than 64, a GGUF model (``options.model``) takes its file's
-    own layout where it has one (``QuantSpec.gguf_layout``)."""
+    --quant-format, --double-quant or --group-size, a GGUF model (``options.model``) takes its file's
+    own layout where it has one (``QuantSpec.gguf_layout``); --group-size None means 64."""
     given = [flag for flag, on in (("--quant-format", options.quant_format is not None),
                                    ("--double-quant", options.double_quant),
+                                   ("--group-size", options.group_size is not None),
                                    ("--quantize-head", options.quantize_head)) if on]
     if options.base_dtype not in QUANTIZED:
         if given:
             raise ConfigError(f"{', '.join(given)} applies to a packed base only; add --base-dtype int4 (or int8), or "
                               f"drop {', '.join(given)}")
         return None
-    if options.base_dtype == "int8" and (options.quant_format is not None or options.double_quant):
-        raise ConfigError("--quant-format and --double-quant choose a 4-bit format; use --base-dtype int4 with them, or "
-                          "drop them for int8")
+    if options.base_dtype == "int8" and (options.quant_format is not None or options.double_quant
+                                         or options.group_size is not None):
+        raise ConfigError("--quant-format, --double-quant and --group-size choose a 4-bit format (int8 has a scale per "
+                          "output channel); use --base-dtype int4 with them, or drop them for int8")
     bits = 8 if options.base_dtype == "int8" else 4
-    native = bits == 8 or (options.quant_format is None and not options.double_quant and options.group_size == 64)
-    spec = QuantSpec(bits, "int8" if bits == 8 else options.quant_format or QUANT_FORMATS[0], options.group_size,
+    native = bits == 8 or (options.quant_format is None and not options.double_quant and options.group_size is None)
+    spec = QuantSpec(bits, "int8" if bits == 8 else options.quant_format or QUANT_FORMATS[0], options.group_size or 64,
                      options.double_quant, options.quantize_head, gguf_layout=native)
     spec.make()
     model = getattr(options, "model", None)
