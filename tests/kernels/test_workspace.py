@@ -55,3 +55,21 @@ def test_dequantizing_into_a_buffer_equals_a_fresh_dequantization(fmt, dtype, mo
     rows = slice(8, 40)
     part = torch.empty(32, 128, dtype=dtype)
     assert torch.equal(fmt.dequantize(tensors, dtype, rows, part), fresh[rows])
+
+
+def test_a_buffer_first_made_in_inference_mode_serves_training_afterwards():
+    """(an inference tensor cannot be written in place outside inference mode: a generate() or a reward model
+    under torch.inference_mode() before training must not poison the buffer)"""
+    workspace.release()
+    w = torch.randn(8, 8).bfloat16()
+    with torch.inference_mode():
+        inside = workspace.widened(w, torch.float32)
+        assert torch.equal(inside, w.float())
+    assert torch.equal(workspace.widened(w, torch.float32), w.float())
+    fmt = kq.Int4Format(32)
+    tensors = fmt.quantize(torch.randn(8, 64))
+    with torch.inference_mode():
+        fmt.dequantize(tensors, torch.float32, None, workspace.scratch((8, 64), torch.float32, "cpu", slot="x"))
+    out = workspace.scratch((8, 64), torch.float32, "cpu", slot="x")
+    assert torch.equal(fmt.dequantize(tensors, torch.float32, None, out), fmt.dequantize(tensors, torch.float32))
+    workspace.release()

@@ -169,3 +169,11 @@ def test_bad_values_name_the_flag(capsys):
         TrainConfig(lora="r=4")
     with pytest.raises(ConfigError, match="norm_cap=0"):
         NormControl(0)
+
+
+def test_a_checkpoint_that_saved_the_old_group_size_default_resumes():
+    """Before --group-size had no value of its own, every checkpoint saved group_size=64 (float bases too)."""
+    now = TrainConfig().to_dict()
+    assert now["group_size"] is None
+    assert resume_differences({**now, "group_size": 64}, now) == []
+    assert resume_differences({**now, "group_size": 32}, now) == ["--group-size None here, 32 in the checkpoint"]

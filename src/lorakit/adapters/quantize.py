@@ -91,13 +91,7 @@ def quantize(model: nn.Module, bits: int = 4, format: str | None = None, group_s
     the block or group size does not divide is a ConfigError naming the layer. An adapted layer whose adapters are
     merged is refused (unmerge first)."""
     fmt = make_format(bits, format, group_size, double_quant, scale_dtype, int8_group_size)
-    todo = _frozen_linears(model, quantize_head)
-    if quantize_head:
-        _refuse_tied_head(model, [name for name, _ in todo if name in output_heads(model)])
-    for name, module in todo:
-        fmt.check(module.in_features if isinstance(module, LoraLinear) else linear_shape(module)[0], name)
-        if isinstance(module, LoraLinear) and module.merged:
-            raise ConfigError(f"{name} has its adapters merged into W0; lorakit.unmerge(model) before quantize")
+    todo = check_quantizable(model, fmt, quantize_head)
     for name, module in todo:
         if isinstance(module, LoraLinear):
             module.base_layer = QuantizedLinear.from_module(module.base_layer, fmt, name)
@@ -107,6 +101,19 @@ def quantize(model: nn.Module, bits: int = 4, format: str | None = None, group_s
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, QuantizedLinear.from_module(module, fmt, name))
     return model
+
+
+def check_quantizable(model: nn.Module, fmt: QuantFormat, quantize_head: bool) -> list[tuple[str, nn.Module]]:
+    """The layers ``quantize`` would pack, each checked first (a ConfigError naming the first that cannot be: a width
+    the block or group size does not divide, merged adapters, a head tied to the embedding)."""
+    todo = _frozen_linears(model, quantize_head)
+    if quantize_head:
+        _refuse_tied_head(model, [name for name, _ in todo if name in output_heads(model)])
+    for name, module in todo:
+        fmt.check(module.in_features if isinstance(module, LoraLinear) else linear_shape(module)[0], name)
+        if isinstance(module, LoraLinear) and module.merged:
+            raise ConfigError(f"{name} has its adapters merged into W0; lorakit.unmerge(model) before quantize")
+    return todo
 
 
 def _refuse_tied_head(model: nn.Module, heads: list[str]) -> None:

@@ -192,7 +192,8 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dt
         pairs[r0 : r0 + step, :, 1].copy_(torch.bitwise_and(block, 15, out=nibble))
     out_f, in_f = values.shape
     groups = scale.shape[1]
-    values.view(out_f, groups, in_f // groups).mul_(scale.to(dtype)[..., None]).add_(zero.to(dtype)[..., None])
+    v = values.view(out_f, groups, in_f // groups)
+    torch.addcmul(zero.to(dtype)[..., None], v, scale.to(dtype)[..., None], out=v)  # one rounding (bf16: q s + z)
     return values
 
 

@@ -35,7 +35,8 @@ def scratch(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: tor
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
         buffers.pop(key, None)  # (the old one is freed before the new one is made)
-        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: written in place in and out of inference mode
+            buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
 
 

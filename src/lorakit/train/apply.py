@@ -90,7 +90,7 @@ def recorded_quant(adapter: str | os.PathLike, base_dtype: str | torch.dtype):
         if run.get("base_dtype") != base_dtype:
             return None
         return quant_spec(SimpleNamespace(base_dtype=base_dtype, quant_format=run.get("quant_format"),
-                                          group_size=run.get("group_size"),
+                                          group_size=run.get("group_size") if base_dtype == "int4" else None,
                                           double_quant=bool(run.get("double_quant")),
                                           quantize_head=bool(run.get("quantize_head"))))
     except LorakitError:  # a damaged run.json or a format this lorakit does not know: the default format

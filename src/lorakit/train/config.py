@@ -383,6 +383,8 @@ def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             return str(Path(value).expanduser().resolve())
         if name == "lora.rank_pattern" and not value:
             return {}
+        if name == "group_size" and value == 64:  # checkpoints before --group-size had no value of its own saved 64
+            return None  # (the model's fingerprint still refuses a resume on other packed weights)
         return value
 
     saved = {_FLAT_NAMES.get(k, k): v for k, v in flatten(TrainConfig, saved).items() if k != "extra"}

@@ -221,13 +221,18 @@ def row_permutation(processor, name: str, rows: int) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------- writing the packed cache
-def packed_dir(folder: Path, quant) -> Path:
-    """The packed cache of a GGUF's bf16 conversion ``folder`` for ``quant``'s format."""
+PACKED_CACHE_VERSION = 1  # raised when the packing changes: a cache of another version is not read
+
+
+def packed_dir(folder: Path, quant, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The packed cache of a GGUF's bf16 conversion ``folder`` for ``quant``'s format, its weights (those not packed
+    exactly from their blocks are quantised from ``dtype`` values) and this packing's version."""
     fmt = quant.make()
     tag = f"{fmt.name}-g{getattr(fmt, 'group_size', None) or getattr(fmt, 'block_size', None) or 'ch'}"
     tag += "-dq" if getattr(fmt, "double_quant", False) else ""
     tag += "-head" if quant.quantize_head else ""
-    return folder.parent / f"{folder.name}.packed-{tag}"
+    tag += f"-{str(dtype).removeprefix('torch.')}"
+    return folder.parent / f"{folder.name}.packed-{tag}-v{PACKED_CACHE_VERSION}"
 
 
 def _write_packed(gguf_path: Path, folder: Path, tmp: Path, quant, dtype: torch.dtype) -> None:
@@ -269,8 +274,12 @@ def _write_packed(gguf_path: Path, folder: Path, tmp: Path, quant, dtype: torch.
             if perm is not None and tuple(p.source.shape)[0] == rows:
                 raw = np.empty(p.source.n_bytes, np.uint8)
                 src.seek(p.source.data_offset)
-                if src.readinto(raw) != p.source.n_bytes:
-                    raise ValueError(f"tensor {p.source.name} ends past the end of the file")
+                view, done = memoryview(raw), 0
+                while done < p.source.n_bytes:  # (one read returns at most ~2 GiB on Linux)
+                    got = src.readinto(view[done:])
+                    if not got:
+                        raise ValueError(f"tensor {p.source.name} ends past the end of the file")
+                    done += got
                 tensors = repack(raw, ttype, rows, cols)
                 if not np.array_equal(perm, np.arange(rows)):
                     index = torch.from_numpy(perm)
@@ -308,7 +317,7 @@ def _packed_cache(gguf_path: Path, folder: Path, quant, dtype: torch.dtype) -> P
     from lorakit.files import OutputError, write_directory
     from lorakit.train.gguf_cache import _cache_error, _CacheLock, _reusable
 
-    target = packed_dir(folder, quant)
+    target = packed_dir(folder, quant, dtype)
     if _reusable(target, gguf_path):
         return target
     with _CacheLock(target, gguf_path):

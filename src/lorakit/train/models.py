@@ -251,12 +251,9 @@ def pack_frozen_linears(model: nn.Module, quant) -> None:
     is the bf16 model plus one block's quantisation temporaries. (The bf16 model itself is whole in memory first:
     this is the path of the cases ``train.quantized_load`` does not cover, which packs while reading; after it,
     nothing is left to pack here.)"""
-    from lorakit.adapters.quantize import _frozen_linears, quantize
-    from lorakit.module_kinds import linear_shape
+    from lorakit.adapters.quantize import check_quantizable, quantize
 
-    fmt = quant.make()
-    for name, module in _frozen_linears(model, quant.quantize_head):
-        fmt.check(linear_shape(module)[0], name)
+    check_quantizable(model, quant.make(), quant.quantize_head)  # every layer, before any block is packed
     options = dict(bits=quant.bits, format=quant.format, group_size=quant.group_size, double_quant=quant.double_quant,
                    int8_group_size=quant.int8_group if quant.bits == 8 else None)
     blocks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]

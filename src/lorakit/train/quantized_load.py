@@ -278,7 +278,8 @@ def _load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implement
     for file, entries, base in headers:
         with open(file, "rb", buffering=0) as fh:
             for key, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if where[key] != file or (key not in expected and key not in non_persistent) or key in tied:
+                if where[key] != file or key not in expected or key in tied:  # (a stored non-persistent buffer, e.g.
+                    # an old rotary inv_freq: the constructor's own is kept, as from_pretrained keeps it)
                     continue
                 path, _, leaf = key.rpartition(".")
                 targets = [path] if path in packed and leaf == "weight" else []
