@@ -13,6 +13,7 @@ import torch
 from conftest import write_gguf
 from lorakit.adapters.storage import QuantizedLinear
 from lorakit.kernels.quantize import Int4Format, Int8Format
+from lorakit.train import gguf_blocks as GB
 from lorakit.train import gguf_packed as GP
 from lorakit.train import models as M
 from lorakit.train.precision import QuantSpec, quant_spec
@@ -36,9 +37,9 @@ def test_blocks_repack_to_exactly_ggufs_values(name):
     values = (0.1 * rng.standard_normal((6, 256))).astype(np.float32)
     raw = gguf.quants.quantize(values, qtype(name))
     want = gguf.quants.dequantize(raw, qtype(name))
-    tensors = GP.repack(raw, name, 6, 256)
+    tensors = GB.repack(raw, name, 6, 256)
     fmt = Int4Format(32) if name.startswith("Q4") else Int8Format(group_size=32)
-    assert GP.maps_exactly(name, fmt) and not GP.maps_exactly(name, Int4Format(64))
+    assert GB.maps_exactly(name, fmt) and not GB.maps_exactly(name, Int4Format(64))
     got = fmt.dequantize(tensors, torch.float32)
     assert torch.equal(got, torch.from_numpy(want))
 
@@ -62,7 +63,7 @@ def test_k_quants_of_the_gemma_file_repack_exactly(name, fmt):
         pytest.skip(f"{GEMMA} is not here (the Gemma 3 270M Q4_K_M GGUF)")
     _, raw = _gguf_tensor(GEMMA, name, rows=64)
     want = gguf.quants.dequantize(raw, qtype(name))
-    tensors = GP.repack(raw, name, *want.shape)
+    tensors = GB.repack(raw, name, *want.shape)
     assert torch.equal(fmt.dequantize(tensors, torch.float32), torch.from_numpy(want))
 
 
@@ -71,16 +72,16 @@ def test_the_llama_qk_fix_is_found_to_be_a_row_permutation():
 
     proc = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
     w = np.arange(64 * 3, dtype=np.float64).reshape(64, 3)
-    perm = GP.row_permutation(proc, "blk.0.attn_q.weight", 64)
+    perm = GB.row_permutation(proc, "blk.0.attn_q.weight", 64)
     assert perm is not None and not np.array_equal(perm, np.arange(64))
     assert np.array_equal(proc.process(weights=w.copy(), name="blk.0.attn_q.weight").weights, w[perm])
-    assert np.array_equal(GP.row_permutation(proc, "blk.0.ffn_up.weight", 64), np.arange(64))
+    assert np.array_equal(GB.row_permutation(proc, "blk.0.ffn_up.weight", 64), np.arange(64))
 
     class Shift:
         def process(self, weights, name):
             return types.SimpleNamespace(weights=weights - 1, name=name)
 
-    assert GP.row_permutation(Shift(), "x", 8) is None
+    assert GB.row_permutation(Shift(), "x", 8) is None
 
 
 def spec_for(path, base_dtype="int4", **over):

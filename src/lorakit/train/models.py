@@ -175,16 +175,13 @@ def load_model(
     ``dtype``: the frozen base's storage, a torch dtype or a --base-dtype value ("fp32", "bf16", "fp16", or
     "auto": fp32 when its weights fit in the memory available, else bf16; ``train.precision``). The weights are
     read straight into it, one safetensors shard at a time (transformers' loader), never through an fp32 copy.
-    "int8" / "int4" (or ``quant``, a ``train.precision.QuantSpec``): the frozen linear weights packed, the rest in
-    bf16; a causal LM is packed while its safetensors are read, tensor by tensor (``train.quantized_load``: never a
-    bf16 copy of the model), the cases that path does not cover (classify, keys transformers renames, .bin weights;
-    listed there) are loaded whole and then packed (``pack_frozen_linears``).
-    ``device``: moved there once loaded (None: left on the CPU, where training moves it itself)."""
+    "int8" / "int4" (or ``quant``, a ``train.precision.QuantSpec``; no format asked: a GGUF's own blocks where they
+    are one): the frozen linear weights packed while they are read, never a bf16 copy (``_load_packed``), the rest
+    in bf16. ``device``: moved there once loaded (None: left on the CPU, where training moves it itself)."""
     from lorakit.train.precision import default_quant
 
     quant = quant or default_quant(dtype)
-    if quant is not None:  # no format asked for: a GGUF's own layout where it has one (train.gguf_packed)
-        quant = quant.resolve(spec)
+    quant = quant.resolve(spec) if quant is not None else None
     if task not in TASKS:
         raise ModelError(f"task {task!r} is not one of {TASKS}")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -207,16 +204,7 @@ def load_model(
         else:
             if is_encoder(config.model_type):
                 raise ModelError(f"{spec} is an encoder ({config.model_type}); causal-lm needs a decoder such as builtin:smollm2")
-            model = None
-            source = gguf_file(spec) if quant is not None else None
-            if source is not None:  # a GGUF whose blocks are the format: re-packed from them, cached packed
-                from lorakit.train.gguf_packed import load_gguf_packed
-
-                model = load_gguf_packed(source, folder, config, quant, kw["dtype"], attn_implementation)
-            if quant is not None and model is None:  # packed while reading, shard by shard (None: not covered)
-                from lorakit.train.quantized_load import load_packed
-
-                model = load_packed(folder, config, quant, kw["dtype"], attn_implementation)
+            model = _load_packed(spec, folder, config, quant, kw["dtype"], attn_implementation) if quant else None
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(folder, **kw)
     except (ModelError, ConfigError):  # (a ConfigError: a group size the widths do not allow, train.quantized_load)
@@ -231,6 +219,22 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=str(folder))
+
+
+def _load_packed(spec: str, folder: Path, config, quant, dtype: torch.dtype, attn_implementation: str | None):
+    """A causal LM with a packed base, never a bf16 copy of it: a GGUF whose blocks are the format re-packed from
+    them (``train.gguf_packed``, cached packed), else packed while its safetensors are read (``train.quantized_load``);
+    None for what neither covers (then loaded whole and packed by ``_settle``)."""
+    source = gguf_file(spec)
+    if source is not None:
+        from lorakit.train.gguf_packed import load_gguf_packed
+
+        model = load_gguf_packed(source, folder, config, quant, dtype, attn_implementation)
+        if model is not None:
+            return model
+    from lorakit.train.quantized_load import load_packed
+
+    return load_packed(folder, config, quant, dtype, attn_implementation)
 
 
 def _settle(model: nn.Module, quant, device: torch.device | str | None) -> None:

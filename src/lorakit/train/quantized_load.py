@@ -233,6 +233,7 @@ def load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implementa
         return None
 
 
+# long: one pass over the shards' tensors (checked first, then read and packed in file order)
 def _load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implementation: str | None):
     from transformers.conversion_mapping import get_model_conversion_mapping
 
