@@ -46,7 +46,8 @@ STORAGE_DTYPE = torch.bfloat16
 MAX_SHARD_BYTES = 2 * 1024**3  # as transformers' save_pretrained shards (its default is 50 GB; 2 GB suits a cache)
 DEQUANT_CHUNK_ELEMS = 1 << 22  # rows dequantised at a time: 16 MB of fp32 temporaries, not the tensor's several copies
 SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.float64: "F64",
-                     torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
+                     torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8",
+                     torch.bool: "BOOL"}  # safetensors' dtype names (train.quantized_load reads with the inverse)
 # transformers' processors that turn one GGUF tensor into one tensor of the same name (the others write into the
 # state dict themselves: experts merged, GPT-2's output renamed)
 ONE_TO_ONE = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor", "NemotronTensorProcessor",

@@ -25,13 +25,12 @@ import torch
 from torch import nn
 
 from lorakit.errors import ModelError
+from lorakit.train.gguf_convert import SAFETENSORS_DTYPE
 from lorakit.train.gguf_blocks import maps_exactly, repack, row_permutation
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT8_TYPES = {"Q8_0": 32, "Q6_K": 16}
 PACKED_FILE = "model.safetensors"
-ST_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8",
-             torch.int32: "I32", torch.int64: "I64", torch.float64: "F64"}
 
 
 # ---------------------------------------------------------------------- the file's tensor table
@@ -141,7 +140,7 @@ def _write_packed(gguf_path: Path, folder: Path, tmp: Path, quant, dtype: torch.
             nonlocal offset
             t = t.contiguous()
             n = t.numel() * t.element_size()
-            header[key] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            header[key] = {"dtype": SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
             if n:
                 out.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             offset += n

@@ -50,13 +50,12 @@ import torch
 from torch import nn
 
 from lorakit.errors import ModelError
+from lorakit.train.gguf_convert import SAFETENSORS_DTYPE
 
 BLOCK_BYTES = 1 << 20  # fp32 bytes of one block of rows quantised at a time (its temporaries are a few times this)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPE.items()}
 
 
 class _FallBack(Exception):
