@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from lorakit import LoraConfig
 from lorakit.errors import ConfigError
+from lorakit.train.precision import default_quant
 from lorakit.train.memory_plan import (
     GB,
     MemoryPlan,
@@ -221,6 +222,8 @@ def test_the_refusal_names_the_estimate_the_limit_and_what_fits():
                 changed["gradient_checkpointing"] = True
             elif word == "--base-dtype":
                 changed["base_dtype"] = words[i + 1]
+                if words[i + 1] in ("int8", "int4"):  # a packed base: its linears packed, the rest bf16
+                    changed.update(base_dtype="bf16", quant=default_quant(words[i + 1]))
             elif word == "--batch-size":
                 changed["batch_size"], changed["grad_accum"] = int(words[i + 1]), int(words[i + 3])
                 assert changed["batch_size"] * changed["grad_accum"] == 8  # the same global batch
@@ -241,10 +244,27 @@ def test_two_changes_when_one_is_not_enough():
         check_fits(planner(config), settings, (limit, "cgroup limit"))
 
 
+LLAMA_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                 num_key_value_heads=40, vocab_size=32000)
+
+
+@pytest.mark.parametrize("base,offered", [(None, "int8"), ("int8", "int4")])
+def test_a_base_too_big_for_the_machine_is_offered_a_packed_one(base, offered):
+    """A 13B Llama in bf16 (26 GB) on 16 GB: no float change fits, --base-dtype int8 (13 GB) does; an int8 base that
+    does not fit is offered int4. The option named is the plan's own total for that base."""
+    config = AutoConfig.for_model("llama", **LLAMA_13B)
+    settings = dict(base_dtype="bf16", compute_dtype="fp32", gradient_checkpointing=True, batch_size=1, seq_len=512,
+                    quant=default_quant(base) if base else None)
+    limit = 16 * GB if base is None else plan_memory(config, **settings).total - GB
+    option = plan_memory(config, **dict(settings, quant=default_quant(offered))).total
+    with pytest.raises(ConfigError, match=rf"; fits with --base-dtype {offered} \(~{option / GB:.1f} GB\)"):
+        check_fits(planner(config), settings, (limit, "MemAvailable"))
+
+
 def test_nothing_fits_names_the_smallest_plan():
     config = AutoConfig.for_model("llama", **MID)
     settings = dict(base_dtype="fp32", gradient_checkpointing=False, batch_size=4, seq_len=512)
-    with pytest.raises(ConfigError, match=r"available \(--max-memory\); nothing fits: the smallest plan, --base-dtype bf16 "
+    with pytest.raises(ConfigError, match=r"available \(--max-memory\); nothing fits: the smallest plan, --base-dtype int4 "
                                           r"--gradient-checkpointing --batch-size 1 --grad-accum 4 --max-length 32, needs ~"):
         check_fits(planner(config), settings, (GB // 2, "--max-memory"))
 
@@ -257,11 +277,13 @@ MEASURE = textwrap.dedent("""
     from transformers import AutoConfig, AutoModelForCausalLM
     import lorakit
     s = json.loads(sys.argv[1])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[s["dtype"]]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int4": torch.bfloat16}[s["dtype"]]
     config = AutoConfig.for_model("llama", **s["config"])
     torch.manual_seed(0)
-    model = lorakit.attach(AutoModelForCausalLM.from_config(config, dtype=dtype),
-                           lorakit.LoraConfig(r=16, targets="all-linear"))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if s["dtype"] == "int4":  # --base-dtype int4: the frozen linears packed (nf4 g64), the rest bf16
+        lorakit.quantize(model, bits=4)
+    model = lorakit.attach(model, lorakit.LoraConfig(r=16, targets="all-linear"))
     if type(model.lm_head).__name__ != "Linear":  # the fused loss wants a plain nn.Linear head; it widens the weight itself
         model.lm_head.__class__ = torch.nn.Linear
     widened = getattr(model, "_lorakit_widened", None)
@@ -284,14 +306,17 @@ SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_a
 
 @pytest.mark.parametrize("setting", [dict(dtype="fp32", gc=False, batch=1, seq=256),
                                      dict(dtype="fp32", gc=True, batch=2, seq=512),
-                                     dict(dtype="bf16", gc=False, batch=1, seq=256)], ids=["fp32", "fp32-gc", "bf16"])
+                                     dict(dtype="bf16", gc=False, batch=1, seq=256),
+                                     dict(dtype="int4", gc=True, batch=1, seq=512)], ids=["fp32", "fp32-gc", "bf16", "int4-gc"])
 def test_the_plan_is_within_15_percent_of_the_measured_peak(setting):
     setting = dict(setting, config=SMALL)
     done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(setting)], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    plan = plan_memory(AutoConfig.for_model("llama", **SMALL), base_dtype=setting["dtype"], batch_size=setting["batch"],
+    packed = setting["dtype"] == "int4"
+    plan = plan_memory(AutoConfig.for_model("llama", **SMALL), base_dtype="bf16" if packed else setting["dtype"],
+                       quant=default_quant("int4") if packed else None, batch_size=setting["batch"],
                        seq_len=setting["seq"], rank=16, targets="all-linear", gradient_checkpointing=setting["gc"],
                        compute_dtype=measured["compute"])
     ratio = plan.total / measured["peak"]

@@ -30,6 +30,7 @@ from lorakit.adapters.layer import BASE, LoraLinear
 from lorakit.module_kinds import linear_shape
 from lorakit.adapters.targets import Resolution, _under, resolve
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.speed.allocator import return_freed_memory_to_the_system
 from lorakit.speed.forward import make_fast, remove_fast
 from lorakit.speed.widen import widen_where_bf16_is_slow
 
@@ -136,6 +137,7 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
     """
     cfg = (config or LoraConfig()).replace(**overrides) if overrides else (config or LoraConfig())
     check_adapter_name(name)
+    return_freed_memory_to_the_system()  # a training step's freed temporaries must not stay resident (speed.allocator)
     first = not is_attached(model)
     if not first:
         _check_can_add(model, cfg, name)

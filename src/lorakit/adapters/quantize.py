@@ -24,6 +24,7 @@ from lorakit.adapters.targets import default_modules_to_save, model_modules, out
 from lorakit.errors import ConfigError
 from lorakit.kernels.quantize import INT4_GROUPS, INT8_GROUPS, Int4Format, Int8Format, NF4Format, QuantFormat
 from lorakit.module_kinds import is_adaptable, linear_shape
+from lorakit.speed.allocator import return_freed_memory_to_the_system
 
 FORMATS_BY_BITS = {8: ("int8",), 4: ("nf4", "int4")}
 
@@ -92,6 +93,7 @@ def quantize(model: nn.Module, bits: int = 4, format: str | None = None, group_s
     merged is refused (unmerge first)."""
     fmt = make_format(bits, format, group_size, double_quant, scale_dtype, int8_group_size)
     todo = check_quantizable(model, fmt, quantize_head)
+    return_freed_memory_to_the_system()  # each weight's float temporaries are freed as the next is packed
     for name, module in todo:
         if isinstance(module, LoraLinear):
             module.base_layer = QuantizedLinear.from_module(module.base_layer, fmt, name)

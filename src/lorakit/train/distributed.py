@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.speed.allocator import return_freed_memory_to_the_system
 from lorakit.train.launch import RESUME_ARGV_ENV, launch, without_nproc  # noqa: F401 (their old home)
 
 
@@ -108,25 +109,6 @@ def from_environment(*, shard: bool = False, device: str | None = None) -> Dist:
     if shard and not cuda:
         return_freed_memory_to_the_system()
     return Dist(rank=rank, world=world, local_rank=local_rank, shard=shard, device=f"cuda:{local_rank}" if cuda else "cpu")
-
-
-def return_freed_memory_to_the_system(threshold: int = 128 * 1024) -> bool:
-    """Fix glibc's mmap threshold so that freed large blocks go back to the system.
-
-    FSDP2 on CPU gathers each block's weights before its forward and backward and frees them after;
-    glibc raises its mmap threshold on such frees and then serves the blocks from a heap that does not
-    shrink, so the resident set grows back to the whole model. Measured on SmolLM2, 2 processes: peak
-    RSS 3.56 GB a process with the dynamic threshold, 1.30 GB with this (DDP: 1.92 GB). Returns whether
-    it took effect (False off glibc).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def shutdown(d: Dist) -> None:

@@ -23,8 +23,8 @@ bytes of the base dtype, a those of the compute (activation) dtype.
     widened weight      4 max(out in)                   a bf16 base computing in fp32 widens one weight at a time
     DDP buckets         4 P_train                       one flat gradient copy per process (processes > 1)
     runtime             RUNTIME_BYTES                   python + torch + transformers + lorakit imported
-    allocator slack     SLACK (activations + head       glibc's freed-but-kept pages (measured: 0-60% of the
-                          chunk + widened weight)       step's own allocations on top of them)
+    allocator slack     SLACK (activations + head       glibc's freed-but-kept pages (speed.allocator fixes its
+                          chunk)                        mmap threshold, so little stays: SLACK = 0.1)
 
 The activation terms count what lorakit's own paths save (kernels.lora_linear saves x and x A^T, not the
 frozen weight's output; speed.attention runs CPU attention in fp32); they were calibrated against the
@@ -51,8 +51,9 @@ from lorakit.train.model_shape import Architecture, Linear, architecture, count_
 
 GB = 10**9
 RUNTIME_BYTES = 380 * 2**20  # VmHWM of python + torch + transformers + lorakit.train imported and one tiny step (363 MiB)
-SLACK = 0.5  # allocator slack: glibc keeps freed activation pages and reuses them imperfectly (calibrated: 0.0-0.6
-# of the activation, head-chunk and widened bytes on the measured settings; one rate for all, erring high)
+SLACK = 0.1  # allocator slack: freed pages glibc keeps. With speed.allocator's fixed mmap threshold (attach, load_model)
+# the config-built settings of tests/train/test_memory_plan.py peak below the plan without slack, by 0.1-0.2 of these
+# rows' bytes (with glibc's dynamic threshold: 0.0-0.6 above it); 0.1 errs high
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -244,10 +245,16 @@ def _largest_widened(arch: Architecture, task: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- refusing early
+def _format(settings: dict) -> str:
+    """The base's storage as --base-dtype names it: "int8" / "int4" for a packed base, else its dtype's name."""
+    quant = settings.get("quant")
+    return dtype_name(settings["base_dtype"]) if quant is None else f"int{quant.bits}"
+
+
 def _flags(settings: dict, base: dict) -> str:
     out = []
-    if settings["base_dtype"] != base["base_dtype"]:
-        out.append(f"--base-dtype {dtype_name(settings['base_dtype'])}")
+    if _format(settings) != _format(base):
+        out.append(f"--base-dtype {_format(settings)}")
     if settings["gradient_checkpointing"] and not base["gradient_checkpointing"]:
         out.append("--gradient-checkpointing")
     if settings["batch_size"] != base["batch_size"]:
@@ -257,10 +264,27 @@ def _flags(settings: dict, base: dict) -> str:
     return " ".join(out)
 
 
+# The bases a refusal may offer, least precision given up first: bf16, then int8 and 4-bit packed frozen linears
+# (--base-dtype int8 / int4: train.precision.default_quant's formats; embeddings and norms stay bf16).
+STORAGE_STEPS = ("bf16", "int8", "int4")
+
+
+def _storages(settings: dict) -> list[tuple[int, torch.dtype | str, object]]:
+    """(precision given up, base_dtype, quant) for the current base and each smaller one of STORAGE_STEPS."""
+    from lorakit.train.precision import default_quant
+
+    here = _format(settings)
+    rank = STORAGE_STEPS.index(here) + 1 if here in STORAGE_STEPS else 0
+    out = [(0, settings["base_dtype"], settings.get("quant"))]
+    for step, name in enumerate(STORAGE_STEPS, start=1):
+        if step > rank:
+            out.append((step, torch.bfloat16, default_quant(name)))
+    return out
+
+
 def _candidates(settings: dict) -> list[tuple[tuple, dict]]:
     """Every combination of the four changes, each with its cost: (changes made, how much is given up)."""
     processes = settings.get("processes", 1)
-    dtypes = [settings["base_dtype"]] + ([] if dtype_name(settings["base_dtype"]) == "bf16" else ["bf16"])
     checkpoints = [bool(settings["gradient_checkpointing"])] + ([] if settings["gradient_checkpointing"] else [True])
     batches, b = [settings["batch_size"]], settings["batch_size"]
     while b % 2 == 0 and b // 2 >= processes and (b // 2) % processes == 0:
@@ -271,15 +295,15 @@ def _candidates(settings: dict) -> list[tuple[tuple, dict]]:
         L //= 2
         lengths.append(L)
     out = []
-    for dt, gc, bs, sl in itertools.product(dtypes, checkpoints, batches, lengths):
+    for (given_up, dt, quant), gc, bs, sl in itertools.product(_storages(settings), checkpoints, batches, lengths):
         accum = settings.get("grad_accum", 1) * (settings["batch_size"] // bs)
-        s = dict(settings, base_dtype=dt, gradient_checkpointing=gc, batch_size=bs, grad_accum=accum, seq_len=sl)
-        changes = (dt != settings["base_dtype"]) + (gc != settings["gradient_checkpointing"]) + \
+        s = dict(settings, base_dtype=dt, quant=quant, gradient_checkpointing=gc, batch_size=bs, grad_accum=accum,
+                 seq_len=sl)
+        changes = (given_up > 0) + (gc != settings["gradient_checkpointing"]) + \
             (bs != settings["batch_size"]) + (sl != settings["seq_len"])
-        # fewest changes first; then the cheapest kind: checkpointing (time), bf16 (precision), smaller micro-batches
-        # (time, same results), shorter rows (changes the data) last
-        cost = (changes, sl != settings["seq_len"], settings["seq_len"] / sl, settings["batch_size"] / bs,
-                dt != settings["base_dtype"])
+        # fewest changes first; then the cheapest kind: checkpointing (time), a smaller base (precision: bf16, then
+        # int8, then 4-bit), smaller micro-batches (time, same results), shorter rows (changes the data) last
+        cost = (changes, sl != settings["seq_len"], settings["seq_len"] / sl, settings["batch_size"] / bs, given_up)
         out.append((cost, s))
     return sorted(out, key=lambda c: c[0])
 
@@ -290,8 +314,8 @@ def check_fits(plan_for: Callable[[dict], MemoryPlan], settings: dict, available
 
     ``settings`` holds at least base_dtype, gradient_checkpointing, batch_size, seq_len (and grad_accum, processes);
     ``plan_for`` maps such a dict to a MemoryPlan (typically ``lambda s: plan_memory(config, **s)``). The message
-    names the estimate, the limit and up to ``options`` of the cheapest combinations of --base-dtype bf16,
-    --gradient-checkpointing, a smaller --batch-size (with a larger --grad-accum: the same global batch) and a
+    names the estimate, the limit and up to ``options`` of the cheapest combinations of a smaller base (--base-dtype
+    bf16, int8, int4: ``STORAGE_STEPS``; ``settings["quant"]`` is the current QuantSpec or None), --gradient-checkpointing, a smaller --batch-size (with a larger --grad-accum: the same global batch) and a
     smaller --max-length that fit; or, when none does, the smallest plan.
     """
     limit, source = available
@@ -305,11 +329,14 @@ def check_fits(plan_for: Callable[[dict], MemoryPlan], settings: dict, available
     for cost, s in _candidates(settings)[1:]:
         if changes_done is not None and cost[0] > changes_done:
             break
-        total = plan_for(s).total
+        try:
+            total = plan_for(s).total
+        except ConfigError:  # a packed base whose block size a width does not divide: not an option here
+            continue
         if smallest is None or total < smallest[1]:
             smallest = (_flags(s, settings), total)
-        kinds = tuple(not cost[0] or s[key] != settings[key] for key in ("base_dtype", "gradient_checkpointing",
-                                                                           "batch_size", "seq_len"))
+        kinds = (_format(s) != _format(settings),) + tuple(s[key] != settings[key] for key in (
+            "gradient_checkpointing", "batch_size", "seq_len"))
         if total <= limit and len(fits) < options and kinds not in listed:  # one option of each kind of change
             fits.append((_flags(s, settings), total))
             listed.add(kinds)

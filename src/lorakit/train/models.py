@@ -33,6 +33,7 @@ from torch import nn
 
 from lorakit.architectures import family, is_encoder
 from lorakit.errors import ConfigError, ModelError
+from lorakit.speed.allocator import return_freed_memory_to_the_system
 from lorakit.train.gguf_cache import (GGUF_MAGIC, SOURCE_FILE, _gguf_key, cache_dir, check_gguf, file_sha256, gguf_fingerprint,
                                       gguf_identity, is_gguf)
 from lorakit.train.load_errors import LOAD_ERRORS
@@ -180,14 +181,14 @@ def load_model(
     in bf16. ``device``: moved there once loaded (None: left on the CPU, where training moves it itself)."""
     from lorakit.train.precision import default_quant
 
-    quant = quant or default_quant(dtype)
-    quant = quant.resolve(spec) if quant is not None else None
+    quant = asked.resolve(spec) if (asked := quant or default_quant(dtype)) is not None else None
     if task not in TASKS:
         raise ModelError(f"task {task!r} is not one of {TASKS}")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     folder = model_dir(spec)
+    return_freed_memory_to_the_system()  # loading frees a temporary per tensor; so does every training step
     kw: dict[str, Any] = {"dtype": storage_dtype(folder, dtype)}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation

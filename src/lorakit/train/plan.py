@@ -77,19 +77,19 @@ def plan_run(cfg: TrainConfig, dist=None) -> RunPlan:
     bf16_pays = on_cpu and cfg.base_dtype in ("auto", "bf16", "int8", "int4") and bf16_decision(device)[0]
     settings: dict[str, Any] = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": world,
                                 "seq_len": cfg.max_length or task_defaults(task)["max_length"],
-                                "gradient_checkpointing": cfg.gradient_checkpointing}
-    quant = quant_spec(cfg)  # int8 / int4: the frozen linear weights counted packed
+                                "gradient_checkpointing": cfg.gradient_checkpointing,
+                                "quant": quant_spec(cfg)}  # int8 / int4: the frozen linear weights counted packed
 
     def plan_for(s: dict[str, Any]) -> MemoryPlan:
         storage = s["base_dtype"]
         return plan_memory(config, task=task, targets=cfg.lora, compute_dtype=compute_dtype(storage, device, bf16_pays),
-                           attention_mask=True, runtime=RUNTIME_BYTES + TRAIN_PROCESS_BYTES, quant=quant, **s)
+                           attention_mask=True, runtime=RUNTIME_BYTES + TRAIN_PROCESS_BYTES, **s)
 
     available = available_memory(cfg.max_memory)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
     if local > 1:  # the processes on this machine share its memory
         available = (available[0] // local, f"{available[1]} / {local} processes on this machine")
-    precision = plan_precision(cfg.base_dtype, device, bf16=cfg.bf16, quant=quant,
+    precision = plan_precision(cfg.base_dtype, device, bf16=cfg.bf16, quant=settings["quant"],
                                fits=lambda dt: plan_for({**settings, "base_dtype": dt}).total <= available[0])
     settings["base_dtype"] = precision.storage
     refusal = None

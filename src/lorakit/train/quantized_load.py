@@ -40,7 +40,6 @@ refused before reading, as ``lorakit.quantize`` refuses it). A key the model lac
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import re
 import struct
@@ -50,6 +49,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ModelError
+from lorakit.speed.allocator import trim
 from lorakit.train.gguf_convert import SAFETENSORS_DTYPE
 
 BLOCK_BYTES = 1 << 20  # fp32 bytes of one block of rows quantised at a time (its temporaries are a few times this)
@@ -188,28 +188,12 @@ def _pack_rows(fh, base: int, entry: dict, fmt, dtype: torch.dtype) -> dict[str,
             if stop != out_f or start:
                 tensors[name][start:stop] = tensor
         del block
-    _trim()
+    trim()
     if inner is not fmt:
         absmax = tensors.pop("absmax")
         q, factor, mean = double_quantize(absmax)
         tensors.update(absmax_q=q.view(absmax.shape), absmax_factor=factor, absmax_mean=mean)
     return tensors
-
-
-def _trim() -> None:
-    """Give the heap's free pages back to the system (glibc's malloc_trim): the blocks' temporaries, freed between
-    the packed tensors that stay, would otherwise stay resident and count in the peak; nothing where there is no glibc."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
 
 
 def _set(model: nn.Module, key: str, value: torch.Tensor) -> None:
