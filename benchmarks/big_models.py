@@ -352,8 +352,11 @@ def summarise(step_s: list[float], seq: int, params: int, ckpt: bool, peaks: dic
 
 # ---------------------------------------------------------------------------------------------- lorakit
 # lorakit contenders: the --base-dtype each runs with (issue 29: a packed int8 / 4-bit base, nf4 g64 by default)
-LORAKIT_BASES = {"lorakit": "bf16", "lorakit-fp32": "fp32", "lorakit-int8": "int8", "lorakit-int4": "int4"}
+# contender -> its base: the --base-dtype value, then any flags that go with it
+LORAKIT_BASES = {"lorakit": "bf16", "lorakit-fp32": "fp32", "lorakit-int8": "int8", "lorakit-int4": "int4",
+                 "lorakit-int4-head": "int4 --quantize-head"}
 LABELS = {"lorakit": "lorakit bf16", "lorakit-fp32": "lorakit fp32", "lorakit-int8": "lorakit int8", "lorakit-int4": "lorakit int4",
+          "lorakit-int4-head": "lorakit int4 + packed head",
           "peft-bf16": "peft bf16", "peft-fp32": "peft fp32"}
 
 
@@ -361,7 +364,7 @@ def lorakit_command(model_dir: Path, data: Path, seq: int, steps: int, ckpt: boo
                     base: str = "bf16") -> list[str]:
     cmd = [LORAKIT, "train", "--model", str(model_dir), "--data", str(data), "--task", "causal-lm",
            "--max-length", str(seq), "--batch-size", "1", "--steps", str(steps), "--rank", str(RANK),
-           "--alpha", str(ALPHA), "--targets", "all-linear", "--base-dtype", base, "--eval-limit", "1",
+           "--alpha", str(ALPHA), "--targets", "all-linear", "--base-dtype", *base.split(), "--eval-limit", "1",
            "--eval-batch-size", "1", "--eval-every", "1000000", "--save-every", "1000000", "--log-every", "1",
            "--warmup", "0", "--device", "cpu", "--out", str(out), "--quiet"]
     if ckpt:
