@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +41,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from lorakit.train.safetensors_layout import header_bytes
+
 STORAGE_DTYPE = torch.bfloat16
 MAX_SHARD_BYTES = 2 * 1024**3  # as transformers' save_pretrained shards (its default is 50 GB; 2 GB suits a cache)
 DEQUANT_CHUNK_ELEMS = 1 << 22  # rows dequantised at a time: 16 MB of fp32 temporaries, not the tensor's several copies
-SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.float64: "F64",
-                     torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8",
-                     torch.bool: "BOOL"}  # safetensors' dtype names (train.quantized_load reads with the inverse)
 # transformers' processors that turn one GGUF tensor into one tensor of the same name (the others write into the
 # state dict themselves: experts merged, GPT-2's output renamed)
 ONE_TO_ONE = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor", "NemotronTensorProcessor",
@@ -205,17 +203,8 @@ def shards(planned: list[Planned], max_bytes: int | None = None) -> list[tuple[s
 
 
 def _header(group: list[Planned]) -> bytes:
-    """A safetensors header for the tensors in order, padded with spaces to a multiple of 8 bytes (the format's
-    alignment), preceded by its little-endian u64 length."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for p in group:
-        header[p.name] = {"dtype": SAFETENSORS_DTYPE[p.dtype], "shape": list(p.shape),
-                          "data_offsets": [offset, offset + p.nbytes]}
-        offset += p.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
+    """The safetensors header for the tensors in order (``safetensors_layout.header_bytes``)."""
+    return header_bytes((p.name, p.dtype, p.shape, p.nbytes) for p in group)
 
 
 def dequantized(fh, tensor: TensorInfo) -> np.ndarray:

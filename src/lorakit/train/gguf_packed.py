@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ModelError
-from lorakit.train.gguf_convert import SAFETENSORS_DTYPE
+from lorakit.train.safetensors_layout import header_bytes
 from lorakit.train.gguf_blocks import maps_exactly, repack, row_permutation
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
@@ -131,19 +131,16 @@ def _write_packed(gguf_path: Path, folder: Path, tmp: Path, quant, dtype: torch.
     gg.tokenizer = None
     planned = plan(gg)
     linears = {name for name, _ in _frozen_linears(gg.model, quant.quantize_head)}
-    header: dict = {"__metadata__": {"format": "pt", "lorakit_format": quant.describe()}}
+    written: list[tuple] = []  # (name, dtype, shape, bytes) in file order
     exact = requantised = 0
     data = tmp / "data.bin"
-    offset = 0
     with open(gguf_path, "rb", buffering=0) as src, open(data, "wb") as out:
         def put(key: str, t: torch.Tensor) -> None:
-            nonlocal offset
             t = t.contiguous()
             n = t.numel() * t.element_size()
-            header[key] = {"dtype": SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            written.append((key, t.dtype, t.shape, n))
             if n:
                 out.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            offset += n
 
         for p in planned:
             module, _, leaf = p.name.rpartition(".")
@@ -173,13 +170,8 @@ def _write_packed(gguf_path: Path, folder: Path, tmp: Path, quant, dtype: torch.
                 requantised += 1
             for k, v in tensors.items():
                 put(f"{module}.{k}", v)
-    header["__metadata__"]["lorakit_kept"] = str(exact)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    import struct
-
     with open(tmp / PACKED_FILE, "wb") as fh, open(data, "rb") as body:
-        fh.write(struct.pack("<Q", len(text)) + text)
+        fh.write(header_bytes(written, {"lorakit_format": quant.describe(), "lorakit_kept": str(exact)}))
         shutil.copyfileobj(body, fh, 1 << 22)
     data.unlink()
     for f in folder.iterdir():  # config, generation config, tokenizer: the bf16 conversion's

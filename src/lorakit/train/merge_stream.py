@@ -28,7 +28,6 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +35,7 @@ from torch import Tensor
 from lorakit.adapters import load_adapter, lora_layers
 from lorakit.adapters.io import read_config, read_tensors
 from lorakit.errors import LorakitError
+from lorakit.train.safetensors_layout import header_bytes
 from lorakit.train.stored_checkpoint import (DTYPES, FLOATS, INDEX_NAME, SINGLE_NAME, NotStreamable, Stored,
                                              read_checkpoint, storage_dtype)
 
@@ -246,15 +246,8 @@ def _config_text(base_dir: Path, model, task: str, tokenizer) -> str:
 
 # ---------------------------------------------------------------------- writing
 def _header(shard: list[_Out]) -> bytes:
-    """A safetensors header for ``shard``, in order, padded with spaces to a multiple of 8 bytes."""
-    doc: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for out in shard:
-        doc[out.name] = {"dtype": out.dtype, "shape": list(out.shape), "data_offsets": [offset, offset + out.nbytes]}
-        offset += out.nbytes
-    raw = json.dumps(doc, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
+    """The safetensors header for ``shard``, in order (``safetensors_layout.header_bytes``)."""
+    return header_bytes((out.name, out.dtype, out.shape, out.nbytes) for out in shard)
 
 
 def _write_tensor(fh, tensor: Tensor) -> int:

@@ -50,7 +50,7 @@ from torch import nn
 
 from lorakit.errors import ModelError
 from lorakit.speed.allocator import trim
-from lorakit.train.gguf_convert import SAFETENSORS_DTYPE
+from lorakit.train.safetensors_layout import SAFETENSORS_DTYPE
 
 BLOCK_BYTES = 1 << 20  # fp32 bytes of one block of rows quantised at a time (its temporaries are a few times this)
 INDEX = "model.safetensors.index.json"

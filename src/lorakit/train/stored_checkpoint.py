@@ -15,17 +15,14 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.train.safetensors_layout import SAFETENSORS_DTYPE
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # safetensors dtype codes: (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-}
+DTYPES: dict[str, tuple[torch.dtype, int]] = {code: (dtype, dtype.itemsize) for dtype, code in SAFETENSORS_DTYPE.items()}
 FLOATS = ("F64", "F32", "F16", "BF16")
-CODE = {dtype: code for code, (dtype, _) in DTYPES.items()}
+CODE = SAFETENSORS_DTYPE
 
 
 class NotStreamable(LorakitError):
