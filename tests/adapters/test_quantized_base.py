@@ -271,12 +271,15 @@ def test_a_packed_head_in_the_fused_loss_is_read_a_block_of_rows_at_a_time(monke
         whole = head.dequantize
         monkeypatch.setattr(head, "dequantize", lambda dtype=None, rows=None, out=None: reads.append(rows) or
                             whole(dtype, rows, out))
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach())
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss.detach())
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-        if fast:  # the fused loss: only blocks of rows (forward: logits; the same pass forms dX)
-            assert reads and all(r is not None for r in reads)
+        if fast:  # the fused loss (no logits formed), reading only blocks of rows (logits; the same pass forms dX)
+            assert out.logits is None
+            assert reads and all(r is not None and r.stop - r.start <= lce.WIDEN_ELEMENTS // 64 for r in reads)
+        else:
+            assert out.logits is not None
     assert torch.allclose(losses[0], losses[1], rtol=1e-5)
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-6), name

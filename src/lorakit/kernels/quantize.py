@@ -130,7 +130,7 @@ def quantize_nf4(weight: Tensor, block_size: int = NF4_BLOCK) -> tuple[Tensor, T
     absmax = w.abs().amax(dim=-1)
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
     mids = (code[1:] + code[:-1]) / 2  # nearest code value: the interval between midpoints it falls in
-    codes = torch.bucketize(w / absmax.clamp_min(_TINY)[..., None], mids)
+    codes = torch.bucketize(w / absmax.clamp_min(_TINY)[..., None], mids, out_int32=True)
     return pack_nibbles(codes.view(out_f, in_f)), absmax
 
 

@@ -40,14 +40,16 @@ class CausalLMParts:
 
 
 def causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
-    """(body, head, logit scale, soft-cap) of a fused-head family's causal LM whose head is a plain nn.Linear, else None."""
+    """(body, head, logit scale, soft-cap) of a fused-head family's causal LM whose head is a plain nn.Linear (a bf16
+    one widened, ``speed.widen``; or a packed one, ``--quantize-head``: it has ``packed_rows``), else None."""
     f = family(model_type_of(model))
     change = f.lm_head if f is not None else None
     if change is None or not type(model).__name__.endswith(CAUSAL_LM_CLASS_SUFFIXES):
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if type(head) not in (nn.Linear, WidenedLinear) or not isinstance(body, nn.Module) or body is model:
+    plain = type(head) in (nn.Linear, WidenedLinear) or callable(getattr(head, "packed_rows", None))
+    if not plain or not isinstance(body, nn.Module) or body is model:
         return None
     value = getattr(model.config, change.attr, None) if change.attr else None
     if change.kind == "softcap":

@@ -16,8 +16,9 @@ from the file's header; no memory map, whose touched pages would count in the pr
 so the peak is the packed model, its float tensors (embeddings, norms, an unpacked head) and one tensor in transit,
 never a bf16 copy of the model: each packed weight's tensors are allocated once and filled block by block, and the
 heap's freed pages are given back after each (glibc's malloc_trim), so the blocks' temporaries freed between the
-tensors that stay do not stay resident (measured: the peak over the baseline is the loaded model's bytes + 2 to 8
-MB; 4 MiB blocks left up to +43 MB, the full bf16 load then packing +580 MB for a 225 MB bf16 model). The result is what ``from_pretrained`` followed by ``models.pack_frozen_linears``
+tensors that stay do not stay resident (measured on a 225 MB bf16 model, 4 MiB blocks, glibc's mmap threshold fixed
+by ``speed.allocator``: the peak over the baseline is the loaded model's bytes + 12-13 MB for int4 and int8; the full
+bf16 load then packing: +580 MB). The result is what ``from_pretrained`` followed by ``models.pack_frozen_linears``
 gives, byte for byte (the formats quantise each row on its own; nf4's double quantisation runs once over the
 joined block constants), and ``tests/train/test_quantized_load.py`` checks it. The weights tied to another
 (``tie_word_embeddings``) are tied after reading as transformers ties them (``quantize_head`` on a tied head is
@@ -52,7 +53,8 @@ from lorakit.errors import ModelError
 from lorakit.speed.allocator import trim
 from lorakit.train.safetensors_layout import SAFETENSORS_DTYPE
 
-BLOCK_BYTES = 1 << 20  # fp32 bytes of one block of rows quantised at a time (its temporaries are a few times this)
+BLOCK_BYTES = 1 << 22  # fp32 bytes of one block of rows quantised at a time (its temporaries are a few times this;
+# NF4 on a Llama-3-8B MLP weight, 2 busy cores: 149 s in 64-row (1 MiB) blocks, 56 s in 256-row (4 MiB) ones, 37 s whole)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPE.items()}
