@@ -6,10 +6,11 @@ block's size (up to 32 MiB), so after the first few MB-sized temporaries are fre
 MiB comes from the heap, whose freed holes stay resident and fragment. A training step frees and allocates its
 activations and temporaries layer after layer, so the resident set grows by far more than what lives:
 
-    1.1B Llama shape, 512 tokens, activation checkpointing, all-linear LoRA r 16, own loop (AMD EPYC, 2 cores):
-    int4 base: peak RSS 2327 MiB with the dynamic threshold, 1685 MiB with a fixed 1 MiB threshold
-    bf16 base: 3911 MiB -> 2958 MiB; step times equal within the noise (33-36 s both)
-    (each checkpointed layer kept ~40 MB resident beyond its 4 MB saved input; benchmarks/heap_threshold.py)
+    1.1B Llama shape, 512 tokens, activation checkpointing, all-linear LoRA r 16, own loop, 2 steps (AMD EPYC,
+    2 cores; benchmarks/heap_threshold.py, results/heap_threshold.json):
+    int4 base: peak RSS 2436 MiB with the dynamic threshold, 1675 MiB with a fixed 1 MiB threshold
+    bf16 base: 3538 MiB -> 2941 MiB; step time with 1 MiB / 32 MiB alternated in one process: 0.92x
+    (each checkpointed layer kept ~40 MB resident beyond its 4 MB saved input)
 
 ``return_freed_memory_to_the_system()`` fixes the threshold (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, which also
 stops glibc from moving it) and the trim threshold, once per process. A block served by ``mmap`` costs page faults
