@@ -272,3 +272,51 @@ def test_the_full_bf16_load_exceeds_that_bound(big_llama):
     """The bound discriminates: the full bf16 load, then packing, peaks above it."""
     r = peak(big_llama, "int4", "full")
     assert r["peak"] > bound(r, big_llama[2]), {k: round(v / 2**20, 1) for k, v in r.items()}
+
+
+def mapped_rss(file) -> int:
+    """Resident bytes of this process's maps of ``file`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = len(head) >= 6 and head[5] == str(file)
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_the_input_embedding_is_paged_from_the_file(tmp_path):
+    """The untied input embedding (8 MB in bf16) is a copy-on-write map of the file: a lookup of three tokens brings
+    in their pages only; a write changes the process's copy, never the file."""
+    folder = Path(save_llama(tmp_path, tie=False, shard="1GB", vocab_size=16000, hidden_size=256))
+    model = M.load_model(str(folder), "causal-lm", dtype="int4", tokenizer=TOKENIZER).model
+    weight = model.get_input_embeddings().weight
+    file = folder / QL.SINGLE
+    entries, base = QL._header(file)
+    with open(file, "rb") as fh:
+        stored = QL._read(fh, base, entries["model.embed_tokens.weight"])
+    assert weight.dtype == torch.bfloat16 and torch.equal(weight, stored)  # (reads every page: measure after a reload)
+    del model, weight
+    model = M.load_model(str(folder), "causal-lm", dtype="int4", tokenizer=TOKENIZER).model
+    assert mapped_rss(file) < 256 << 10, "the embedding's pages were read while loading"
+    with torch.no_grad():
+        model(torch.tensor([[1, 8000, 15999]]))
+    touched = mapped_rss(file)
+    assert 0 < touched <= 3 * (64 << 10), touched  # (each row's page; a cached large folio would map up to 2 MiB)
+    weight = model.get_input_embeddings().weight
+    weight.data[5] = 1.0
+    with open(file, "rb") as fh:
+        assert torch.equal(QL._read(fh, base, entries["model.embed_tokens.weight"])[5], stored[5])
+    assert torch.all(weight[5] == 1.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_an_embedding_a_head_is_tied_to_is_read_not_paged(tmp_path):
+    """The tied head reads every row each step: paging would fetch the whole matrix a page per fault."""
+    folder = Path(save_llama(tmp_path, tie=True, shard="1GB", vocab_size=16000, hidden_size=256))
+    model = M.load_model(str(folder), "causal-lm", dtype="int4", tokenizer=TOKENIZER).model
+    with torch.no_grad():
+        model(torch.tensor([[1, 8000, 15999]]))
+    assert mapped_rss(folder / QL.SINGLE) == 0 and model.lm_head.weight is model.get_input_embeddings().weight

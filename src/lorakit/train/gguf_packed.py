@@ -247,11 +247,13 @@ def _fill(model: nn.Module, target: Path, packed: dict[str, nn.Module], tied: di
     skeleton's dtype."""
     from lorakit.adapters.storage import QuantizedLinear
     from lorakit.module_kinds import linear_shape
-    from lorakit.train.quantized_load import _generation_config, _header, _read, _set, _tie
+    from lorakit.train.quantized_load import (_generation_config, _header, _read, _set, _tie, pageable_embedding,
+                                              read_float)
 
     file = target / PACKED_FILE
     entries, base = _header(file)
     layout = {k: t.dtype for k, t in model.state_dict().items()}
+    embedding = pageable_embedding(model, tied)  # paged from the cache file, as quantized_load pages it
     names = {n: tuple(fmt.quantize(torch.zeros(1, linear_shape(m)[0]))) for n, m in packed.items()}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     with open(file, "rb", buffering=0) as fh:
@@ -272,8 +274,7 @@ def _fill(model: nn.Module, target: Path, packed: dict[str, nn.Module], tied: di
                 continue
             if key not in layout:
                 raise ModelError(f"{file} holds {key}, which this config.json's model does not have; delete {target}")
-            value = _read(fh, base, entry)
-            _set(model, key, value.to(layout[key]) if value.is_floating_point() else value)
+            _set(model, key, read_float(file, fh, base, entry, layout[key], page=key == embedding))
     if packed:
         raise ModelError(f"{next(iter(packed))} is missing from {file}; the cache is incomplete: delete {target}")
     _tie(model, tied)

@@ -54,6 +54,7 @@ RUNTIME_BYTES = 380 * 2**20  # VmHWM of python + torch + transformers + lorakit.
 SLACK = 0.1  # allocator slack: freed pages glibc keeps. With speed.allocator's fixed mmap threshold (attach, load_model)
 # the config-built settings of tests/train/test_memory_plan.py peak below the plan without slack, by 0.1-0.2 of these
 # rows' bytes (with glibc's dynamic threshold: 0.0-0.6 above it); 0.1 errs high
+FAULT_AROUND = 64 << 10  # a fault on a file's map also maps the cached pages around it (Linux fault_around_bytes)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -151,7 +152,7 @@ def plan_memory(config, *, task: str = "causal-lm", base_dtype: torch.dtype | st
         saved = n * per_layer
         act_label = f"activations (batch {b} x {L} tokens x {n} layers)"
     activations = saved + transient + N * H * a + N * H * 4  # + the embedding output and the final norm's fp32 input
-    rows: list[tuple[str, int]] = frozen_rows(arch, frozen, base_dtype, quant)
+    rows: list[tuple[str, int]] = frozen_rows(arch, frozen, base_dtype, quant, tokens=N)
     if head_params:
         rows.append(("classifier head + AdamW state (fp32)", 16 * head_params))
     rows.append((f"adapters + AdamW state (fp32, {len(chosen)} layers)", 16 * adapter_params))
@@ -179,10 +180,13 @@ def plan_memory(config, *, task: str = "causal-lm", base_dtype: torch.dtype | st
     return MemoryPlan(rows, sum(nbytes for _, nbytes in rows), settings)
 
 
-def frozen_rows(arch: Architecture, frozen: int, base_dtype: torch.dtype | str, quant) -> list[tuple[str, int]]:
+def frozen_rows(arch: Architecture, frozen: int, base_dtype: torch.dtype | str, quant,
+                tokens: int = 0) -> list[tuple[str, int]]:
     """The frozen weights' row(s): ``frozen`` parameters at ``base_dtype``; with ``quant`` the frozen linear weights
     (not the output heads unless quant.quantize_head, never a trained task head) at their packed bytes
-    (``adapters.quantize.packed_bytes``), each width checked against the block or group size first."""
+    (``adapters.quantize.packed_bytes``), each width checked against the block or group size first, and a causal
+    LM's input embedding, when no head is tied to it, paged from the weights file (``train.quantized_load``): the
+    pages of the rows ``tokens`` tokens look up (each row and the pages a fault maps around it)."""
     w = dtype_bytes(base_dtype)
     if quant is None:
         return [(f"frozen weights ({dtype_name(base_dtype)})", frozen * w)]
@@ -200,9 +204,15 @@ def frozen_rows(arch: Architecture, frozen: int, base_dtype: torch.dtype | str, 
             raise ConfigError(f"--group-size {quant.group_size}: {str(exc).split('; ')[0]}; {fix}, or "
                               "--base-dtype int8 (per output channel)") from None
     numel = sum(lin.fan_in * lin.fan_out for lin in packed)
-    return [(f"frozen linear weights ({quant.describe()}, {len(packed)} layers)",
-             sum(packed_bytes(fmt, lin.fan_out, lin.fan_in) for lin in packed)),
-            (f"other frozen weights ({dtype_name(base_dtype)})", (frozen - numel) * w)]
+    rows = [(f"frozen linear weights ({quant.describe()}, {len(packed)} layers)",
+             sum(packed_bytes(fmt, lin.fan_out, lin.fan_in) for lin in packed))]
+    untied = any(leaf(lin.path) == "lm_head" for lin in arch.linears)
+    if arch.fused_head and untied:  # (a tied head reads every row each step: the whole matrix stays resident)
+        embedding = arch.vocab * arch.hidden
+        numel += embedding
+        rows.append((f"input embedding (paged from the file: {min(tokens, arch.vocab)} rows)",
+                     min(tokens, arch.vocab) * (arch.hidden * w + FAULT_AROUND)))
+    return rows + [(f"other frozen weights ({dtype_name(base_dtype)})", (frozen - numel) * w)]
 
 
 def _layer_bytes(arch: Architecture, b: int, L: int, a: int, attention_mask: bool, rank_tokens: int) -> tuple[int, int, str]:

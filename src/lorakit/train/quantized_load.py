@@ -5,11 +5,17 @@ every parameter on the meta device (the buffers it computes itself, rotary ``inv
 CPU as its constructor makes them), checks every frozen linear the packing would pick (``adapters.quantize``'s
 ``_frozen_linears``; a block or group size a width does not divide is one ConfigError naming the layer, before
 anything is read), then reads the safetensors files one at a time and each tensor with plain file reads (offsets
-from the file's header; no memory map, whose touched pages would count in the process's RSS):
+from the file's header; no memory map, whose touched pages would count in the process's RSS), but for one tensor:
 
     a frozen linear's weight   read a block of rows at a time (about ``BLOCK_BYTES`` of fp32), cast to ``dtype`` as
                                transformers' loader casts it, packed with the format (``QuantFormat.quantize``) and
                                the blocks' tensors joined; the layer becomes a ``storage.QuantizedLinear``
+    the input embedding        paged from the file (``paged``) where it is stored in ``dtype`` and no head is tied
+                               to it: a private, copy-on-write map of its bytes. A lookup touches only the rows of
+                               the batch's tokens, so only their pages become resident (Llama-3-8B: 1.05 GB of bf16
+                               rows, of which 2048 tokens touch at most 16 MB). The file must not be rewritten in
+                               place while the model lives (llama.cpp's mmap has the same rule; a file replaced by
+                               a new one, as ``save_pretrained`` writes it, is safe)
     anything else              read into its own storage and cast to the skeleton's dtype (``dtype``, as
                                ``from_pretrained(dtype=...)`` casts every float tensor)
 
@@ -42,6 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
+import os
 import re
 import struct
 from pathlib import Path
@@ -91,7 +99,7 @@ def _header(file: Path) -> tuple[dict, int]:
         numel = 1
         for d in entry["shape"]:
             numel *= d
-        itemsize = torch.empty(0, dtype=DTYPES[entry["dtype"]]).element_size()
+        itemsize = _itemsize(DTYPES[entry["dtype"]])
         if not (0 <= start <= end <= size - 8 - length) or end - start != numel * itemsize:
             raise ModelError(f"{file}: {name} lies outside the file or has the wrong size for its shape "
                              f"{entry['shape']}; the file is truncated or damaged")
@@ -101,7 +109,7 @@ def _header(file: Path) -> tuple[dict, int]:
 def _read(fh, base: int, entry: dict, rows: slice | None = None) -> torch.Tensor:
     """A tensor (or the rows ``rows`` of a 2-D one) read with plain reads into memory torch owns."""
     dtype, shape = DTYPES[entry["dtype"]], list(entry["shape"])
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = _itemsize(dtype)
     start, end = entry["data_offsets"]
     if rows is not None:
         row_bytes = itemsize * shape[1]
@@ -116,6 +124,55 @@ def _read(fh, base: int, entry: dict, rows: slice | None = None) -> torch.Tensor
             raise ModelError(f"{fh.name} ends inside a tensor; the file is truncated: copy or save the model again")
         done += got
     return out.view(dtype).view(shape) if out.numel() else torch.empty(shape, dtype=dtype)
+
+
+def paged(file: Path, base: int, entry: dict) -> torch.Tensor | None:
+    """The tensor ``entry`` of ``file`` as a private (copy-on-write) memory map of its bytes: a page is read from the
+    file when it is touched and counts in the RSS only then; a write goes to the process's own copy of the page, never
+    to the file. Its cached pages are dropped first and the map read at random (no read-around): Linux otherwise maps
+    a whole cached large folio (up to 2 MiB) on a fault, where a lookup needs one row. None where it cannot be mapped
+    (an empty tensor)."""
+    dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
+    start, end = (base + offset for offset in entry["data_offsets"])
+    if end == start:
+        return None
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    with open(file, "rb") as fh:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+        pages = mmap.mmap(fh.fileno(), end - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+    if hasattr(mmap, "MADV_RANDOM"):
+        pages.madvise(mmap.MADV_RANDOM)
+    count = (end - start) // _itemsize(dtype)
+    return torch.frombuffer(pages, dtype=dtype, count=count, offset=start - aligned).view(shape)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def pageable_embedding(model: nn.Module, tied: dict[str, str]) -> str | None:
+    """The state-dict key of the model's input embedding matrix (``get_input_embeddings().weight``) where no weight
+    is tied to it (``tied``: target -> source), else None: a tied head reads every row each step, so its pages would
+    all be resident anyway, fetched a page per fault."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    for name, module in model.named_modules():
+        if module is embedding and isinstance(module._parameters.get("weight"), nn.Parameter):
+            key = f"{name}.weight" if name else "weight"
+            return None if key in tied.values() else key
+    return None
+
+
+def read_float(file: Path, fh, base: int, entry: dict, wanted: torch.dtype, page: bool) -> torch.Tensor:
+    """A tensor that is not packed, cast to ``wanted`` when it is a float one; ``page``: mapped from the file
+    (``paged``) where it is stored in ``wanted`` already."""
+    if page and DTYPES[entry["dtype"]] == wanted:
+        value = paged(file, base, entry)
+        if value is not None:
+            return value
+    value = _read(fh, base, entry)
+    return value.to(wanted) if value.is_floating_point() else value
 
 
 def _files(folder: Path) -> list[Path]:
@@ -242,6 +299,7 @@ def _load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implement
         if target.rpartition(".")[0] in packed:  # a head tied to the embedding, with quantize_head
             raise tied_head_error(target.rpartition(".")[0])
     expected = set(model.state_dict())  # parameters and persistent buffers
+    embedding = pageable_embedding(model, tied)
     non_persistent = {k for k, _ in model.named_buffers()} - expected
     layout = {k: (list(t.shape), t.dtype) for k, t in [*model.state_dict().items(), *model.named_buffers()]}
     headers = [(file, *_header(file)) for file in files]
@@ -290,10 +348,7 @@ def _load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implement
                 if list(entry["shape"]) != shape:
                     raise ModelError(f"{key} in {file} has shape {entry['shape']}; this config.json's model takes "
                                      f"{shape}: the weights belong to another config")
-                value = _read(fh, base, entry)
-                if value.is_floating_point():
-                    value = value.to(wanted)
-                _set(model, key, value)
+                _set(model, key, read_float(file, fh, base, entry, wanted, page=key == embedding))
     if packed:
         raise ModelError(f"{next(iter(packed))}.weight is missing from the weights in {folder}; the model files are "
                          "incomplete: copy or save the model again")
