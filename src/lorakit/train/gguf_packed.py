@@ -274,7 +274,7 @@ def _fill(model: nn.Module, target: Path, packed: dict[str, nn.Module], tied: di
                 continue
             if key not in layout:
                 raise ModelError(f"{file} holds {key}, which this config.json's model does not have; delete {target}")
-            _set(model, key, read_float(file, fh, base, entry, layout[key], page=key == embedding))
+            _set(model, key, read_float(fh, base, entry, layout[key], page=key == embedding))
     if packed:
         raise ModelError(f"{next(iter(packed))} is missing from {file}; the cache is incomplete: delete {target}")
     _tie(model, tied)

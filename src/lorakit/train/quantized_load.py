@@ -99,7 +99,7 @@ def _header(file: Path) -> tuple[dict, int]:
         numel = 1
         for d in entry["shape"]:
             numel *= d
-        itemsize = _itemsize(DTYPES[entry["dtype"]])
+        itemsize = DTYPES[entry["dtype"]].itemsize
         if not (0 <= start <= end <= size - 8 - length) or end - start != numel * itemsize:
             raise ModelError(f"{file}: {name} lies outside the file or has the wrong size for its shape "
                              f"{entry['shape']}; the file is truncated or damaged")
@@ -109,7 +109,7 @@ def _header(file: Path) -> tuple[dict, int]:
 def _read(fh, base: int, entry: dict, rows: slice | None = None) -> torch.Tensor:
     """A tensor (or the rows ``rows`` of a 2-D one) read with plain reads into memory torch owns."""
     dtype, shape = DTYPES[entry["dtype"]], list(entry["shape"])
-    itemsize = _itemsize(dtype)
+    itemsize = dtype.itemsize
     start, end = entry["data_offsets"]
     if rows is not None:
         row_bytes = itemsize * shape[1]
@@ -126,7 +126,7 @@ def _read(fh, base: int, entry: dict, rows: slice | None = None) -> torch.Tensor
     return out.view(dtype).view(shape) if out.numel() else torch.empty(shape, dtype=dtype)
 
 
-def paged(file: Path, base: int, entry: dict) -> torch.Tensor | None:
+def paged(fh, base: int, entry: dict) -> torch.Tensor | None:
     """The tensor ``entry`` of ``file`` as a private (copy-on-write) memory map of its bytes: a page is read from the
     file when it is touched and counts in the RSS only then; a write goes to the process's own copy of the page, never
     to the file. Its cached pages are dropped first and the map read at random (no read-around): Linux otherwise maps
@@ -137,18 +137,13 @@ def paged(file: Path, base: int, entry: dict) -> torch.Tensor | None:
     if end == start:
         return None
     aligned = start - start % mmap.ALLOCATIONGRANULARITY
-    with open(file, "rb") as fh:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fh.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
-        pages = mmap.mmap(fh.fileno(), end - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fh.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+    pages = mmap.mmap(fh.fileno(), end - aligned, access=mmap.ACCESS_COPY, offset=aligned)  # (outlives fh)
     if hasattr(mmap, "MADV_RANDOM"):
         pages.madvise(mmap.MADV_RANDOM)
-    count = (end - start) // _itemsize(dtype)
+    count = (end - start) // dtype.itemsize
     return torch.frombuffer(pages, dtype=dtype, count=count, offset=start - aligned).view(shape)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def pageable_embedding(model: nn.Module, tied: dict[str, str]) -> str | None:
@@ -164,11 +159,11 @@ def pageable_embedding(model: nn.Module, tied: dict[str, str]) -> str | None:
     return None
 
 
-def read_float(file: Path, fh, base: int, entry: dict, wanted: torch.dtype, page: bool) -> torch.Tensor:
+def read_float(fh, base: int, entry: dict, wanted: torch.dtype, page: bool) -> torch.Tensor:
     """A tensor that is not packed, cast to ``wanted`` when it is a float one; ``page``: mapped from the file
     (``paged``) where it is stored in ``wanted`` already."""
     if page and DTYPES[entry["dtype"]] == wanted:
-        value = paged(file, base, entry)
+        value = paged(fh, base, entry)
         if value is not None:
             return value
     value = _read(fh, base, entry)
@@ -348,7 +343,7 @@ def _load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implement
                 if list(entry["shape"]) != shape:
                     raise ModelError(f"{key} in {file} has shape {entry['shape']}; this config.json's model takes "
                                      f"{shape}: the weights belong to another config")
-                _set(model, key, read_float(file, fh, base, entry, wanted, page=key == embedding))
+                _set(model, key, read_float(fh, base, entry, wanted, page=key == embedding))
     if packed:
         raise ModelError(f"{next(iter(packed))}.weight is missing from the weights in {folder}; the model files are "
                          "incomplete: copy or save the model again")
