@@ -163,7 +163,10 @@ def read_float(fh, base: int, entry: dict, wanted: torch.dtype, page: bool) -> t
     """A tensor that is not packed, cast to ``wanted`` when it is a float one; ``page``: mapped from the file
     (``paged``) where it is stored in ``wanted`` already."""
     if page and DTYPES[entry["dtype"]] == wanted:
-        value = paged(fh, base, entry)
+        try:
+            value = paged(fh, base, entry)
+        except (OSError, ValueError):  # a file system that cannot map the file: read it as the other tensors
+            value = None
         if value is not None:
             return value
     value = _read(fh, base, entry)
