@@ -54,10 +54,9 @@ def full_then_pack(monkeypatch, folder, quant):
         return M.load_model(folder, "causal-lm", dtype="int4", quant=quant, tokenizer=TOKENIZER).model
 
 
-def streamed(monkeypatch, folder, quant):
-    """load_model through the shard-by-shard path (asserting it did not fall back)."""
-    used = []
-    real = QL.load_packed
+def spied(monkeypatch, loader, folder, dtype, quant=None):
+    """load_model with ``QL.<loader>`` watched: (the model, whether each call of the loader applied)."""
+    used, real = [], getattr(QL, loader)
 
     def spy(*a, **k):
         model = real(*a, **k)
@@ -65,8 +64,13 @@ def streamed(monkeypatch, folder, quant):
         return model
 
     with monkeypatch.context() as m:
-        m.setattr(QL, "load_packed", spy)
-        model = M.load_model(folder, "causal-lm", dtype="int4", quant=quant, tokenizer=TOKENIZER).model
+        m.setattr(QL, loader, spy)
+        return M.load_model(folder, "causal-lm", dtype=dtype, quant=quant, tokenizer=TOKENIZER).model, used
+
+
+def streamed(monkeypatch, folder, quant):
+    """load_model through the shard-by-shard path (asserting it did not fall back)."""
+    model, used = spied(monkeypatch, "load_packed", folder, "int4", quant)
     assert used == [True]
     return model
 
@@ -113,6 +117,39 @@ def test_a_single_file_model_and_fp32_files_load_the_same(monkeypatch, tmp_path)
     tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / QL.INDEX).exists()
     assert_same(full_then_pack(monkeypatch, str(tmp_path), QuantSpec(4)), streamed(monkeypatch, str(tmp_path), QuantSpec(4)))
+
+
+def widened(monkeypatch, folder, used_expected=True):
+    """load_model in fp32 through load_widened (asserting whether it applied)."""
+    model, used = spied(monkeypatch, "load_widened", folder, "fp32")
+    assert used == [used_expected]
+    return model
+
+
+def transformers_fp32(monkeypatch, folder):
+    with monkeypatch.context() as m:
+        m.setattr(QL, "load_widened", lambda *a, **k: None)
+        return M.load_model(folder, "causal-lm", dtype="fp32", tokenizer=TOKENIZER).model
+
+
+def test_a_bf16_model_loaded_in_fp32_is_widened_while_read(monkeypatch, llama_dir):
+    """--base-dtype fp32 on bf16 files: read a tensor at a time and widened, the same model as transformers' loader
+    (tied or not); nothing is mapped from the files."""
+    new = widened(monkeypatch, llama_dir)
+    assert all(p.dtype == torch.float32 for p in new.parameters())
+    assert_same(transformers_fp32(monkeypatch, llama_dir), new)
+    assert mapped_rss(next(Path(llama_dir).glob("*.safetensors"))) == 0
+
+
+def test_fp32_files_in_fp32_are_left_to_transformers(monkeypatch, tmp_path):
+    """Nothing to widen: transformers' loader holds no second copy, load_widened declines."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    assert QL.load_widened(tmp_path, cfg, torch.float32) is None
+    widened(monkeypatch, str(tmp_path), used_expected=False)
 
 
 def test_the_packaged_smollm2_gives_the_same_logits(monkeypatch):
@@ -200,7 +237,7 @@ PEAK = textwrap.dedent("""
     tok = types.SimpleNamespace(pad_token_id=0)
     M.load_model(warm, "causal-lm", dtype=dtype, tokenizer=tok)  # every import and code path of the load, tiny
     if path == "full":
-        QL.load_packed = lambda *a, **k: None
+        QL.load_packed = QL.load_widened = lambda *a, **k: None
     baseline = rss_kib("VmRSS") * 1024
     reset_peak()
     model = M.load_model(folder, "causal-lm", dtype=dtype, tokenizer=tok).model
@@ -259,7 +296,7 @@ def bound(r, largest):
     return r["baseline"] + r["packed"] + r["floats"] + largest + SLACK
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", ["int4", "int8", "fp32"])
 def test_the_peak_rss_is_the_packed_model_plus_one_shard(big_llama, dtype):
     r = peak(big_llama, dtype, "streamed")
     largest = big_llama[2]
@@ -268,9 +305,11 @@ def test_the_peak_rss_is_the_packed_model_plus_one_shard(big_llama, dtype):
     print(dtype, mib, "grown", round((r["peak"] - r["baseline"]) / 2**20, 1))
 
 
-def test_the_full_bf16_load_exceeds_that_bound(big_llama):
-    """The bound discriminates: the full bf16 load, then packing, peaks above it."""
-    r = peak(big_llama, "int4", "full")
+@pytest.mark.parametrize("dtype", ["int4", "fp32"])
+def test_the_full_load_exceeds_that_bound(big_llama, dtype):
+    """The bound discriminates: transformers' full load peaks above it (int4: the bf16 model, then packing; fp32:
+    the wide copy built from the mapped bf16 shards, whose touched pages count)."""
+    r = peak(big_llama, dtype, "full")
     assert r["peak"] > bound(r, big_llama[2]), {k: round(v / 2**20, 1) for k, v in r.items()}
 
 

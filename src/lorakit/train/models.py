@@ -174,11 +174,11 @@ def load_model(
     """Load a model (and its tokenizer, unless given) for ``task``; "classify" needs ``label_names``.
 
     ``dtype``: the frozen base's storage, a torch dtype or a --base-dtype value ("fp32", "bf16", "fp16", or
-    "auto": fp32 when its weights fit in the memory available, else bf16; ``train.precision``). The weights are
-    read straight into it, one safetensors shard at a time (transformers' loader), never through an fp32 copy.
-    "int8" / "int4" (or ``quant``, a ``train.precision.QuantSpec``; no format asked: a GGUF's own blocks where they
-    are one): the frozen linear weights packed while they are read, never a bf16 copy (``_load_packed``), the rest
-    in bf16. ``device``: moved there once loaded (None: left on the CPU, where training moves it itself)."""
+    "auto": fp32 when its weights fit in the memory available, else bf16; ``train.precision``), read straight into
+    it a shard at a time (transformers' loader; a causal LM stored narrower is widened a tensor at a time,
+    ``quantized_load.load_widened``). "int8" / "int4" (or ``quant``, a ``train.precision.QuantSpec``; no format asked:
+    a GGUF's own blocks where they are one): the frozen linear weights packed while they are read, never a bf16 copy
+    (``_load_by_tensor``), the rest in bf16. ``device``: moved there once loaded (None: left on the CPU)."""
     from lorakit.train.precision import default_quant
 
     quant = asked.resolve(spec) if (asked := quant or default_quant(dtype)) is not None else None
@@ -205,7 +205,7 @@ def load_model(
         else:
             if is_encoder(config.model_type):
                 raise ModelError(f"{spec} is an encoder ({config.model_type}); causal-lm needs a decoder such as builtin:smollm2")
-            model = _load_packed(spec, folder, config, quant, kw["dtype"], attn_implementation) if quant else None
+            model = _load_by_tensor(spec, folder, config, quant, kw["dtype"], attn_implementation)
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(folder, **kw)
     except (ModelError, ConfigError):  # (a ConfigError: a group size the widths do not allow, train.quantized_load)
@@ -222,10 +222,16 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=str(folder))
 
 
-def _load_packed(spec: str, folder: Path, config, quant, dtype: torch.dtype, attn_implementation: str | None):
-    """A causal LM with a packed base, never a bf16 copy of it: a GGUF whose blocks are the format re-packed from
-    them (``train.gguf_packed``, cached packed), else packed while its safetensors are read (``train.quantized_load``);
-    None for what neither covers (then loaded whole and packed by ``_settle``)."""
+def _load_by_tensor(spec: str, folder: Path, config, quant, dtype: torch.dtype, attn_implementation: str | None):
+    """A causal LM read a tensor at a time, never a second copy of its base: packed (``quant``) from a GGUF's blocks
+    (``train.gguf_packed``, cached packed) or while its safetensors are read (``train.quantized_load``), or without
+    ``quant`` widened while read where its files store a narrower float type than ``dtype``
+    (``quantized_load.load_widened``); None for what these do not cover (transformers' loader, then ``_settle``
+    packs)."""
+    if quant is None:
+        from lorakit.train.quantized_load import load_widened
+
+        return load_widened(folder, config, dtype, attn_implementation)
     source = gguf_file(spec)
     if source is not None:
         from lorakit.train.gguf_packed import load_gguf_packed

@@ -1,4 +1,5 @@
-"""Loading a model with a packed frozen base (--base-dtype int8 / int4) shard by shard, tensor by tensor (issue 29).
+"""Loading a model with a packed frozen base (--base-dtype int8 / int4) shard by shard, tensor by tensor (issue 29),
+and a 16-bit model in fp32 the same way (``load_widened``: nothing packed, each float tensor widened as it is read).
 
 ``load_packed(folder, config, quant, dtype, attn_implementation)`` builds the model's skeleton from its config with
 every parameter on the meta device (the buffers it computes itself, rotary ``inv_freq`` and the like, are made on the
@@ -268,13 +269,30 @@ def load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implementa
     """The causal LM in ``folder`` with its frozen linears packed as ``quant`` says, read shard by shard (see the
     module docstring); ``None`` where this path does not apply (then load in full and pack)."""
     try:
-        return _load_packed(Path(folder), config, quant, dtype, attn_implementation)
+        return _load_by_tensor(Path(folder), config, quant, dtype, attn_implementation)
+    except _FallBack:
+        return None
+
+
+def load_widened(folder: Path, config, dtype: torch.dtype, attn_implementation: str | None = None):
+    """The causal LM in ``folder`` with its float tensors stored narrower than ``dtype`` (a bf16 or fp16 model loaded
+    with --base-dtype fp32) widened while they are read, one tensor in transit, as ``load_packed`` reads them
+    (nothing packed, nothing paged). transformers' loader maps each shard and builds the wide copy from the map, whose
+    touched pages count in the process's RSS until the shard is done: a bf16 TinyLlama-1.1B in one file peaked at
+    6.69 GiB loading in fp32, 4.1 GiB of weights (benchmarks/results/big_models_quant.json). ``None`` where no float
+    tensor is narrower than ``dtype`` (transformers' loader then holds no second copy) or this path does not apply."""
+    try:
+        folder = Path(folder)
+        stored = {DTYPES[entry["dtype"]] for file in _files(folder) for entry in _header(file)[0].values()}
+        if not any(t.is_floating_point and t.itemsize < dtype.itemsize for t in stored):
+            return None
+        return _load_by_tensor(folder, config, None, dtype, attn_implementation)
     except _FallBack:
         return None
 
 
 # long: one pass over the shards' tensors (checked first, then read and packed in file order)
-def _load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implementation: str | None):
+def _load_by_tensor(folder: Path, config, quant, dtype: torch.dtype, attn_implementation: str | None):
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     from lorakit.adapters.quantize import _frozen_linears, tied_head_error
@@ -282,14 +300,14 @@ def _load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implement
     from lorakit.module_kinds import linear_shape
 
     files = _files(folder)
-    fmt = quant.make()
+    fmt = quant.make() if quant is not None else None
     model = _skeleton(config, dtype, attn_implementation)
     if get_model_conversion_mapping(model, None, None, add_legacy=False):
         raise _FallBack("transformers renames this architecture's checkpoint keys")
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         raise _FallBack("modules kept in fp32")
     packed: dict[str, nn.Module] = {}
-    for name, module in _frozen_linears(model, quant.quantize_head):
+    for name, module in (_frozen_linears(model, quant.quantize_head) if quant is not None else []):
         fmt.check(linear_shape(module)[0], name)
         packed[name] = module
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source
@@ -297,7 +315,7 @@ def _load_packed(folder: Path, config, quant, dtype: torch.dtype, attn_implement
         if target.rpartition(".")[0] in packed:  # a head tied to the embedding, with quantize_head
             raise tied_head_error(target.rpartition(".")[0])
     expected = set(model.state_dict())  # parameters and persistent buffers
-    embedding = pageable_embedding(model, tied)
+    embedding = pageable_embedding(model, tied) if quant is not None else None  # (the plan pages it for a packed base)
     non_persistent = {k for k, _ in model.named_buffers()} - expected
     layout = {k: (list(t.shape), t.dtype) for k, t in [*model.state_dict().items(), *model.named_buffers()]}
     headers = [(file, *_header(file)) for file in files]
