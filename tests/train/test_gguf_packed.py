@@ -119,6 +119,10 @@ def test_a_gguf_loads_packed_from_its_blocks_and_the_cache_is_reused(tmp_path, c
     model = M.load_model(str(path), "causal-lm", dtype=kind, tokenizer=TOKENIZER).model
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     assert len(layers) == 14
+    # not widened to bf16 on disk: its conversion holds the config and tokenizer alone until a float load needs more
+    meta = M.model_dir(str(path), weights=False)
+    assert not list(meta.glob("*.safetensors")) and json.loads((meta / M.SOURCE_FILE).read_text())["weights"] is False
+    assert (meta / "config.json").is_file() and (meta / "tokenizer.json").is_file()
     want_fmt = Int4Format(32) if kind == "int4" else Int8Format(group_size=32)
     assert {m.format for m in layers.values()} == {want_fmt}
     # every packed weight is exactly gguf-py's dequantised tensor, after transformers' q/k permutation
@@ -143,8 +147,11 @@ def test_a_gguf_loads_packed_from_its_blocks_and_the_cache_is_reused(tmp_path, c
     bf16 = M.load_model(str(path), "causal-lm", dtype=torch.bfloat16, tokenizer=TOKENIZER).model
     want, have = logits(bf16), logits(model)
     assert (have - want).abs().max().item() <= 0.03 * want.abs().max().item()
-    # the packed cache: beside the bf16 conversion, under the cache, with its record; a second load reuses it
+    # the packed cache: beside the bf16 conversion (written by the load in bf16 above, in place of the config
+    # alone), under the cache, with its record; a second load reuses it
     folder = M.model_dir(str(path))
+    assert folder == meta and list(folder.glob("*.safetensors")) and "weights" not in json.loads(
+        (folder / M.SOURCE_FILE).read_text())
     packed = GP.packed_dir(folder, spec_for(path, base_dtype=kind))
     assert packed.parent == folder.parent and cache in packed.parents
     record = json.loads((packed / M.SOURCE_FILE).read_text())

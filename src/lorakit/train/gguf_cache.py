@@ -229,13 +229,16 @@ def _cache_error(gguf_path: Path, reason: str) -> ModelError:
                       "LORAKIT_CACHE to a writable directory with room for it, e.g. LORAKIT_CACHE=/tmp/lorakit-cache")
 
 
-def _reusable(target: Path, gguf_path: Path) -> bool:
-    """Whether ``target`` is a whole conversion of ``gguf_path`` as the file is now: its record's size, content
-    digest and sha256 match (the sha256 is trusted without hashing when the record lists the file's inode and change
-    time, checked earlier). A matching check is added to the record."""
+def _reusable(target: Path, gguf_path: Path, weights: bool = True) -> bool:
+    """Whether ``target`` is a whole conversion of ``gguf_path`` as the file is now (``weights=False``: or its
+    config and tokenizer alone): its record's size, content digest and sha256 match (the sha256 is trusted without
+    hashing when the record lists the file's inode and change time, checked earlier). A matching check is added to
+    the record."""
     try:
         record = json.loads((target / SOURCE_FILE).read_text())
         if not (target / "config.json").is_file() or not isinstance(record, dict):
+            return False
+        if weights and record.get("weights", True) is False:
             return False
         st = gguf_path.stat()
         token = _stat_token(st)
@@ -315,26 +318,34 @@ def _read_gguf(gguf_path: Path):
                          "architecture that transformers cannot read from GGUF") from None
 
 
-def _write_conversion(gguf_path: Path, tmp: Path, gguf) -> None:
-    """Write a converted GGUF into the directory ``tmp``: bf16 safetensors written tensor by tensor, config,
-    tokenizer, and the source file's record (with the storage dtype). A tensor that cannot be dequantised is a
-    ModelError; a failed write (a full disk) is left to write_directory."""
-    from lorakit.train.gguf_convert import STORAGE_DTYPE, convert
+def _write_conversion(gguf_path: Path, tmp: Path, gguf, weights: bool = True) -> None:
+    """Write a converted GGUF into the directory ``tmp``: bf16 safetensors written tensor by tensor (``weights``),
+    config, tokenizer, and the source file's record (with the storage dtype, and ``"weights": false`` when they
+    were not written; a file that is not converted tensor by tensor is converted whole). A tensor that cannot be dequantised is a ModelError; a failed write (a full disk) is left to
+    write_directory."""
+    from lorakit.train.gguf_convert import STORAGE_DTYPE, convert, streams, write_metadata
 
+    weights = weights or not streams(gguf)  # (a file transformers converts whole: its config is the saved model's)
     try:
-        convert(gguf, tmp)
+        convert(gguf, tmp) if weights else write_metadata(gguf, tmp)
     except (ValueError, KeyError, TypeError, AttributeError, NotImplementedError, EOFError) as exc:
         raise ModelError(f"could not convert {gguf_path}: {_first_line(exc).rstrip('.')}; the file is damaged, or holds a model "
                          "architecture that transformers cannot read from GGUF") from None
     source = {"path": str(gguf_path.resolve()), "size": gguf_path.stat().st_size,
               "fingerprint": gguf_fingerprint(gguf_path), "sha256": file_sha256(gguf_path),
-              "dtype": str(STORAGE_DTYPE).split(".")[1], "checked": []}
+              "dtype": str(STORAGE_DTYPE).split(".")[1], "checked": []} | ({} if weights else {"weights": False})
     (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
 
 
-def _converted_gguf(gguf_path: Path, key: str) -> Path:
+# long: reuse, lock, reuse again, then one write of the whole directory
+def _converted_gguf(gguf_path: Path, key: str, weights: bool = True) -> Path:
     """Dequantise a GGUF once into cache_dir()/key (safetensors + tokenizer, and the source file's size, content
     digest and sha256); reuse it while that record matches the file, convert again when it does not.
+
+    ``weights=False`` (what reads the config or tokenizer only, and a packed load that re-packs the file's own blocks,
+    ``train.gguf_packed``): a conversion without its safetensors is enough, and one is written (seconds) when there
+    is none; a later load that needs the weights replaces it with the whole conversion. A 4-bit 8B GGUF trained with
+    ``--base-dtype int4`` so never has a 16 GB bf16 copy on disk beside its packed cache.
 
     The conversion is written tensor by tensor at bfloat16 (F32 tensors of the file kept F32; ``gguf_convert``): its
     peak memory is one tensor, not the fp32 model, and its disk half an fp32 copy's. The record names the storage
@@ -342,20 +353,23 @@ def _converted_gguf(gguf_path: Path, key: str) -> Path:
     still a whole conversion of the file its record matches: it is reused as it is (loading casts to the dtype asked
     for), and replaced whole, by one rename, when the file changes; a directory is never part one, part the other."""
     target = cache_dir() / key
-    if _reusable(target, gguf_path):
+    if _reusable(target, gguf_path, weights):
         return target
     check_gguf(gguf_path)  # a bad file is refused before anything is written
     with _CacheLock(target, gguf_path):  # also refuses a cache that cannot be written, before the long conversion
-        if _reusable(target, gguf_path):  # another process converted it while this one waited
+        if _reusable(target, gguf_path, weights):  # another process converted it while this one waited
             return target
         stale = target.exists()
-        print(f"lorakit: converting {gguf_path} {'again (the file changed since its conversion)' if stale else 'once'} "
-              f"into {target} (safetensors; later loads take seconds)", file=sys.stderr, flush=True)
+        if weights:
+            again = "its weights (only its config and tokenizer were)" if _reusable(target, gguf_path, False) else \
+                "again (the file changed since its conversion)"
+            print(f"lorakit: converting {gguf_path} {again if stale else 'once'} into {target} (safetensors; later loads "
+                  "take seconds)", file=sys.stderr, flush=True)
         gguf = _read_gguf(gguf_path)
         try:  # one rename: a later load finds a whole conversion or none
-            write_directory(target, lambda tmp: _write_conversion(gguf_path, tmp, gguf), replace=stale)
+            write_directory(target, lambda tmp: _write_conversion(gguf_path, tmp, gguf, weights), replace=stale)
         except OutputError as exc:
-            if _reusable(target, gguf_path):  # a process that took no lock renamed its copy first: use that one
+            if _reusable(target, gguf_path, weights):  # a process that took no lock renamed its copy first: use it
                 return target
             reason = str(exc).split("; what was there before", 1)[0].rsplit(": ", 1)[-1]
             raise _cache_error(gguf_path, reason) from None

@@ -42,8 +42,9 @@ def builtin_default_task(spec: str) -> str | None:
     return None
 
 
-def model_dir(spec: str) -> Path:
-    """The model directory of a spec, converting a GGUF (built-in or a user's file) once."""
+def model_dir(spec: str, weights: bool = True) -> Path:
+    """The model directory of a spec, converting a GGUF (built-in or a user's file) once; ``weights=False``: its
+    config and tokenizer are enough (a GGUF's conversion may then hold no weights, ``gguf_cache._converted_gguf``)."""
     if spec.startswith("builtin:"):
         key = spec.split(":", 1)[1]
         if key not in BUILTINS:
@@ -52,10 +53,10 @@ def model_dir(spec: str) -> Path:
         source = _package_dir(b.package) / b.relpath
         if not source.exists():
             raise ModelError(f"{source} is missing from the {b.package} package; reinstall it")
-        return _converted_gguf(source, key) if b.gguf else source
+        return _converted_gguf(source, key, weights) if b.gguf else source
     path = Path(spec).expanduser()
     if is_gguf(path):
-        return _converted_gguf(path, _gguf_key(path))
+        return _converted_gguf(path, _gguf_key(path), weights)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; a model directory is what save_pretrained writes")

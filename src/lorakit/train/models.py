@@ -59,7 +59,7 @@ def load_tokenizer(spec: str):
     """The tokenizer of a model spec, with a pad token (EOS when the model has none)."""
     from transformers import AutoTokenizer
 
-    folder = model_dir(spec)
+    folder = model_dir(spec, weights=False)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); transformers would "
                          "make up a tokenizer that reads every word as unknown. Save the model's tokenizer there "
@@ -80,7 +80,7 @@ def model_config(spec: str):
     """The transformers config of a model spec (built-in, directory or .gguf), without loading weights."""
     from transformers import AutoConfig
 
-    folder = model_dir(spec)
+    folder = model_dir(spec, weights=False)
     try:
         config = AutoConfig.from_pretrained(folder)
     except LOAD_ERRORS as exc:
@@ -187,7 +187,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    folder = model_dir(spec)
+    folder = model_dir(spec, weights=quant is None or task == "classify")  # (a packed GGUF: no bf16 copy)
     return_freed_memory_to_the_system()  # loading frees a temporary per tensor; so does every training step
     kw: dict[str, Any] = {"dtype": storage_dtype(folder, dtype)}
     if attn_implementation:
@@ -206,8 +206,8 @@ def load_model(
             if is_encoder(config.model_type):
                 raise ModelError(f"{spec} is an encoder ({config.model_type}); causal-lm needs a decoder such as builtin:smollm2")
             model = _load_by_tensor(spec, folder, config, quant, kw["dtype"], attn_implementation)
-            if model is None:
-                model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+            if model is None:  # (a GGUF: its whole bf16 conversion)
+                model = AutoModelForCausalLM.from_pretrained(folder := model_dir(spec), **kw)
     except (ModelError, ConfigError):  # (a ConfigError: a group size the widths do not allow, train.quantized_load)
         raise
     except LOAD_ERRORS as exc:
@@ -241,7 +241,7 @@ def _load_by_tensor(spec: str, folder: Path, config, quant, dtype: torch.dtype, 
             return model
     from lorakit.train.quantized_load import load_packed
 
-    return load_packed(folder, config, quant, dtype, attn_implementation)
+    return load_packed(model_dir(spec), config, quant, dtype, attn_implementation)  # (a GGUF: its bf16 conversion)
 
 
 def _settle(model: nn.Module, quant, device: torch.device | str | None) -> None:
