@@ -319,10 +319,10 @@ def _read_gguf(gguf_path: Path):
 
 
 def _write_conversion(gguf_path: Path, tmp: Path, gguf, weights: bool = True) -> None:
-    """Write a converted GGUF into the directory ``tmp``: bf16 safetensors written tensor by tensor (``weights``),
-    config, tokenizer, and the source file's record (with the storage dtype, and ``"weights": false`` when they
-    were not written; a file that is not converted tensor by tensor is converted whole). A tensor that cannot be dequantised is a ModelError; a failed write (a full disk) is left to
-    write_directory."""
+    """Write a converted GGUF into the directory ``tmp``: bf16 safetensors written tensor by tensor (``weights``; a
+    file that is not converted tensor by tensor is converted whole), config, tokenizer, and the source file's record
+    (with the storage dtype, and ``"weights": false`` when they were not written). A tensor that cannot be
+    dequantised is a ModelError; a failed write (a full disk) is left to write_directory."""
     from lorakit.train.gguf_convert import STORAGE_DTYPE, convert, streams, write_metadata
 
     weights = weights or not streams(gguf)  # (a file transformers converts whole: its config is the saved model's)
