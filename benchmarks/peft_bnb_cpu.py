@@ -6,8 +6,10 @@ What it measures, on one model (default builtin:smollm2, SmolLM2-135M; or a mode
 alpha=16, dropout 0 on q/k/v/o/gate/up/down_proj of every decoder block (lm_head not adapted), AdamW lr 2e-4:
 
   contenders (each in its own fresh subprocess, `peft_bnb_cpu.py --worker NAME ...`):
-    lorakit-int4         lorakit.train.models.load_model(spec, "causal-lm", dtype="int4") (nf4, blocks of 64, no double
-                         quantisation, lm_head and embeddings bf16) + lorakit.attach(model, LoraConfig(...))
+    lorakit-int4         lorakit.train.models.load_model(spec, "causal-lm", dtype="int4") (a model folder: nf4, blocks of
+                         64, no double quantisation; a GGUF: its own Q4 blocks as int4 g32, as --base-dtype int4 takes
+                         them, e.g. the built-in SmolLM2's Q4_1; lm_head and embeddings bf16; the row's "what" and
+                         each run's "base_format" say which) + lorakit.attach(model, LoraConfig(...))
     lorakit-int8         the same with dtype="int8" (int8 per output channel)
     peft-bnb-nf4-fp32    AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(
                          load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
@@ -69,8 +71,8 @@ RANK, ALPHA, DROPOUT, LR = 8, 16, 0.0, 2e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, SEQ = 4, 256
 CONTENDERS = {
-    "lorakit-int4": "lorakit load_model(dtype='int4'): nf4 g64, rest bf16",
-    "lorakit-int8": "lorakit load_model(dtype='int8'): int8 per channel, rest bf16",
+    "lorakit-int4": "lorakit load_model(dtype='int4'): nf4 g64 (a GGUF: its own 4-bit blocks), rest bf16",
+    "lorakit-int8": "lorakit load_model(dtype='int8'): int8 per channel (a GGUF: its Q8_0 blocks), rest bf16",
     "peft-bnb-nf4-fp32": "PEFT + bitsandbytes nf4, compute fp32, rest fp32",
     "peft-bnb-nf4-bf16": "PEFT + bitsandbytes nf4, compute bf16, rest bf16",
     "peft-bnb-int8": "PEFT + bitsandbytes LLM.int8(), rest fp32",
@@ -174,6 +176,10 @@ def worker(args: argparse.Namespace) -> int:
 
         lin = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
         versions.update(bitsandbytes=bitsandbytes.__version__, base_layer=type(lin).__name__)
+    if args.worker.startswith("lorakit-"):  # the format the packed base took (a GGUF's own blocks where they fit)
+        from lorakit.train.precision import default_quant
+
+        versions.update(base_format=default_quant(args.worker.removeprefix("lorakit-")).resolve(args.model).describe())
     say(event="loaded", load_s=time.perf_counter() - t0, load_peak_rss_mib=status_kib("VmHWM") / 1024,
         rss_after_load_mib=status_kib("VmRSS") / 1024, trainable=sum(p.numel() for p in trainable),
         trainable_dtype=str(trainable[0].dtype), ids_sum=int(ids.sum()), ids_shape=list(ids.shape), **versions)
@@ -222,6 +228,7 @@ def run_worker(name: str, args: argparse.Namespace, folder: str, tmp: Path, rnd:
            "trainable": loaded.get("trainable"), "trainable_dtype": loaded.get("trainable_dtype"),
            "ids_sum": loaded.get("ids_sum"), "versions": {k: loaded[k] for k in ("torch", "threads", "bitsandbytes",
                                                                                  "base_layer") if k in loaded},
+           "base_format": loaded.get("base_format"),
            "step_s": [round(e["s"], 3) for e in steps], "step_cpu_s": [round(e["cpu_s"], 3) for e in steps],
            "losses": [round(e["loss"], 5) for e in steps]}
     if child["exit_status"] != 0 and not child["killed"]:
@@ -242,7 +249,9 @@ def summarise(name: str, runs: list[dict]) -> dict:
     loads = [r["load_s"] for r in runs if r["load_s"] is not None]
     peaks = [r["peak_rss_mib"] for r in runs if r["peak_rss_mib"] is not None and not r["killed"]]
     first = next((r for r in runs if r["losses"]), None)
-    row = {"contender": name, "what": CONTENDERS[name], "rounds": len(runs),
+    fmt = next((r["base_format"] for r in runs if r.get("base_format")), None)
+    what = CONTENDERS[name] if fmt is None else f"lorakit load_model(dtype='{name.removeprefix('lorakit-')}'): {fmt}, rest bf16"
+    row = {"contender": name, "what": what, "rounds": len(runs),
            "timed_steps": len(timed), "s_per_step": round(statistics.median(timed), 3) if timed else None,
            "s_per_step_min": round(min(timed), 3) if timed else None,
            "cpu_s_per_step": round(statistics.median(timed_cpu), 3) if timed_cpu else None,
