@@ -10,6 +10,8 @@ alpha=16, dropout 0 on q/k/v/o/gate/up/down_proj of every decoder block (lm_head
                          64, no double quantisation; a GGUF: its own Q4 blocks as int4 g32, as --base-dtype int4 takes
                          them, e.g. the built-in SmolLM2's Q4_1; lm_head and embeddings bf16; the row's "what" and
                          each run's "base_format" say which) + lorakit.attach(model, LoraConfig(...))
+    lorakit-nf4          load_model(spec, "causal-lm", dtype="int4", quant=QuantSpec(4, "nf4", 64)): NF4 g64 re-rounded
+                         from the float weights whatever the file holds, bitsandbytes' format (the like-for-like pair)
     lorakit-int8         the same with dtype="int8" (int8 per output channel)
     peft-bnb-nf4-fp32    AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(
                          load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
@@ -73,13 +75,15 @@ BATCH, SEQ = 4, 256
 CONTENDERS = {
     "lorakit-int4": "lorakit load_model(dtype='int4'): nf4 g64 (a GGUF: its own 4-bit blocks), rest bf16",
     "lorakit-int8": "lorakit load_model(dtype='int8'): int8 per channel (a GGUF: its Q8_0 blocks), rest bf16",
+    "lorakit-nf4": "lorakit load_model(quant=QuantSpec(4, 'nf4', 64)): nf4 g64 whatever the file, rest bf16",
     "peft-bnb-nf4-fp32": "PEFT + bitsandbytes nf4, compute fp32, rest fp32",
     "peft-bnb-nf4-bf16": "PEFT + bitsandbytes nf4, compute bf16, rest bf16",
     "peft-bnb-int8": "PEFT + bitsandbytes LLM.int8(), rest fp32",
     "peft-bf16": "PEFT, plain bf16 base (no bitsandbytes)",
     "peft-fp32": "PEFT, plain fp32 base",
 }
-DEFAULT_CONTENDERS = ["lorakit-int4", "lorakit-int8", "peft-bnb-nf4-fp32", "peft-bnb-nf4-bf16", "peft-bnb-int8",
+DEFAULT_CONTENDERS = ["lorakit-int4", "lorakit-nf4", "lorakit-int8", "peft-bnb-nf4-fp32", "peft-bnb-nf4-bf16",
+                      "peft-bnb-int8",
                       "peft-bf16"]
 # What was checked by hand before the first run (2026-12-06, bitsandbytes 0.50.2 installed with --no-deps into the
 # venv, torch 2.13.0+cpu unchanged; smollm2, 1 x 64 random tokens, forward + backward + AdamW, 2 steps each).
@@ -95,6 +99,7 @@ BNB_CHECK = {
 }
 # lorakit contender -> the PEFT contenders its ratios are taken against
 PAIRS = {"lorakit-int4": ["peft-bnb-nf4-fp32", "peft-bnb-nf4-bf16", "peft-bf16", "peft-fp32"],
+         "lorakit-nf4": ["peft-bnb-nf4-fp32", "peft-bnb-nf4-bf16"],
          "lorakit-int8": ["peft-bnb-int8", "peft-bf16", "peft-fp32"]}
 
 
@@ -129,7 +134,12 @@ def load_contender(name: str, spec: str, folder: str):
         import lorakit
         from lorakit.train.models import load_model
 
-        model = load_model(spec, "causal-lm", dtype=name.removeprefix("lorakit-")).model
+        if name == "lorakit-nf4":  # the format bitsandbytes uses, re-rounded from the float weights as it does
+            from lorakit.train.precision import QuantSpec
+
+            model = load_model(spec, "causal-lm", dtype="int4", quant=QuantSpec(4, "nf4", 64)).model
+        else:
+            model = load_model(spec, "causal-lm", dtype=name.removeprefix("lorakit-")).model
         torch.manual_seed(0)
         return lorakit.attach(model, lorakit.LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, targets=list(TARGETS)))
     from peft import LoraConfig, get_peft_model
@@ -177,9 +187,10 @@ def worker(args: argparse.Namespace) -> int:
         lin = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
         versions.update(bitsandbytes=bitsandbytes.__version__, base_layer=type(lin).__name__)
     if args.worker.startswith("lorakit-"):  # the format the packed base took (a GGUF's own blocks where they fit)
-        from lorakit.train.precision import default_quant
+        from lorakit.train.precision import QuantSpec, default_quant
 
-        versions.update(base_format=default_quant(args.worker.removeprefix("lorakit-")).resolve(args.model).describe())
+        quant = QuantSpec(4, "nf4", 64) if args.worker == "lorakit-nf4" else default_quant(args.worker.removeprefix("lorakit-"))
+        versions.update(base_format=quant.resolve(args.model).describe())
     say(event="loaded", load_s=time.perf_counter() - t0, load_peak_rss_mib=status_kib("VmHWM") / 1024,
         rss_after_load_mib=status_kib("VmRSS") / 1024, trainable=sum(p.numel() for p in trainable),
         trainable_dtype=str(trainable[0].dtype), ids_sum=int(ids.sum()), ids_shape=list(ids.shape), **versions)
@@ -250,7 +261,8 @@ def summarise(name: str, runs: list[dict]) -> dict:
     peaks = [r["peak_rss_mib"] for r in runs if r["peak_rss_mib"] is not None and not r["killed"]]
     first = next((r for r in runs if r["losses"]), None)
     fmt = next((r["base_format"] for r in runs if r.get("base_format")), None)
-    what = CONTENDERS[name] if fmt is None else f"lorakit load_model(dtype='{name.removeprefix('lorakit-')}'): {fmt}, rest bf16"
+    what = CONTENDERS[name] if fmt is None or name == "lorakit-nf4" else \
+        f"lorakit load_model(dtype='{name.removeprefix('lorakit-')}'): {fmt}, rest bf16"
     row = {"contender": name, "what": what, "rounds": len(runs),
            "timed_steps": len(timed), "s_per_step": round(statistics.median(timed), 3) if timed else None,
            "s_per_step_min": round(min(timed), 3) if timed else None,
