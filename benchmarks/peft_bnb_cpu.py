@@ -83,8 +83,7 @@ CONTENDERS = {
     "peft-fp32": "PEFT, plain fp32 base",
 }
 DEFAULT_CONTENDERS = ["lorakit-int4", "lorakit-nf4", "lorakit-int8", "peft-bnb-nf4-fp32", "peft-bnb-nf4-bf16",
-                      "peft-bnb-int8",
-                      "peft-bf16"]
+                      "peft-bnb-int8", "peft-bf16"]
 # What was checked by hand before the first run (2026-12-06, bitsandbytes 0.50.2 installed with --no-deps into the
 # venv, torch 2.13.0+cpu unchanged; smollm2, 1 x 64 random tokens, forward + backward + AdamW, 2 steps each).
 BNB_CHECK = {
@@ -126,6 +125,14 @@ def batch_ids(folder: str):
     return torch.tensor(ids[:need], dtype=torch.long).view(BATCH, SEQ)
 
 
+def lorakit_quant(name: str):
+    """The QuantSpec a lorakit contender loads with: bitsandbytes' NF4 g64 for lorakit-nf4, else what a bare
+    --base-dtype int4/int8 means (a GGUF's own blocks where they fit)."""
+    from lorakit.train.precision import QuantSpec, default_quant
+
+    return QuantSpec(4, "nf4", 64) if name == "lorakit-nf4" else default_quant(name.removeprefix("lorakit-"))
+
+
 def load_contender(name: str, spec: str, folder: str):
     """The model with its LoRA adapters, as each library's user writes it."""
     import torch
@@ -134,12 +141,8 @@ def load_contender(name: str, spec: str, folder: str):
         import lorakit
         from lorakit.train.models import load_model
 
-        if name == "lorakit-nf4":  # the format bitsandbytes uses, re-rounded from the float weights as it does
-            from lorakit.train.precision import QuantSpec
-
-            model = load_model(spec, "causal-lm", dtype="int4", quant=QuantSpec(4, "nf4", 64)).model
-        else:
-            model = load_model(spec, "causal-lm", dtype=name.removeprefix("lorakit-")).model
+        quant = lorakit_quant(name)
+        model = load_model(spec, "causal-lm", dtype=f"int{quant.bits}", quant=quant).model
         torch.manual_seed(0)
         return lorakit.attach(model, lorakit.LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, targets=list(TARGETS)))
     from peft import LoraConfig, get_peft_model
@@ -187,10 +190,7 @@ def worker(args: argparse.Namespace) -> int:
         lin = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
         versions.update(bitsandbytes=bitsandbytes.__version__, base_layer=type(lin).__name__)
     if args.worker.startswith("lorakit-"):  # the format the packed base took (a GGUF's own blocks where they fit)
-        from lorakit.train.precision import QuantSpec, default_quant
-
-        quant = QuantSpec(4, "nf4", 64) if args.worker == "lorakit-nf4" else default_quant(args.worker.removeprefix("lorakit-"))
-        versions.update(base_format=quant.resolve(args.model).describe())
+        versions.update(base_format=lorakit_quant(args.worker).resolve(args.model).describe())
     say(event="loaded", load_s=time.perf_counter() - t0, load_peak_rss_mib=status_kib("VmHWM") / 1024,
         rss_after_load_mib=status_kib("VmRSS") / 1024, trainable=sum(p.numel() for p in trainable),
         trainable_dtype=str(trainable[0].dtype), ids_sum=int(ids.sum()), ids_shape=list(ids.shape), **versions)
@@ -261,8 +261,7 @@ def summarise(name: str, runs: list[dict]) -> dict:
     peaks = [r["peak_rss_mib"] for r in runs if r["peak_rss_mib"] is not None and not r["killed"]]
     first = next((r for r in runs if r["losses"]), None)
     fmt = next((r["base_format"] for r in runs if r.get("base_format")), None)
-    what = CONTENDERS[name] if fmt is None or name == "lorakit-nf4" else \
-        f"lorakit load_model(dtype='{name.removeprefix('lorakit-')}'): {fmt}, rest bf16"
+    what = CONTENDERS[name] if fmt is None else f"{CONTENDERS[name].split(':')[0]}: {fmt}, rest bf16"
     row = {"contender": name, "what": what, "rounds": len(runs),
            "timed_steps": len(timed), "s_per_step": round(statistics.median(timed), 3) if timed else None,
            "s_per_step_min": round(min(timed), 3) if timed else None,

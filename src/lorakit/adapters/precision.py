@@ -53,14 +53,6 @@ def _cast_outputs(dtype: torch.dtype):
     return hook
 
 
-def _own_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The parameters of ``module`` and its sub-modules outside its LoRA layers. A block whose linears are all
-    adapted and packed (``--base-dtype int8``: their frozen weights are buffers) holds only adapter parameters:
-    it is not a trainable module to run in float32, its LoRA layers compute in the activations' dtype."""
-    inside = {id(p) for m in module.modules() if isinstance(m, LoraLinear) for p in m.parameters()}
-    return [p for p in module.parameters() if id(p) not in inside]
-
-
 def use_bf16(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, fast_dropout: bool = True,
              when: str = "faster") -> nn.Module:
     """Store the frozen weights of an adapted ``model`` in ``dtype`` (see the module docstring); in place.
@@ -96,6 +88,10 @@ def use_bf16(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, fast_drop
     for name, p in model.named_parameters():
         if not p.requires_grad and p.dtype == torch.float32 and not is_adapter_parameter(name):  # (inactive adapters are frozen)
             p.data = p.data.to(dtype)
+    # Parameters of LoRA layers (adapters and base layer) are not a block's own: a block whose linears are all adapted
+    # and packed (their frozen weights are buffers) holds only adapter parameters and is no trainable module to run
+    # in float32; its LoRA layers compute in the activations' dtype.
+    in_lora = {id(p) for m in model.modules() if isinstance(m, LoraLinear) for p in m.parameters()}
     covered: list[str] = []  # LoRA layers and hooked trainable modules: their sub-modules need nothing more
     for name, module in model.named_modules():
         if not name or any(name.startswith(f"{c}.") for c in covered):
@@ -103,7 +99,7 @@ def use_bf16(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, fast_drop
         if isinstance(module, LoraLinear):
             covered.append(name)
             continue
-        params = _own_parameters(module)
+        params = [p for p in module.parameters() if id(p) not in in_lora]
         if params and all(p.requires_grad for p in params):  # a fully trainable module, e.g. a classifier head
             module.register_forward_pre_hook(_cast_inputs(torch.float32), with_kwargs=True)
             if name not in heads:
