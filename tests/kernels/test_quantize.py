@@ -76,6 +76,20 @@ def test_nf4_block_by_hand():
     assert deq[0, 64] == -3.0 and torch.all(deq[1] == 0)  # an all-zero block decodes to zero
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_nf4_dequantizes_to_the_code_value_times_absmax_in_every_dtype(dtype, monkeypatch):
+    """The byte lookup (a pair read as one wide integer; float64 by rows of the table), block by block of rows, gives
+    NF4[q] * absmax rounded once into the asked dtype."""
+    monkeypatch.setattr(kq, "LOOKUP_BYTES", 96)  # several blocks of rows
+    packed, absmax = kq.quantize_nf4(torch.randn(10, 128, generator=torch.Generator().manual_seed(3)))
+    codes = kq.unpack_nibbles(packed).long()
+    values = torch.tensor(kq.NF4_CODE, dtype=torch.float64).to(dtype)[codes]
+    expected = (values.view(10, 2, 64) * absmax.to(dtype)[..., None]).view(10, 128)
+    out = torch.full((10, 128), float("nan"), dtype=dtype)
+    assert kq.dequantize_nf4(packed, absmax, dtype, out) is out
+    assert torch.equal(out, expected)
+
+
 def test_nf4_error_within_half_the_widest_code_gap():
     w = weight()
     packed, absmax = kq.quantize_nf4(w)
