@@ -5,6 +5,7 @@
     fused_head   a decoder's loss with the head and cross-entropy fused (logit scale and soft-cap included)
     first_token  an encoder classifier's last layer computing the one row its head reads
     attention    the registration point for lorakit attention in transformers; lorakit_sdpa for CPU training
+    norms        RMSNorm layers through kernels.rms_norm in training calls (the classes a probe shows it reproduces)
     dropout      FastDropout, nn.Dropout with kernels.dropout's faster mask
 
 Kernels (pure tensor functions) live in ``lorakit.kernels``; this package applies them to models.

@@ -8,7 +8,8 @@ family (``speed.families``):
 - causal LM with labels: the fused head and cross-entropy (``speed.fused_head``), ``logits`` None;
 - encoder sequence classifier: the last layer computes the one row the head reads (``speed.first_token``);
 
-and attention goes through ``speed.attention``'s lorakit_sdpa on CPU. Every other call -- evaluation,
+and attention goes through ``speed.attention``'s lorakit_sdpa on CPU, the RMSNorm layers through
+``speed.norms``' fused function (which keeps no float32 copies for the backward). Every other call -- evaluation,
 ``torch.no_grad()``, generation, outputs the fast path does not produce (hidden states, attentions, a
 cache), a family or a call it does not cover -- is the model's own forward, unchanged. So the
 speed is the same from ``lorakit train``, an own loop (``model(**batch).loss.backward()``), HF
@@ -33,6 +34,8 @@ from lorakit.speed.attention import LORAKIT_SDPA, switch_attention, use_fast_att
 from lorakit.speed.families import causal_lm_parts
 from lorakit.speed.first_token import first_token_layer, first_token_only
 from lorakit.speed.fused_head import fused_loss_forward
+from lorakit.speed.norms import fast_norms, restore_norms
+from lorakit.speed.same_name import remake, same_name_subclass
 
 FAST_ATTR = "_lorakit_fast"
 _SUBCLASSES: dict[type, type] = {}
@@ -46,12 +49,14 @@ class FastPath:
     kind: str | None  # "fused-head", "first-token", or None (the family has no fast forward)
     original_class: type
     attention: bool  # switched from sdpa to lorakit_sdpa
+    norms: int = 0  # RMSNorm modules running kernels.rms_norm in training calls
 
     def describe(self) -> str:
         what = {"fused-head": "causal-LM loss with the head fused (logits None in training calls)",
                 "first-token": "the last encoder layer computes the one row the classifier reads",
                 None: "the model's own forward (no fast path for this family)"}[self.kind]
-        return f"{what}{'; lorakit_sdpa attention' if self.attention else ''}"
+        norms = f"; {self.norms} RMSNorm layers fused" if self.norms else ""
+        return f"{what}{'; lorakit_sdpa attention' if self.attention else ''}{norms}"
 
 
 def fast_kind(model: nn.Module) -> str | None:
@@ -73,7 +78,7 @@ def make_fast(model: nn.Module) -> FastPath:
     cls = type(model)
     if kind is not None:
         model.__class__ = _fast_subclass(cls)
-    path = FastPath(kind, cls, attention)
+    path = FastPath(kind, cls, attention, fast_norms(model))
     setattr(model, FAST_ATTR, path)
     return path
 
@@ -84,6 +89,7 @@ def remove_fast(model: nn.Module) -> None:
     if path is None:
         return
     model.__class__ = path.original_class
+    restore_norms(model)
     if path.attention and getattr(model.config, "_attn_implementation", None) == LORAKIT_SDPA:
         switch_attention(model, "sdpa")
 
@@ -132,28 +138,14 @@ def _fast_subclass(cls: type) -> type:
                     return out
             return own(self, *args, **kwargs)
 
-        def __reduce_ex__(self, protocol):
-            """Pickle (torch.save) and deepcopy as the model's own class, then swap back in (``_remake``): the
-            subclass has the original's name, so pickle could not find it by reference."""
-            fast_class = type(self)
-            self.__class__ = cls
-            try:
-                reduced = self.__reduce_ex__(protocol)
-            finally:
-                self.__class__ = fast_class
-            return (_remake, (reduced[0], reduced[1])) + tuple(reduced[2:])
-
         # the same name as the model's class: HF Trainer, save_pretrained and lorakit read type(model).__name__
-        _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__reduce_ex__": __reduce_ex__,
-                                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _SUBCLASSES[cls] = same_name_subclass(cls, {"forward": forward}, _fast_subclass)
     return _SUBCLASSES[cls]
 
 
 def _remake(make, args):
-    """Unpickling / deepcopy of a fast model: build it as its own class, give it the fast subclass again."""
-    model = make(*args)
-    model.__class__ = _fast_subclass(type(model))
-    return model
+    """Unpickling a fast model pickled before ``speed.same_name`` (its reduce named this function)."""
+    return remake(make, args, _fast_subclass)
 
 
 def _wants_more(model: nn.Module, kwargs: dict) -> bool:
