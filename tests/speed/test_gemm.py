@@ -42,3 +42,27 @@ def test_use_bf16_follows_the_decision(make_model, monkeypatch, bf16_gflops, app
     assert any("bf16 would be slower" in str(w.message) for w in caught) != applied
     forced = lorakit.use_bf16(lorakit.attach(make_model("llama"), lorakit.LoraConfig(r=2)), when="always")
     assert {p.dtype for p in forced.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_the_decision_takes_the_best_of_interleaved_rounds(monkeypatch):
+    """A disturbance on one bf16 measurement does not decide: each precision gets its best over 5 rounds, timed
+    alternately; bf16 over the budget in two rounds (no bf16 units) is not timed again."""
+    gemm.cpu_gemm_speeds.cache_clear()
+    calls = []
+    bf16_results = iter([1.0, 300.0, 290.0, 310.0, 305.0])  # the first bf16 round disturbed
+
+    def fake_peak(dtype, sizes, repeats, budget_s):
+        calls.append(dtype)
+        return 150.0 if dtype == torch.float32 else next(bf16_results)
+
+    monkeypatch.setattr(gemm, "peak_gemm", fake_peak)
+    speeds = gemm.cpu_gemm_speeds()
+    assert (speeds.fp32_gflops, speeds.bf16_gflops, speeds.bf16_pays) == (150.0, 310.0, True)
+    assert calls == [torch.float32, torch.bfloat16] * 5
+    gemm.cpu_gemm_speeds.cache_clear()
+    calls.clear()
+    monkeypatch.setattr(gemm, "peak_gemm", lambda dtype, sizes, repeats, budget_s:
+                        calls.append(dtype) or (150.0 if dtype == torch.float32 else 0.5))  # 512^3 bf16: 0.5 s
+    speeds = gemm.cpu_gemm_speeds()
+    assert not speeds.bf16_pays and calls.count(torch.bfloat16) == 2 and calls.count(torch.float32) == 5
+    gemm.cpu_gemm_speeds.cache_clear()

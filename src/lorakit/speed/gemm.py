@@ -5,7 +5,7 @@ products run as bf16 GEMMs. That is faster only where the CPU's bf16 GEMM is: on
 AVX512-BF16 a bf16 product ran at ~1 GFLOP/s against ~100 fp32; on an Intel Xeon with AVX512-BF16
 (no AMX) at 73-157 against 127-273; on an AMD EPYC Zen 4 (AVX512-BF16) at 374-423 against 142-185,
 where a bf16 training step takes 0.48-0.60 of the fp32 one. ``bf16_decision()`` times one n x n
-product in each precision (n = 512, the best of a few repeats, ``peak_gemm``, which ``lorakit bench``
+product in each precision (n = 512, the best of five rounds of both, ``peak_gemm``, which ``lorakit bench``
 also reports) and keeps fp32 unless bf16 is at least as fast: bf16 is then never slower than fp32
 by its products. GPUs are not measured (their bf16 is faster).
 """
@@ -63,9 +63,22 @@ def peak_gemm(dtype: torch.dtype, sizes=(1024, 2048, 3072), repeats: int = 3, bu
 
 
 @functools.cache
-def cpu_gemm_speeds(n: int = 512, budget_s: float = 0.1) -> GemmSpeeds:
-    """fp32 and bf16 GEMM throughput of this CPU (cached for the process)."""
-    return GemmSpeeds(peak_gemm(torch.float32, (n,), budget_s=budget_s), peak_gemm(torch.bfloat16, (n,), budget_s=budget_s), n)
+def cpu_gemm_speeds(n: int = 512, budget_s: float = 0.1, rounds: int = 5) -> GemmSpeeds:
+    """fp32 and bf16 GEMM throughput of this CPU (cached for the process): the best of ``rounds`` rounds, each timing
+    fp32 then bf16 products, so that a disturbance of a few milliseconds (the other core busy, memory being
+    reclaimed) cannot make one precision look slow -- it would have to hit every round of it, and a long one hits both
+    alike. On a Zen 4 (bf16 2.5x faster) one benchmark worker of many (peft_bnb_cpu, 1.1B NF4) ran 34 s steps
+    instead of 16, with 1.2 GiB more and the losses of fp32 products: a wrong fp32 decision from the single
+    measurement each that this replaced is the likely cause. Once bf16 has stayed over ``budget_s`` a product for two rounds (a CPU
+    without bf16 instructions: ~0.3 s each) it is not timed again. ~20 ms on a Zen 4."""
+    fp32 = bf16 = 0.0
+    over_budget = 0
+    for _ in range(rounds):
+        fp32 = max(fp32, peak_gemm(torch.float32, (n,), repeats=1, budget_s=budget_s))
+        if over_budget < 2:
+            bf16 = max(bf16, peak_gemm(torch.bfloat16, (n,), repeats=1, budget_s=budget_s))
+            over_budget = over_budget + 1 if 2 * n**3 / (bf16 * 1e9) > budget_s else 0
+    return GemmSpeeds(fp32, bf16, n)
 
 
 def bf16_decision(device: torch.device | str = "cpu") -> tuple[bool, str]:
