@@ -206,3 +206,14 @@ def test_group_wise_int8_refuses_a_width_its_group_does_not_divide():
     fmt = make_format(8, int8_group_size=32)
     assert fmt == Int8Format(group_size=32) and fmt.describe() == "int8 (symmetric, groups of 32)"
     assert packed_bytes(fmt, 64, 256) == sum(t.nbytes for t in fmt.quantize(torch.randn(64, 256)).values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int4_dequantizes_to_one_rounding_of_q_scale_plus_zero(dtype, monkeypatch):
+    """16-bit outputs are computed in float32 a block of rows at a time and rounded once: the same bits as q s + z
+    computed by addcmul in the output dtype (scale and zero rounded to it first)."""
+    monkeypatch.setattr(kq, "LOOKUP_BYTES", 200)  # several blocks of rows through the float32 buffer
+    packed, scale, zero = kq.quantize_int4(torch.randn(12, 128, generator=torch.Generator().manual_seed(4)), 32)
+    q = kq.unpack_nibbles(packed).to(dtype).view(12, 4, 32)
+    expected = torch.addcmul(zero.to(dtype)[..., None], q, scale.to(dtype)[..., None]).view(12, 128)
+    assert torch.equal(kq.dequantize_int4(packed, scale, zero, dtype), expected)

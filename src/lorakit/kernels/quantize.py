@@ -189,20 +189,31 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dt
                     out: Tensor | None = None) -> Tensor:
     """q * scale + zero per group, [out, in] in ``dtype`` (the group size is in / scale.shape[1]), into ``out``.
     The codes are their own values: each nibble is shifted or masked out and cast into its column, no table
-    (faster than the lookup: 57 against 85 ms for 4096 x 4096 on a busy 2-core AMD EPYC)."""
+    (faster than the lookup: 57 against 85 ms for 4096 x 4096 on a busy 2-core AMD EPYC). A 16-bit ``dtype`` is
+    computed a block of rows at a time in a float32 scratch buffer from the scale and zero rounded to ``dtype``,
+    then rounded once into ``out``: the bits of a 16-bit ``addcmul`` (which alone took 10.6 ms of the 13.8 for 5632 x
+    2048 to bf16 on a Zen 4, its broadcast scales in bf16), in 10.5 ms."""
     rows, half = packed.shape
     values = torch.empty(rows, half * 2, dtype=dtype, device=packed.device) if out is None else out
-    pairs = values.view(rows, half, 2)
+    groups = scale.shape[1]
+    narrow = values.element_size() == 2
+    scale, zero = scale.to(dtype), zero.to(dtype)  # (as stored for the product: rounded to the output dtype)
+    if narrow:
+        scale, zero = scale.float(), zero.float()
     step = max(1, LOOKUP_BYTES // max(half, 1))
     for r0 in range(0, rows, step):
         block = packed[r0 : r0 + step]
+        n = block.shape[0]
+        work = scratch((n, half * 2), torch.float32, packed.device, slot="int4_rows") if narrow else \
+            values[r0 : r0 + n]
+        pairs = work.view(n, half, 2)
         nibble = scratch(block.shape, torch.uint8, packed.device, slot="codes")
-        pairs[r0 : r0 + step, :, 0].copy_(torch.bitwise_right_shift(block, 4, out=nibble))
-        pairs[r0 : r0 + step, :, 1].copy_(torch.bitwise_and(block, 15, out=nibble))
-    out_f, in_f = values.shape
-    groups = scale.shape[1]
-    v = values.view(out_f, groups, in_f // groups)
-    torch.addcmul(zero.to(dtype)[..., None], v, scale.to(dtype)[..., None], out=v)  # one rounding (bf16: q s + z)
+        pairs[:, :, 0].copy_(torch.bitwise_right_shift(block, 4, out=nibble))
+        pairs[:, :, 1].copy_(torch.bitwise_and(block, 15, out=nibble))
+        v = work.view(n, groups, -1)
+        torch.addcmul(zero[r0 : r0 + n, :, None], v, scale[r0 : r0 + n, :, None], out=v)  # one rounding: q s + z
+        if narrow:
+            values[r0 : r0 + n].copy_(work)
     return values
 
 
