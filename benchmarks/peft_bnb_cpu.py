@@ -23,7 +23,8 @@ alpha=16, dropout 0 on q/k/v/o/gate/up/down_proj of every decoder block (lm_head
     peft-fp32            PEFT on an fp32 base (not run by default; --contenders to add it)
   the caller is the same for all: an own loop, model(input_ids=ids, labels=ids).loss, loss.backward(),
   AdamW.step(), zero_grad (no gradient checkpointing, no prepare_model_for_kbit_training, no clipping);
-  per contender: load time (model load + quantisation + adapters), peak RSS (VmHWM of the worker, and the peak
+  per contender: load time (model load + quantisation + adapters), minor page faults per timed step (fresh pages
+  the step touched: getrusage's ru_minflt; median), peak RSS (VmHWM of the worker, and the peak
   after loading), s/step = median of the timed steps of all rounds (each worker's first step is a warm-up, not
   timed), the loss of the first step (the adapters' B is 0, so that is the quantised base's loss: it shows both
   quantisations compute the same model), and the lorakit/PEFT ratios of step time and peak RSS.
@@ -56,6 +57,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import shlex
 import statistics
 import sys
@@ -200,13 +202,14 @@ def worker(args: argparse.Namespace) -> int:
     spent = 0.0
     for step in range(args.steps + 1):  # step 0: the warm-up
         say(event="start_step", step=step)
-        t, c = time.perf_counter(), time.process_time()
+        t, c, faults = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         s = time.perf_counter() - t
-        say(event="step", step=step, s=s, cpu_s=time.process_time() - c, loss=float(loss.detach()))
+        say(event="step", step=step, s=s, cpu_s=time.process_time() - c, loss=float(loss.detach()),
+            page_faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)  # fresh pages touched (minor faults)
         if step >= 1:
             spent += s
             if spent > args.budget_s and step < args.steps:
@@ -244,7 +247,7 @@ def run_worker(name: str, args: argparse.Namespace, folder: str, tmp: Path, rnd:
                                                                                  "base_layer") if k in loaded},
            "base_format": loaded.get("base_format"), "bf16_decision": loaded.get("bf16_decision"),
            "step_s": [round(e["s"], 3) for e in steps], "step_cpu_s": [round(e["cpu_s"], 3) for e in steps],
-           "losses": [round(e["loss"], 5) for e in steps]}
+           "losses": [round(e["loss"], 5) for e in steps], "page_faults": [e.get("page_faults") for e in steps]}
     if child["exit_status"] != 0 and not child["killed"]:
         out["error"] = first_error(log)
     if child["killed"]:
@@ -260,6 +263,7 @@ def run_worker(name: str, args: argparse.Namespace, folder: str, tmp: Path, rnd:
 def summarise(name: str, runs: list[dict]) -> dict:
     timed = [s for r in runs for s in r["step_s"][1:]]
     timed_cpu = [s for r in runs for s in r["step_cpu_s"][1:]]
+    faults = [f for r in runs for f in r.get("page_faults", [])[1:] if f is not None]
     loads = [r["load_s"] for r in runs if r["load_s"] is not None]
     peaks = [r["peak_rss_mib"] for r in runs if r["peak_rss_mib"] is not None and not r["killed"]]
     first = next((r for r in runs if r["losses"]), None)
@@ -269,6 +273,7 @@ def summarise(name: str, runs: list[dict]) -> dict:
            "timed_steps": len(timed), "s_per_step": round(statistics.median(timed), 3) if timed else None,
            "s_per_step_min": round(min(timed), 3) if timed else None,
            "cpu_s_per_step": round(statistics.median(timed_cpu), 3) if timed_cpu else None,
+           "page_faults_per_step": int(statistics.median(faults)) if faults else None,
            "tokens_per_s": round(BATCH * SEQ / statistics.median(timed), 1) if timed else None,
            "load_s": round(statistics.median(loads), 2) if loads else None,
            "peak_rss_mib": round(max(peaks), 1) if peaks else None,
