@@ -66,11 +66,11 @@ def peak_gemm(dtype: torch.dtype, sizes=(1024, 2048, 3072), repeats: int = 3, bu
 def cpu_gemm_speeds(n: int = 512, budget_s: float = 0.1, rounds: int = 5) -> GemmSpeeds:
     """fp32 and bf16 GEMM throughput of this CPU (cached for the process): the best of ``rounds`` rounds, each timing
     fp32 then bf16 products, so that a disturbance of a few milliseconds (the other core busy, memory being
-    reclaimed) cannot make one precision look slow -- it would have to hit every round of it, and a long one hits both
-    alike. On a Zen 4 (bf16 2.5x faster) one benchmark worker of many (peft_bnb_cpu, 1.1B NF4) ran 34 s steps
+    reclaimed) cannot make one precision look slow -- it would have to hit every round of it, and a long one hits
+    both alike. On a Zen 4 (bf16 2.5x faster) one benchmark worker of many (peft_bnb_cpu, 1.1B NF4) ran 34 s steps
     instead of 16, with 1.2 GiB more and the losses of fp32 products: a wrong fp32 decision from the single
-    measurement each that this replaced is the likely cause. Once bf16 has stayed over ``budget_s`` a product for two rounds (a CPU
-    without bf16 instructions: ~0.3 s each) it is not timed again. ~20 ms on a Zen 4."""
+    measurement each that this replaced is the likely cause. Once bf16 has stayed over ``budget_s`` a product for
+    two rounds (a CPU without bf16 instructions: ~0.3 s each) it is not timed again. ~20 ms on a Zen 4."""
     fp32 = bf16 = 0.0
     over_budget = 0
     for _ in range(rounds):
