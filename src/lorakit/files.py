@@ -5,6 +5,7 @@
   loads anything: the path is a directory (or can become one), is writable, and is none of the
   command's inputs, contains none and lies inside none.
 - ``OutputLock(path)``: one writer per output directory (fcntl lock, pid recorded).
+- ``cache_dir()``: where lorakit keeps what it makes once (converted models, compiled kernels).
 
 A write that fails (disk full, read-only, permission) raises ``OutputError`` naming the file
 and the reason; the temporary file is removed and what was there before is untouched.
@@ -21,6 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
+
+
+def cache_dir() -> Path:
+    """Where lorakit keeps what it makes once (converted built-in models, compiled kernels): $LORAKIT_CACHE, else
+    ~/.cache/lorakit."""
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
 
 LOCK_NAME = ".lorakit.lock"
 

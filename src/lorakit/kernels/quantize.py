@@ -17,7 +17,8 @@ Dequantisation writes straight into a float buffer of the asked dtype, in place,
 size: int8 a cast copy ``out.copy_(q)`` then ``out *= s[:, None]``; NF4 looks each packed byte up in a 256-entry
 table of its two code values read as one integer (``index_select`` into ``out``, a block of rows at a time), int4
 casts each nibble (shifted or masked out) into its column (the table was slower there); both then scale per block in
-place. The products dequantise into ``kernels.workspace``'s reused buffer, so no page of a fresh weight-sized
+place. Where the compiled kernel runs (``kernels.native``: x86-64 with AVX2, a C compiler), each format is one pass
+of it instead, with the same bits. The products dequantise into ``kernels.workspace``'s reused buffer, so no page of a fresh weight-sized
 allocation is faulted in per product (W 4096 x 4096 to fp32 on a 2-core AMD EPYC: int8 75 -> ~7 ms, NF4 76 ->
 ~17 ms; the fp32 product with 512 tokens takes 143 ms). ``QuantFormat`` objects pair a format's quantise and
 dequantise so a storage class knows a format by its tensors; ``dequantized_linear`` is y = x W^T + b for a W held
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorakit.errors import ConfigError
+from lorakit.kernels import native
 from lorakit.kernels.workspace import scratch
 
 # The 16 NF4 code values: bitsandbytes' functional.py ``get_4bit_type("nf4")`` (the quantiles of N(0, 1) of QLoRA's
@@ -41,6 +43,7 @@ from lorakit.kernels.workspace import scratch
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+NF4_VALUES = torch.tensor(NF4_CODE, dtype=torch.float64)
 NF4_BLOCK = 64  # weights per absmax block (QLoRA)
 DOUBLE_QUANT_BLOCK = 256  # block constants per second-level scale (QLoRA)
 INT4_GROUPS = (32, 64, 128)
@@ -112,8 +115,12 @@ def quantize_int8(weight: Tensor, scale_dtype: torch.dtype = torch.float32) -> t
 
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
     """q s per row (``scale`` [out]) or per group (``scale`` [out, in/g]), in ``dtype`` (written into ``out`` if
-    given: a cast copy, then the scaling in place)."""
-    out = q.to(dtype) if out is None else out.copy_(q)
+    given: a cast copy, then the scaling in place; or the compiled kernel's one pass, the same bits)."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if native.dequantize("int8", q, scale, out):
+        return out
+    out.copy_(q)
     if scale.dim() == 1:
         return out.mul_(scale.to(dtype)[:, None])
     out_f, in_f = out.shape
@@ -146,7 +153,12 @@ def quantize_nf4(weight: Tensor, block_size: int = NF4_BLOCK) -> tuple[Tensor, T
 
 def dequantize_nf4(packed: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float32,
                    out: Tensor | None = None) -> Tensor:
-    """NF4[q] * absmax of q's block, [out, in] in ``dtype`` (the block size is in / absmax.shape[1]), into ``out``."""
+    """NF4[q] * absmax of q's block, [out, in] in ``dtype`` (the block size is in / absmax.shape[1]), into ``out``
+    (by the compiled kernel where it runs: the same bits in one pass)."""
+    if out is None:
+        out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype, device=packed.device)
+    if native.dequantize("nf4", packed, absmax, out, code_values=NF4_VALUES):
+        return out
     values = _nf4_lookup(packed, dtype, out)
     out_f, in_f = values.shape
     blocks = absmax.shape[1]
@@ -193,9 +205,11 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dt
     (faster than the lookup: 57 against 85 ms for 4096 x 4096 on a busy 2-core AMD EPYC). A 16-bit ``dtype`` is
     computed a block of rows at a time in a float32 scratch buffer from the scale and zero rounded to ``dtype``,
     then rounded once into ``out``: the bits of a 16-bit ``addcmul`` (which alone took 10.6 ms of the 13.8 for 5632 x
-    2048 to bf16 on a Zen 4, its broadcast scales in bf16), in 10.5 ms."""
+    2048 to bf16 on a Zen 4, its broadcast scales in bf16), in 10.5 ms; the compiled kernel, where it runs, in ~1.3."""
     rows, half = packed.shape
     values = torch.empty(rows, half * 2, dtype=dtype, device=packed.device) if out is None else out
+    if native.dequantize("int4", packed, scale, values, zero=zero):
+        return values
     groups = scale.shape[1]
     narrow = values.element_size() == 2
     scale, zero = scale.to(dtype), zero.to(dtype)  # (as stored for the product: rounded to the output dtype)

@@ -14,14 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ModelError
-from lorakit.files import OutputError, write_atomic, write_directory
+from lorakit.files import OutputError, cache_dir, write_atomic, write_directory
 from lorakit.train.load_errors import LOAD_ERRORS
 from lorakit.train.load_errors import first_line as _first_line
-
-
-def cache_dir() -> Path:
-    """Where converted built-in models live: $LORAKIT_CACHE, else ~/.cache/lorakit."""
-    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
 
 
 SOURCE_FILE = "lorakit-source.json"  # in a converted GGUF's cache directory: the file it came from

@@ -1,0 +1,111 @@
+"""The compiled dequantisation kernel (``dequant.c``): built once per machine with the system's C compiler, loaded
+through ctypes, used where it is vectorised; the PyTorch code in ``kernels.quantize`` stays the reference and the
+fallback, and both give the same bits (tests/kernels/test_native_dequant.py).
+
+Why: a packed weight is dequantised twice per layer per step (forward and dX), and PyTorch's elementwise ops each
+make a pass over the weight (NF4: indices, lookup, scaling). One C pass, a 16-entry table per block looked up by a
+byte shuffle, is 5-8x faster: NF4 5632 x 2048 to bf16 on a 2-core AMD EPYC Zen 4, median of 30 calls, 0.7-1.2 ms
+against 5.2-8.1 ms (bitsandbytes' C++ kernel: 0.78 ms), int4 1.0-1.6 against 12-16 ms, int8 1.1-1.7 against 1.9-3.2.
+
+The library is compiled with ``$CC`` (else ``cc``) ``-O3 -march=native`` into ``cache_dir()/native/``, under a name
+that hashes the source, the compiler's version and the CPU's flags, so a home directory shared by machines with
+different CPUs never runs code built for another one. No compiler, a failed build, or a CPU without AVX2/FMA/F16C
+(the plain C loops are no faster than PyTorch's): the PyTorch path, silently, once per process. ``LORAKIT_NATIVE=0``
+turns the kernel off (to compare or to rule it out).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lorakit.files import cache_dir
+
+SOURCE = Path(__file__).with_name("dequant.c")
+KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+FORMATS = {"nf4": 0, "int4": 1, "int8": 2}
+CODES = {"nf4": torch.uint8, "int4": torch.uint8, "int8": torch.int8}
+BUILD_TIMEOUT_S = 120
+
+_kernel: ctypes._CFuncPtr | None | bool = None  # None: not tried yet; False: unavailable in this process
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path | None:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_flags(), platform.machine()]).encode())
+    target = cache_dir() / "native" / f"dequant-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:  # built beside it, renamed into place whole
+        built = Path(work) / target.name
+        done = subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", str(SOURCE), "-o",
+                               str(built), "-lm"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            return None
+        os.replace(built, target)
+    return target
+
+
+def kernel() -> ctypes._CFuncPtr | None:
+    """The loaded ``lorakit_dequantize`` function, or None where it cannot be used (see the module docstring)."""
+    global _kernel
+    if _kernel is None:
+        _kernel = False
+        compiler = shutil.which(os.environ.get("CC") or "cc")
+        if os.environ.get("LORAKIT_NATIVE", "1") != "0" and compiler is not None:
+            try:
+                path = _build(compiler)
+                library = ctypes.CDLL(str(path)) if path is not None else None
+            except (OSError, subprocess.SubprocessError):
+                library = None
+            if library is not None and library.lorakit_vectorised():
+                f = library.lorakit_dequantize
+                f.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+                f.restype = ctypes.c_int
+                _kernel = f
+    return _kernel or None
+
+
+def _scales(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Per-block scales (or zeros) as the float32 the kernel reads, rounded to the output dtype first."""
+    return None if t is None else t.to(dtype).float().contiguous()
+
+
+def dequantize(fmt: str, codes: Tensor, scale: Tensor, out: Tensor, zero: Tensor | None = None,
+               code_values: Tensor | None = None) -> bool:
+    """Write the dequantised weight into ``out`` [rows, in] with the compiled kernel; False (``out`` untouched) where
+    the kernel is unavailable or the tensors are not plain contiguous CPU tensors it takes. ``codes``: [rows, in/2]
+    uint8 (4-bit) or [rows, in] int8; ``scale`` (and ``zero``): one per block, [rows] or [rows, blocks];
+    ``code_values``: NF4's 16 values in ``out``'s dtype."""
+    f = kernel()
+    if f is None or out.dtype not in KINDS or codes.dtype != CODES[fmt] or out.device.type != "cpu":
+        return False
+    if not (codes.is_contiguous() and out.is_contiguous() and codes.device.type == "cpu"):
+        return False
+    blocks = scale.numel()
+    if blocks == 0 or out.numel() % blocks or codes.numel() * (1 if fmt == "int8" else 2) != out.numel():
+        return False
+    keep = [_scales(scale, out.dtype), _scales(zero, out.dtype), _scales(code_values, out.dtype)]
+    s, z, c = (0 if t is None else t.data_ptr() for t in keep)
+    return f(FORMATS[fmt], KINDS[out.dtype], codes.data_ptr(), c, s, z, out.data_ptr(), blocks, out.numel() // blocks,
+             torch.get_num_threads()) == 0
