@@ -30,7 +30,7 @@ from lorakit.adapters.layer import BASE, LoraLinear
 from lorakit.module_kinds import linear_shape
 from lorakit.adapters.targets import Resolution, _under, resolve
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.speed.allocator import return_freed_memory_to_the_system
+from lorakit.speed.allocator import return_freed_memory_to_the_system, reuse_freed_blocks
 from lorakit.speed.forward import make_fast, remove_fast
 from lorakit.speed.widen import widen_where_bf16_is_slow
 
@@ -131,7 +131,8 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
 
     ``fast`` (default True): the model's own forward becomes the fast one in training calls, for any
     caller (``lorakit.speed.forward``: the fused head and loss for decoders, with ``logits`` None in
-    those calls; the one-row last layer for encoder classifiers; lorakit_sdpa attention on CPU).
+    those calls; the one-row last layer for encoder classifiers; lorakit_sdpa attention on CPU), and
+    PyTorch's CPU allocator keeps freed blocks for reuse (``speed.allocator.reuse_freed_blocks``).
     Evaluation, no-grad and generation calls run the model's forward unchanged. ``fast=False`` keeps
     the model's forward as it is.
     """
@@ -183,6 +184,7 @@ def attach(model: nn.Module, config: LoraConfig | None = None, *, name: str = DE
     variant.install(model)
     if first and fast:
         make_fast(model)
+        reuse_freed_blocks()  # a training step's temporaries reuse the blocks the last layer freed (speed.allocator)
         widen_where_bf16_is_slow(model)  # a base loaded in bf16 on a CPU whose bf16 products are slow: fp32 products
     return model
 

@@ -1,5 +1,6 @@
-"""The compiled dequantisation kernel (``dequant.c``): built once per machine with the system's C compiler, loaded
-through ctypes, used where it is vectorised; the PyTorch code in ``kernels.quantize`` stays the reference and the
+"""Compiled code: ``build()`` makes a shared library of a C/C++ source once per machine (``speed.allocator``'s block
+cache uses it too), and the dequantisation kernel (``dequant.c``), built with the system's C compiler, loaded
+through ctypes, is used where it is vectorised; the PyTorch code in ``kernels.quantize`` stays the reference and the
 fallback, and both give the same bits (tests/kernels/test_native_dequant.py).
 
 Why: a packed weight is dequantised twice per layer per step (forward and dX), and PyTorch's elementwise ops each
@@ -49,21 +50,34 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(compiler: str) -> Path | None:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, _cpu_flags(), platform.machine()]).encode())
-    target = cache_dir() / "native" / f"dequant-{key.hexdigest()[:16]}.so"
-    if target.exists():
+def enabled() -> bool:
+    """Whether lorakit may build and load compiled code in this process (``LORAKIT_NATIVE=0``: it may not)."""
+    return os.environ.get("LORAKIT_NATIVE", "1") != "0"
+
+
+def build(source: Path, compiler: str, flags: list[str], libraries: list[str] = ()) -> Path | None:
+    """``source`` compiled into a shared library in ``cache_dir()/native/`` (once: its name hashes the source, the
+    compiler's version, the flags and the CPU), or None where there is no such compiler or the build fails."""
+    path = shutil.which(compiler)
+    if path is None or not enabled():
+        return None
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = "\0".join([source.read_text(), version, *flags, *libraries, _cpu_flags(), platform.machine()])
+        target = cache_dir() / "native" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:  # built beside it, renamed into place whole
+            built = Path(work) / target.name
+            done = subprocess.run([path, *flags, "-shared", "-fPIC", str(source), "-o", str(built), *libraries],
+                                  capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            if done.returncode != 0:
+                return None
+            os.replace(built, target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:  # built beside it, renamed into place whole
-        built = Path(work) / target.name
-        done = subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", str(SOURCE), "-o",
-                               str(built), "-lm"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            return None
-        os.replace(built, target)
-    return target
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def kernel() -> ctypes._CFuncPtr | None:
@@ -71,18 +85,16 @@ def kernel() -> ctypes._CFuncPtr | None:
     global _kernel
     if _kernel is None:
         _kernel = False
-        compiler = shutil.which(os.environ.get("CC") or "cc")
-        if os.environ.get("LORAKIT_NATIVE", "1") != "0" and compiler is not None:
-            try:
-                path = _build(compiler)
-                library = ctypes.CDLL(str(path)) if path is not None else None
-            except (OSError, subprocess.SubprocessError):
-                library = None
-            if library is not None and library.lorakit_vectorised():
-                f = library.lorakit_dequantize
-                f.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-                f.restype = ctypes.c_int
-                _kernel = f
+        path = build(SOURCE, os.environ.get("CC") or "cc", ["-O3", "-march=native", "-pthread"], ["-lm"])
+        try:
+            library = ctypes.CDLL(str(path)) if path is not None else None
+        except OSError:
+            library = None
+        if library is not None and library.lorakit_vectorised():
+            f = library.lorakit_dequantize
+            f.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+            f.restype = ctypes.c_int
+            _kernel = f
     return _kernel or None
 
 
