@@ -192,10 +192,13 @@ def worker(args: argparse.Namespace) -> int:
         lin = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
         versions.update(bitsandbytes=bitsandbytes.__version__, base_layer=type(lin).__name__)
     if args.worker.startswith("lorakit-"):  # the format the packed base took (a GGUF's own blocks where they fit)
+        from lorakit.kernels.native import kernel
+        from lorakit.speed.allocator import block_cache_stats
         from lorakit.speed.gemm import bf16_decision
 
         versions.update(base_format=lorakit_quant(args.worker).resolve(args.model).describe(),
-                        bf16_decision=bf16_decision()[1])  # (measured once per process: bf16 or fp32 products)
+                        bf16_decision=bf16_decision()[1],  # (measured once per process: bf16 or fp32 products)
+                        compiled_dequantisation=kernel() is not None, block_cache=block_cache_stats() is not None)
     say(event="loaded", load_s=time.perf_counter() - t0, load_peak_rss_mib=status_kib("VmHWM") / 1024,
         rss_after_load_mib=status_kib("VmRSS") / 1024, trainable=sum(p.numel() for p in trainable),
         trainable_dtype=str(trainable[0].dtype), ids_sum=int(ids.sum()), ids_shape=list(ids.shape), **versions)
@@ -215,7 +218,8 @@ def worker(args: argparse.Namespace) -> int:
             if spent > args.budget_s and step < args.steps:
                 say(event="budget", steps_done=step, spent_s=spent)
                 break
-    say(event="done", peak_rss_mib=status_kib("VmHWM") / 1024)
+    say(event="done", peak_rss_mib=status_kib("VmHWM") / 1024, **(
+        {"block_cache": block_cache_stats()} if args.worker.startswith("lorakit-") else {}))
     return 0
 
 
@@ -246,6 +250,7 @@ def run_worker(name: str, args: argparse.Namespace, folder: str, tmp: Path, rnd:
            "ids_sum": loaded.get("ids_sum"), "versions": {k: loaded[k] for k in ("torch", "threads", "bitsandbytes",
                                                                                  "base_layer") if k in loaded},
            "base_format": loaded.get("base_format"), "bf16_decision": loaded.get("bf16_decision"),
+           "compiled_dequantisation": loaded.get("compiled_dequantisation"), "block_cache": done.get("block_cache"),
            "step_s": [round(e["s"], 3) for e in steps], "step_cpu_s": [round(e["cpu_s"], 3) for e in steps],
            "losses": [round(e["loss"], 5) for e in steps], "page_faults": [e.get("page_faults") for e in steps]}
     if child["exit_status"] != 0 and not child["killed"]:
