@@ -12,7 +12,7 @@ The library is compiled with ``$CC`` (else ``cc``) ``-O3 -march=native`` into ``
 that hashes the source, the compiler's version and the CPU's flags, so a home directory shared by machines with
 different CPUs never runs code built for another one. No compiler, a failed build, or a CPU without AVX2/FMA/F16C
 (the plain C loops are no faster than PyTorch's): the PyTorch path, silently, once per process. ``LORAKIT_NATIVE=0``
-turns the kernel off (to compare or to rule it out).
+turns all compiled code off (to compare or to rule it out).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def dequantize(fmt: str, codes: Tensor, scale: Tensor, out: Tensor, zero: Tensor
     """Write the dequantised weight into ``out`` [rows, in] with the compiled kernel; False (``out`` untouched) where
     the kernel is unavailable or the tensors are not plain contiguous CPU tensors it takes. ``codes``: [rows, in/2]
     uint8 (4-bit) or [rows, in] int8; ``scale`` (and ``zero``): one per block, [rows] or [rows, blocks];
-    ``code_values``: NF4's 16 values in ``out``'s dtype."""
+    ``code_values``: NF4's 16 code values (rounded to ``out``'s dtype here, as the PyTorch path's table is)."""
     f = kernel()
     if f is None or out.dtype not in KINDS or codes.dtype != CODES[fmt] or out.device.type != "cpu":
         return False
