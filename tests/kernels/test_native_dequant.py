@@ -74,8 +74,30 @@ def test_tensors_the_kernel_does_not_take_fall_back_to_pytorch(monkeypatch):
                        reference)
     assert not native.dequantize("nf4", tensors["qweight"], tensors["absmax"], torch.empty(8, 128, dtype=torch.float64),
                                  code_values=kq.NF4_VALUES)
-    assert not native.dequantize("nf4", tensors["qweight"], tensors["absmax"][:3, :1],  # 3 blocks do not split 1024
+    assert not native.dequantize("nf4", tensors["qweight"], tensors["absmax"][:3, :1],  # 3 rows of scales for 8
                                  torch.empty(8, 128, dtype=torch.bfloat16), code_values=kq.NF4_VALUES)
+    out = torch.full((8, 128), 7.0, dtype=torch.bfloat16)
+    assert not native.dequantize("nf4", tensors["qweight"], tensors["absmax"], out)  # no code values
+    assert not native.dequantize("nf4", tensors["qweight"], tensors["absmax"], out.view(128, 8),  # out's shape
+                                 code_values=kq.NF4_VALUES)
+    int4 = kq.Int4Format(group_size=32).quantize(weight(8, 128))
+    assert not native.dequantize("int4", int4["qweight"], int4["scale"], out)  # no zero
+    assert not native.dequantize("int4", int4["qweight"], int4["scale"], out, zero=int4["zero"][:1])
+    q8, s8 = kq.quantize_int8(weight(3, 10))
+    assert not native.dequantize("int8", q8, s8[:2], torch.empty(3, 10))  # a scale per row, not 2 for 3 rows
+    assert not native.dequantize("int8", q8, s8.to("meta"), torch.empty(3, 10))
+    assert torch.equal(out, torch.full((8, 128), 7.0, dtype=torch.bfloat16))  # untouched by every refusal
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_nan_or_inf_scale_gives_nan_and_inf_as_pytorch_does(monkeypatch, dtype):
+    q, s = kq.quantize_int8(weight(3, 64))
+    s[0], s[1] = float("nan"), float("inf")
+    fast = kq.dequantize_int8(q, s, dtype)
+    reference = with_pytorch(monkeypatch, lambda: kq.dequantize_int8(q, s, dtype))
+    assert torch.equal(fast.isnan(), reference.isnan()) and torch.equal(fast.isinf(), reference.isinf())
+    assert fast[0].isnan().all() and torch.equal(fast[2], reference[2])
 
 
 def fresh(monkeypatch, tmp_path, **env):
@@ -107,6 +129,9 @@ def test_built_once_into_the_cache_under_a_name_of_source_compiler_and_cpu(monke
     assert len(built) == 1 and not list((tmp_path / "cache" / "native").glob("tmp*"))  # no half-built leftovers
     mtime = built[0].stat().st_mtime_ns
     assert fresh(monkeypatch, tmp_path) is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert fresh(monkeypatch, tmp_path, CC=f"env {os.environ.get('CC') or 'cc'}") is not None  # a compiler with words
+    assert len(list((tmp_path / "cache" / "native").glob("dequant-*.so"))) == 1  # (the same compiler: its build)
+    monkeypatch.delenv("CC")
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : another cpu")
     assert fresh(monkeypatch, tmp_path) is not None
     assert len(list((tmp_path / "cache" / "native").glob("dequant-*.so"))) == 2

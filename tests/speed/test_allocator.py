@@ -121,3 +121,15 @@ def test_attach_installs_it_the_losses_are_the_same_and_lorakit_native_0_keeps_p
         pytest.skip("no C++ compiler here: PyTorch keeps its own allocator")
     assert [d[0] for d in done] == ["True", "False", "False"]
     assert done[0][1] == done[1][1] == done[2][1]  # the same bits of the loss after 3 steps
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_negative_limit_holds_nothing():
+    code = ("import torch; from lorakit.speed import allocator\n"
+            "print(allocator.reuse_freed_blocks(-1), end=' ')\n"
+            "for _ in range(5): t = torch.empty(2**20); del t\n"
+            "print(allocator.block_cache_stats())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    installed, stats = out.split(" ", 1)
+    assert installed == "False"
+    assert eval(stats) is None or eval(stats)["held"] == 0  # (None: no C++ compiler here)

@@ -6,12 +6,13 @@
  *   nf4   a block of `block` codes (two per byte, the even column in the high nibble) with absmax s:
  *         w = round(c_k s), c_k the NF4 code value and s both already rounded to the output dtype (PyTorch:
  *         the code table in the dtype, times absmax.to(dtype))
- *   int4  a group with scale s and zero z (rounded to the output dtype): w = round(fma(k, s, z)) (PyTorch's addcmul;
- *         for a 16-bit s, k s is exact in float, so the fused and the two-step sums agree)
+ *   int4  a group with scale s and zero z (rounded to the output dtype): w = round(fma(k, s, z)) (PyTorch's addcmul,
+ *         whose AVX2/AVX-512 kernels fuse it; for a 16-bit s, k s is exact in float, so the fused and the two-step sums
+ *         agree, while into fp32 under ATEN_CPU_CAPABILITY=default PyTorch's unfused sum may differ in the last bit)
  *   int8  a row or group with scale s (rounded to the output dtype): w = round(q s)
  *
  * round() is round-to-nearest-even into the output dtype (PyTorch's float -> bf16 / fp16 conversion), nothing for
- * fp32. A 4-bit block's 16 values are computed once; into a 16-bit dtype each code is then one byte shuffle
+ * fp32; a NaN becomes bf16 0xffff, as PyTorch's vectorised conversion writes it. A 4-bit block's 16 values are computed once; into a 16-bit dtype each code is then one byte shuffle
  * (pshufb looks 16 codes up in the table's low and high bytes), into fp32 one permute of two 8-float registers.
  */
 #include <math.h>
@@ -37,7 +38,7 @@ typedef struct {
 static inline uint16_t round_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN: PyTorch's quiet NaN */
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffff; /* NaN: as PyTorch's vectorised conversion */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
@@ -63,14 +64,14 @@ static inline float value4(const Job *j, int k, float s, float z) {
 }
 
 #ifdef __AVX2__
-/* 8 floats -> 8 16-bit values (bf16: round to nearest even by integer adds, NaN as 0x7fc0) */
+/* 8 floats -> 8 16-bit values (bf16: round to nearest even by integer adds, NaN as 0xffff) */
 static inline __m128i round8(__m256 v, int kind) {
     if (kind == KIND_F16) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
     const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
     const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
     __m256i w = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    w = _mm256_blendv_epi8(w, _mm256_set1_epi32(0x7fc0), nan);
+    w = _mm256_blendv_epi8(w, _mm256_set1_epi32(0xffff), nan);
     return _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
 }
 

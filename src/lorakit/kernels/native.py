@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -57,12 +58,15 @@ def enabled() -> bool:
 
 def build(source: Path, compiler: str, flags: list[str], libraries: list[str] = ()) -> Path | None:
     """``source`` compiled into a shared library in ``cache_dir()/native/`` (once: its name hashes the source, the
-    compiler's version, the flags and the CPU), or None where there is no such compiler or the build fails."""
-    path = shutil.which(compiler)
+    compiler's version, the flags and the CPU), or None where there is no such compiler or the build fails.
+    ``compiler`` may carry words of its own (``CC="ccache gcc"``)."""
+    words = shlex.split(compiler)
+    path = shutil.which(words[0]) if words else None
     if path is None or not enabled():
         return None
+    words[0] = path
     try:
-        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*words, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = "\0".join([source.read_text(), version, *flags, *libraries, _cpu_flags(), platform.machine()])
         target = cache_dir() / "native" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
         if target.exists():
@@ -70,7 +74,7 @@ def build(source: Path, compiler: str, flags: list[str], libraries: list[str] = 
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as work:  # built beside it, renamed into place whole
             built = Path(work) / target.name
-            done = subprocess.run([path, *flags, "-shared", "-fPIC", str(source), "-o", str(built), *libraries],
+            done = subprocess.run([*words, *flags, "-shared", "-fPIC", str(source), "-o", str(built), *libraries],
                                   capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             if done.returncode != 0:
                 return None
@@ -110,14 +114,30 @@ def dequantize(fmt: str, codes: Tensor, scale: Tensor, out: Tensor, zero: Tensor
     uint8 (4-bit) or [rows, in] int8; ``scale`` (and ``zero``): one per block, [rows] or [rows, blocks];
     ``code_values``: NF4's 16 code values (rounded to ``out``'s dtype here, as the PyTorch path's table is)."""
     f = kernel()
-    if f is None or out.dtype not in KINDS or codes.dtype != CODES[fmt] or out.device.type != "cpu":
-        return False
-    if not (codes.is_contiguous() and out.is_contiguous() and codes.device.type == "cpu"):
-        return False
-    blocks = scale.numel()
-    if blocks == 0 or out.numel() % blocks or codes.numel() * (1 if fmt == "int8" else 2) != out.numel():
+    if f is None or out.dtype not in KINDS or codes.dtype != CODES[fmt] or not _takes(fmt, codes, scale, out, zero,
+                                                                                       code_values):
         return False
     keep = [_scales(scale, out.dtype), _scales(zero, out.dtype), _scales(code_values, out.dtype)]
     s, z, c = (0 if t is None else t.data_ptr() for t in keep)
+    blocks = scale.numel()
     return f(FORMATS[fmt], KINDS[out.dtype], codes.data_ptr(), c, s, z, out.data_ptr(), blocks, out.numel() // blocks,
              torch.get_num_threads()) == 0
+
+
+def _takes(fmt: str, codes: Tensor, scale: Tensor, out: Tensor, zero: Tensor | None,
+           code_values: Tensor | None) -> bool:
+    """Plain contiguous CPU tensors of matching shapes: ``out`` [rows, in], codes [rows, in] (int8) or [rows, in/2],
+    ``scale`` (and int4's ``zero``, same shape) [rows] or [rows, blocks] with blocks dividing in, NF4's 16 code values."""
+    tensors = [codes, scale, out] + [t for t in (zero, code_values) if t is not None]
+    if any(t.device.type != "cpu" for t in tensors) or not (codes.is_contiguous() and out.is_contiguous()):
+        return False
+    if codes.dim() != 2 or out.dim() != 2 or scale.dim() not in (1, 2) or scale.numel() == 0:
+        return False
+    rows, width = out.shape
+    per_row = 1 if scale.dim() == 1 else scale.shape[1]
+    if tuple(codes.shape) != (rows, width if fmt == "int8" else width // 2) or scale.shape[0] != rows or \
+            width % per_row or (fmt != "int8" and width % 2):
+        return False
+    if fmt == "int4" and (zero is None or zero.shape != scale.shape):
+        return False
+    return fmt != "nf4" or (code_values is not None and code_values.numel() == 16)

@@ -33,7 +33,9 @@ setting, alternated, 2 rounds x 3 steps after a warm-up), AMD EPYC Zen 4, 2 core
 3168-3172 -> 3210-3214 MiB; holding up to 1 GiB faulted less (0.21 million) but was no faster. It is compiled
 against the running torch (``kernels.native.build``, C++ with torch's headers, ~1 s, once per machine); without a
 C++ compiler, with ``LORAKIT_NATIVE=0`` or with ``LORAKIT_BLOCK_CACHE_MIB=0``, PyTorch keeps its own allocator
-(``LORAKIT_BLOCK_CACHE_MIB=N``: hold at most N MiB).
+(``LORAKIT_BLOCK_CACHE_MIB=N``: hold at most N MiB). While it is in place ``torch.profiler``'s
+``profile_memory`` sees no CPU allocations (PyTorch's allocator reports them, this one does not): profile memory
+with ``LORAKIT_BLOCK_CACHE_MIB=0``.
 
 A user who set ``MALLOC_MMAP_THRESHOLD_`` in the environment keeps their setting; off glibc nothing changes.
 ``trim()`` gives the heap's free pages and the cache's free blocks back now, for a loader that frees temporaries
@@ -120,6 +122,7 @@ def reuse_freed_blocks(limit_bytes: int | None = None) -> bool:
     if limit_bytes is None:
         mib = os.environ.get("LORAKIT_BLOCK_CACHE_MIB", "")
         limit_bytes = int(mib) << 20 if mib.isdigit() else BLOCK_CACHE_BYTES
+    limit_bytes = min(max(int(limit_bytes), 0), 1 << 62)  # (a negative limit holds nothing; no uint64 wrap-around)
     library = _block_cache() if limit_bytes > 0 or _BLOCK_CACHE else None
     if library is None:
         return False

@@ -56,18 +56,23 @@ struct Cache {
     }
 };
 
-void unlock_in_child();
+void lock_for_fork();
+void unlock_in_parent();
+void fresh_in_child();
 
 Cache& cache() {
     static Cache* c = [] {
-        pthread_atfork(nullptr, nullptr, unlock_in_child);
+        pthread_atfork(lock_for_fork, unlock_in_parent, fresh_in_child);
         return new Cache();  // never destroyed: tensors may be freed during interpreter shutdown
     }();
     return *c;
 }
 
-// A child forked while another thread held the lock (a DataLoader worker) gets a fresh, unlocked mutex.
-void unlock_in_child() { new (&cache().mutex) std::mutex(); }
+// fork() waits for the lock, so the child's copy of the lists is never half-updated; the child gets a fresh mutex
+// (the parent's thread that locked it does not exist there).
+void lock_for_fork() { cache().mutex.lock(); }
+void unlock_in_parent() { cache().mutex.unlock(); }
+void fresh_in_child() { new (&cache().mutex) std::mutex(); }
 
 void release(void* p) {
     if (p == nullptr) return;
