@@ -29,6 +29,7 @@ def cache_dir() -> Path:
     ~/.cache/lorakit."""
     return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
 
+
 LOCK_NAME = ".lorakit.lock"
 
 

@@ -84,16 +84,21 @@ def build(source: Path, compiler: str, flags: list[str], libraries: list[str] = 
         return None
 
 
+def load(source: Path, compiler: str, flags: list[str], libraries: list[str] = ()) -> ctypes.CDLL | None:
+    """``build(...)`` loaded into this process, or None where it cannot be built or loaded."""
+    path = build(source, compiler, flags, libraries)
+    try:
+        return ctypes.CDLL(str(path)) if path is not None else None
+    except OSError:
+        return None
+
+
 def kernel() -> ctypes._CFuncPtr | None:
     """The loaded ``lorakit_dequantize`` function, or None where it cannot be used (see the module docstring)."""
     global _kernel
     if _kernel is None:
         _kernel = False
-        path = build(SOURCE, os.environ.get("CC") or "cc", ["-O3", "-march=native", "-pthread"], ["-lm"])
-        try:
-            library = ctypes.CDLL(str(path)) if path is not None else None
-        except OSError:
-            library = None
+        library = load(SOURCE, os.environ.get("CC") or "cc", ["-O3", "-march=native", "-pthread"], ["-lm"])
         if library is not None and library.lorakit_vectorised():
             f = library.lorakit_dequantize
             f.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -127,7 +132,8 @@ def dequantize(fmt: str, codes: Tensor, scale: Tensor, out: Tensor, zero: Tensor
 def _takes(fmt: str, codes: Tensor, scale: Tensor, out: Tensor, zero: Tensor | None,
            code_values: Tensor | None) -> bool:
     """Plain contiguous CPU tensors of matching shapes: ``out`` [rows, in], codes [rows, in] (int8) or [rows, in/2],
-    ``scale`` (and int4's ``zero``, same shape) [rows] or [rows, blocks] with blocks dividing in, NF4's 16 code values."""
+    ``scale`` (and int4's ``zero``, same shape) [rows] or [rows, blocks] with blocks dividing in; NF4's 16 code
+    values."""
     tensors = [codes, scale, out] + [t for t in (zero, code_values) if t is not None]
     if any(t.device.type != "cpu" for t in tensors) or not (codes.is_contiguous() and out.is_contiguous()):
         return False

@@ -18,11 +18,11 @@ size: int8 a cast copy ``out.copy_(q)`` then ``out *= s[:, None]``; NF4 looks ea
 table of its two code values read as one integer (``index_select`` into ``out``, a block of rows at a time), int4
 casts each nibble (shifted or masked out) into its column (the table was slower there); both then scale per block in
 place. Where the compiled kernel runs (``kernels.native``: x86-64 with AVX2, a C compiler), each format is one pass
-of it instead, with the same bits. The products dequantise into ``kernels.workspace``'s reused buffer, so no page of a fresh weight-sized
-allocation is faulted in per product (W 4096 x 4096 to fp32 on a 2-core AMD EPYC: int8 75 -> ~7 ms, NF4 76 ->
-~17 ms; the fp32 product with 512 tokens takes 143 ms). ``QuantFormat`` objects pair a format's quantise and
-dequantise so a storage class knows a format by its tensors; ``dequantized_linear`` is y = x W^T + b for a W held
-packed, whose backward dequantises W again (nothing in float is saved between the passes).
+of it instead, with the same bits. The products dequantise into ``kernels.workspace``'s reused buffer, so no page of
+a fresh weight-sized allocation is faulted in per product (W 4096 x 4096 to fp32 on a 2-core AMD EPYC: int8 75 ->
+~7 ms, NF4 76 -> ~17 ms; the fp32 product with 512 tokens takes 143 ms). ``QuantFormat`` objects pair a format's
+quantise and dequantise so a storage class knows a format by its tensors; ``dequantized_linear`` is y = x W^T + b
+for a W held packed, whose backward dequantises W again (nothing in float is saved between the passes).
 """
 
 from __future__ import annotations

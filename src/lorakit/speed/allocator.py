@@ -102,16 +102,12 @@ def trim() -> None:
 def _block_cache() -> ctypes.CDLL | None:
     global _BLOCK_CACHE
     if _BLOCK_CACHE is None:
-        _BLOCK_CACHE = False
         root = Path(torch.__file__).parent
         abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
-        path = native.build(BLOCK_CACHE_SOURCE, os.environ.get("CXX") or "c++",
-                            ["-O2", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DLORAKIT_TORCH={torch.__version__}",
-                             f"-I{root / 'include'}"], [f"-L{root / 'lib'}", "-lc10", f"-Wl,-rpath,{root / 'lib'}"])
-        try:
-            _BLOCK_CACHE = ctypes.CDLL(str(path)) if path is not None else False
-        except OSError:
-            pass
+        flags = ["-O2", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}",
+                 f"-DLORAKIT_TORCH={torch.__version__}"]  # (in the build's name: another torch rebuilds)
+        _BLOCK_CACHE = native.load(BLOCK_CACHE_SOURCE, os.environ.get("CXX") or "c++", flags,
+                                   [f"-L{root / 'lib'}", "-lc10", f"-Wl,-rpath,{root / 'lib'}"]) or False
     return _BLOCK_CACHE or None
 
 
