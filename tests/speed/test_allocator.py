@@ -133,3 +133,14 @@ def test_a_negative_limit_holds_nothing():
     installed, stats = out.split(" ", 1)
     assert installed == "False"
     assert eval(stats) is None or eval(stats)["held"] == 0  # (None: no C++ compiler here)
+
+
+def test_a_block_cache_size_that_is_not_a_number_is_one_error_line(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(f'{{"text": "row {i} of some text"}}\n' for i in range(8)))
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--model", "builtin:smollm2", "--data", str(data),
+                           "--task", "causal-lm", "--steps", "1", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "LORAKIT_BLOCK_CACHE_MIB": "256M"})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("lorakit: error: LORAKIT_BLOCK_CACHE_MIB='256M' is not")
+    assert not (tmp_path / "out").exists()  # refused before the run claimed its output or loaded the model

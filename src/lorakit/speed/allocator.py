@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.errors import ConfigError
 from lorakit.kernels import native
 
 MMAP_THRESHOLD = 1 << 20  # bytes: a block this large or larger is mmap'ed, and unmapped when freed
@@ -111,13 +112,23 @@ def _block_cache() -> ctypes.CDLL | None:
     return _BLOCK_CACHE or None
 
 
+def block_cache_limit() -> int:
+    """The bytes of free blocks the cache may hold: $LORAKIT_BLOCK_CACHE_MIB MiB, else ``BLOCK_CACHE_BYTES``;
+    ConfigError naming the value where it is not a whole number (``lorakit train`` asks before it loads)."""
+    mib = os.environ.get("LORAKIT_BLOCK_CACHE_MIB", "").strip()
+    if mib and not mib.isdigit():
+        raise ConfigError(f"LORAKIT_BLOCK_CACHE_MIB={mib!r} is not a whole number of MiB; set it to one (e.g. 256), "
+                          "or to 0 to keep PyTorch's own allocator")
+    return int(mib) << 20 if mib else BLOCK_CACHE_BYTES
+
+
 def reuse_freed_blocks(limit_bytes: int | None = None) -> bool:
     """Make the block cache (see the module docstring) PyTorch's CPU allocator, holding at most ``limit_bytes`` of
     free blocks (default: $LORAKIT_BLOCK_CACHE_MIB MiB, else ``BLOCK_CACHE_BYTES``); returns whether it is in place
-    (False without a C++ compiler, with LORAKIT_NATIVE=0 or a limit of 0)."""
+    (False without a C++ compiler, with LORAKIT_NATIVE=0 or a limit of 0). A $LORAKIT_BLOCK_CACHE_MIB that is not a
+    whole number raises ConfigError naming it."""
     if limit_bytes is None:
-        mib = os.environ.get("LORAKIT_BLOCK_CACHE_MIB", "")
-        limit_bytes = int(mib) << 20 if mib.isdigit() else BLOCK_CACHE_BYTES
+        limit_bytes = block_cache_limit()
     limit_bytes = min(max(int(limit_bytes), 0), 1 << 62)  # (a negative limit holds nothing; no uint64 wrap-around)
     library = _block_cache() if limit_bytes > 0 or _BLOCK_CACHE else None
     if library is None:

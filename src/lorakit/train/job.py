@@ -23,6 +23,7 @@ from torch import nn
 from lorakit.adapters import attach, save_adapter
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.files import OutputError, write_atomic
+from lorakit.speed.allocator import block_cache_limit
 from lorakit.speed.checkpointing import use_gradient_checkpointing
 from lorakit.speed.forward import fast_path
 from lorakit.train import checkpoint as ckpt
@@ -51,6 +52,7 @@ def run(cfg: TrainConfig, *, hooks: list[StepHook] | None = None) -> dict[str, A
         if d.is_main and not cfg.dry_run:  # a bad --out first, before the model is looked at
             settle_leftover(cfg)
             check_output(cfg)
+        block_cache_limit()  # a bad LORAKIT_BLOCK_CACHE_MIB before the model is read (attach reads it)
         plan = plan_run(cfg, d)  # refuses a run that will not fit, before anything is read or moved
         if cfg.dry_run:
             if d.is_main:
