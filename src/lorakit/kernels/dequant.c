@@ -1,6 +1,6 @@
 /* Dequantisation of a packed frozen weight into bf16 / fp16 / fp32: the same bits as kernels/quantize.py's PyTorch
- * code, 3-8x faster. Compiled on first use by kernels/native.py (cc -O3 -march=native, into the lorakit cache) and
- * called through ctypes; lorakit uses it only where it is vectorised (AVX2 + FMA + F16C: x86-64-v3 and later) and
+ * code, 1.4-12x faster (kernels/native.py has the timings). Compiled on first use by kernels/native.py (cc -O3
+ * -march=native, into the lorakit cache) and called through ctypes; lorakit uses it only where it is vectorised (AVX2 + FMA + F16C: x86-64-v3 and later) and
  * keeps the PyTorch path everywhere else. Each call splits its blocks over `threads` pthreads.
  *
  *   nf4   a block of `block` codes (two per byte, the even column in the high nibble) with absmax s:

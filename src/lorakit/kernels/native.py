@@ -5,8 +5,10 @@ fallback, and both give the same bits (tests/kernels/test_native_dequant.py).
 
 Why: a packed weight is dequantised twice per layer per step (forward and dX), and PyTorch's elementwise ops each
 make a pass over the weight (NF4: indices, lookup, scaling). One C pass, a 16-entry table per block looked up by a
-byte shuffle, is 5-8x faster: NF4 5632 x 2048 to bf16 on a 2-core AMD EPYC Zen 4, median of 30 calls, 0.7-1.2 ms
-against 5.2-8.1 ms (bitsandbytes' C++ kernel: 0.78 ms), int4 1.0-1.6 against 12-16 ms, int8 1.1-1.7 against 1.9-3.2.
+byte shuffle, is faster: a 5632 x 2048 weight through ``QuantFormat.dequantize`` on a 2-core AMD EPYC Zen 4 (median
+of 30 calls, 3 interleaved rounds), to bf16: NF4 1.6-2.6 ms against 5.1-6.6 (bitsandbytes' C++ kernel: 0.78 ms),
+int4 1.5-2.6 against 12.8-13.3, int8 1.0-1.3 against 1.6-1.9; to fp32: NF4 1.1-1.5 against 6.8-8.0, int4 1.1-1.4
+against 7.8-8.4.
 
 The library is compiled with ``$CC`` (else ``cc``) ``-O3 -march=native`` into ``cache_dir()/native/``, under a name
 that hashes the source, the compiler's version and the CPU's flags, so a home directory shared by machines with

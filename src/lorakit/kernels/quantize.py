@@ -205,7 +205,8 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dt
     (faster than the lookup: 57 against 85 ms for 4096 x 4096 on a busy 2-core AMD EPYC). A 16-bit ``dtype`` is
     computed a block of rows at a time in a float32 scratch buffer from the scale and zero rounded to ``dtype``,
     then rounded once into ``out``: the bits of a 16-bit ``addcmul`` (which alone took 10.6 ms of the 13.8 for 5632 x
-    2048 to bf16 on a Zen 4, its broadcast scales in bf16), in 10.5 ms; the compiled kernel, where it runs, in ~1.3."""
+    2048 to bf16 on a Zen 4, its broadcast scales in bf16), in 10.5 ms; the compiled kernel, where it runs, in
+    1.5-2.6."""
     rows, half = packed.shape
     values = torch.empty(rows, half * 2, dtype=dtype, device=packed.device) if out is None else out
     if native.dequantize("int4", packed, scale, values, zero=zero):
